@@ -1,0 +1,28 @@
+# The ways people use this repository. `make test` and `make demo` set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo tiny-model clean
+
+setup: $(VENV)/.installed
+
+# Re-installs when the pins change. torch==2.13.0 is pinned: unpinned, pip pulls a multi-GB CUDA build.
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-test.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) generate.py --prompt-file prompts/genesis.txt --max-new-tokens 120 --seed 0
+	$(PY) generate.py --prompt-file prompts/psalm.txt --max-new-tokens 120 --seed 0
+
+# Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
+tiny-model: setup
+	$(PY) weights/train_tiny.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,44 @@
+"""Prefill and decode loop, in the gpt-fast way: free functions over a model and a cache."""
+import torch
+
+from engine.sampling import sample
+
+
+@torch.no_grad()
+def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache) -> torch.Tensor:
+    """tokens [B, T] right-padded prompts of prompt_lengths [B] -> logits [B, vocab] at each last token."""
+    T = tokens.shape[1]
+    positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+    logits = model(tokens, positions, cache, logits_index=prompt_lengths - 1)
+    cache.advance(prompt_lengths)
+    return logits[:, 0]
+
+
+@torch.no_grad()
+def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """token [B] -> logits [B, vocab] for the position after it."""
+    logits = model(token[:, None], cache.lengths[:, None].clone(), cache)
+    cache.advance(torch.ones_like(cache.lengths))
+    return logits[:, 0]
+
+
+def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+             temperature=0.0, top_k=None, top_p=1.0, generator=None, vocab_size=None):
+    """Yields the next token of every sequence, [B], until all have produced an EOS or
+    max_new_tokens are out. Tokens a sequence yields after its EOS are to be ignored.
+    vocab_size: sample only ids below it (checkpoints may pad the embedding past the tokenizer)."""
+    device = cache.lengths.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    eos = torch.tensor(eos_ids, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = prefill(model, tokens, lengths, cache)
+    for step in range(max_new_tokens):
+        token = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+        yield token
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or finished.all():
+            return
+        logits = decode_one_token(model, token, cache)

@@ -1,0 +1,136 @@
+"""Generate text with a Llama checkpoint: python generate.py --model DIR --prompt-file FILE
+
+stdout receives exactly the continuation, streamed; statistics go to stderr.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "kjv-tiny"
+DTYPES = {"float32", "float16", "bfloat16"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="checkpoint directory: config.json, *.safetensors, tokenizer.model (default: the shipped kjv-tiny)")
+    p.add_argument("--prompt-file", type=Path, required=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--kv", default="fp16", help="KV cache: fp16")
+    args = p.parse_args(argv)
+    if not args.temperature >= 0:
+        p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def read_prompt(path: Path) -> str:
+    from model import UserError
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: prompt file not found")
+    except IsADirectoryError:
+        raise UserError(f"{path}: prompt file is a directory")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: prompt file is not UTF-8 ({e.reason} at byte {e.start})")
+    if not text.strip():
+        raise UserError(f"{path}: prompt file is empty")
+    return text
+
+
+def main(args):
+    import torch
+
+    from engine.cache import make_cache
+    from engine.runner import generate
+    from engine.tokenizer import StreamDecoder, Tokenizer
+    from model import Llama, UserError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    prompt = read_prompt(args.prompt_file)
+    if not args.model.is_dir():
+        raise UserError(f"{args.model}: model directory not found")
+    tokenizer = Tokenizer(args.model / "tokenizer.model")
+    model = Llama.from_pretrained(args.model, args.device, args.dtype and getattr(torch, args.dtype))
+    device, dtype, cfg = model.lm_head.weight.device, model.lm_head.weight.dtype, model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{args.model}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+
+    prompt_ids = tokenizer.encode(prompt)
+    context = cfg.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise UserError(f"prompt is {len(prompt_ids)} tokens; the model's context is {context}")
+    max_new = min(args.max_new_tokens, context - len(prompt_ids))
+    if max_new < args.max_new_tokens:
+        print(f"note: generating at most {max_new} tokens, the rest of the model's {context}-token context",
+              file=sys.stderr)
+    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype)
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    stream = StreamDecoder(tokenizer, prompt_ids[-1])
+    eos_ids = cfg.eos_ids
+    start = time.perf_counter()
+    n_sampled, n_new = 0, 0
+    for token in generate(model, cache, [prompt_ids], max_new, eos_ids,
+                          args.temperature, args.top_k, args.top_p, generator, tokenizer.vocab_size):
+        token_id = int(token[0])
+        n_sampled += 1
+        if n_sampled == 1:
+            sync()
+            first = time.perf_counter()  # prefill done: the first token comes from its logits
+        if token_id in eos_ids:
+            break
+        n_new += 1
+        sys.stdout.write(stream.push(token_id))
+        sys.stdout.flush()
+    sync()
+    end = time.perf_counter()
+    decode = f"{(n_sampled - 1) / (end - first):.1f} tokens/s" if n_sampled > 1 else "no decode steps"
+    # stdout holds exactly the continuation, so the line break before the stats goes to stderr.
+    print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
+          f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
+          f"KV cache ({args.kv}): {cache.nbytes() / 2**20:.2f} MiB allocated, "
+          f"{cache.bytes_per_token():.0f} bytes/token", file=sys.stderr)
+
+if __name__ == "__main__":
+    args = parse_args()
+    from model import UserError
+
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,315 @@
+"""The whole Llama in one file: config, RMSNorm, RoPE, attention, SwiGLU MLP, loading.
+
+Module and parameter names equal Hugging Face's LlamaForCausalLM, so a checkpoint's tensors load
+by name. Attention over past tokens is delegated to a cache object (engine/cache.py): this file
+knows nothing of bits or kernels.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad checkpoint, prompt or flag); the CLI prints it as one line."""
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+
+    @classmethod
+    def from_json(cls, path: Path) -> "LlamaConfig":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: config.json not found")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})")
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "max_position_embeddings"]
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise UserError(f"{path}: missing field(s) {', '.join(missing)}")
+        for k, default in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
+            if raw.get(k, default) != default:
+                raise UserError(f"{path}: unsupported {k}={raw[k]!r} (Llama uses {default!r})")
+        n_heads = raw["num_attention_heads"]
+        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, like the
+        # released Llama checkpoints, write rope_theta and rope_scaling.
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{path}: rope_scaling must be an object")
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        # head_dim is explicit in newer configs and may differ from hidden_size / n_heads.
+        cfg = cls(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or n_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
+            max_position_embeddings=raw["max_position_embeddings"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            bos_token_id=raw.get("bos_token_id", 1),
+            eos_token_id=raw.get("eos_token_id", 2),
+        )
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, where="config"):
+        ints = [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
+                self.num_attention_heads, self.num_key_value_heads, self.head_dim,
+                self.max_position_embeddings]
+        if not all(isinstance(x, int) and x > 0 for x in ints):
+            raise UserError(f"{where}: sizes must be positive integers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"{where}: num_attention_heads={self.num_attention_heads} is not a "
+                            f"multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise UserError(f"{where}: head_dim={self.head_dim} must be even for RoPE")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UserError(f"{where}: unsupported rope_scaling type {rope_type!r} "
+                            "(supported: default, linear, llama3)")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE. Angles are computed in fp32 from positions on every call: a precomputed bf16 table over
+# all positions loses the angle entirely at position 1e6.
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with the checkpoint's rope_scaling applied."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+        # interpolated smoothly.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        is_mid = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+        inv_freq = torch.where(is_mid, interpolated, inv_freq)
+    return inv_freq.float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """positions [B, T] int -> cos, sin [B, 1, T, head_dim / 2] fp32."""
+    angles = positions.float()[:, None, :, None] * inv_freq.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]. Channels c and c + D/2 form a rotation pair (Hugging Face's layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as the reference does; fp16 sums of squares overflow.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = apply_rope(q, cos, sin)
+        if cache is None:
+            k = apply_rope(k, cos, sin)
+            # Training / full-sequence path. enable_gqa maps query head h to KV head h // group.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            if not cache.keys_pre_rope:
+                k = apply_rope(k, cos, sin)
+            out = cache.attend(self.layer_idx, q, k, v, positions)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, tokens, positions=None, cache=None, logits_index=None):
+        """tokens [B, T] -> logits [B, T, vocab] in fp32.
+
+        Without a cache: a causal forward over the whole sequence (training, evaluation).
+        With a cache: `positions` [B, T] are the tokens' absolute positions; the cache stores
+        their K/V and attends over everything it holds (engine/cache.py).
+        logits_index [B]: compute logits only at that token of each sequence -> [B, 1, vocab]
+        (a prefill needs only the last prompt token's).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, cache)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index][:, None]
+        return self.lm_head(self.model.norm(x)).float()
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Llama":
+        """Load a Hugging Face-layout checkpoint, streaming each tensor straight to the target."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path}: model directory not found")
+        cfg = LlamaConfig.from_json(path / "config.json")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {name: t.shape for name, t in model.state_dict().items()}
+        state = {}
+        for file in checkpoint_files(path):
+            state.update(read_safetensors(file, expected, device, dtype))
+        # Tied embeddings: the checkpoint may omit lm_head.weight, or carry a copy we do not need.
+        tie = cfg.tie_word_embeddings or "lm_head.weight" not in state
+        if tie:
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        missing = sorted(name for name in expected if state.get(name) is None)
+        if missing:
+            raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+        model.load_state_dict(state, assign=True)
+        if tie:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        return model.eval()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [path / "model.safetensors"]
+    for f in files:
+        if not f.exists():
+            raise UserError(f"{f}: weights file not found")
+    return files
+
+
+def read_safetensors(file: Path, expected: dict, device, dtype) -> dict:
+    """Tensors of one safetensors file, each read to `device` and cast, checked against `expected`."""
+    from safetensors import safe_open, SafetensorError
+
+    state = {}
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store it; we recompute
+                    continue
+                if name not in expected:
+                    raise UserError(f"{file}: unexpected tensor {name} (not a Llama parameter)")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name]):
+                    raise UserError(f"{file}: tensor {name} has shape {list(shape)}, "
+                                    f"config.json implies {list(expected[name])}")
+                state[name] = f.get_tensor(name).to(dtype)
+    except SafetensorError as e:
+        raise UserError(f"{file}: corrupt or truncated safetensors file ({e})")
+    return state

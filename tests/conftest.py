@@ -1,0 +1,64 @@
+"""Shared fixtures: random small Llama checkpoints written by transformers itself, and a tokenizer."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+             rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_hf_model(seed=0, dtype=torch.float32, **overrides):
+    """A transformers LlamaForCausalLM with a random small config. Weights are drawn with a
+    larger std than the default 0.02 so that logits differ clearly between tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return hf.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A small byte-fallback BPE SentencePiece model with Llama's special ids."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tok")
+    text = d / "text.txt"
+    words = ["the", "lord", "said", "unto", "moses", "and", "light", "was", "day", "night",
+             "heaven", "earth", "water", "spirit", "God", "created", "beginning", "in", "of"]
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=g)) for _ in range(400)]
+    text.write_text("\n".join(lines) + "\nÉden café naïve 123 456\n")
+    spm.SentencePieceTrainer.Train(
+        input=str(text), model_prefix=str(d / "tokenizer"), model_type="bpe", vocab_size=300,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        normalization_rule_name="identity", minloglevel=2)
+    return d / "tokenizer.model"
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer_path):
+    """Factory: writes a random HF checkpoint (with tokenizer) and returns (dir, hf_model)."""
+    import shutil
+
+    def make(seed=0, dtype=torch.float32, max_shard_size=None, **overrides):
+        hf = make_hf_model(seed, dtype, **overrides)
+        out = tmp_path / f"ckpt{seed}"
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        hf.save_pretrained(out, **kwargs)
+        shutil.copy(tokenizer_path, out / "tokenizer.model")
+        return out, hf
+
+    return make

@@ -1,0 +1,145 @@
+"""generate.py end to end: the happy path against transformers, and every bad input -> one line, exit != 0."""
+import json
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from conftest import ROOT
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("In the beginning God created the heaven and the earth")
+    return f
+
+
+def test_greedy_stdout_is_exactly_the_continuation(checkpoint, prompt, tokenizer_path):
+    from transformers import LlamaForCausalLM
+
+    path, _ = checkpoint(num_key_value_heads=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    ids = [1] + sp.Encode(prompt.read_text())
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=25, do_sample=False, eos_token_id=2)[0].tolist()
+    new = out[len(ids):]
+    if 2 in new:
+        new = new[:new.index(2)]
+    expected = sp.Decode(ids + new)[len(sp.Decode(ids)):]
+
+    r = run_cli("--model", path, "--prompt-file", prompt, "--max-new-tokens", 25,
+                "--temperature", 0, "--device", "cpu", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected
+    assert "prompt tokens" in r.stderr and "decode:" in r.stderr and "KV cache" in r.stderr
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoint, prompt):
+    path, _ = checkpoint()
+    args = ["--model", path, "--prompt-file", prompt, "--max-new-tokens", 20, "--temperature", 1.0,
+            "--top-k", 50, "--top-p", 0.9, "--device", "cpu"]
+    a, b = run_cli(*args, "--seed", 3), run_cli(*args, "--seed", 3)
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def corrupt(path, what):
+    if what == "missing dir":
+        return path / "nope"
+    if what == "no config":
+        (path / "config.json").unlink()
+    elif what == "config not json":
+        (path / "config.json").write_text("{not json")
+    elif what == "config lacks field":
+        raw = json.loads((path / "config.json").read_text())
+        del raw["hidden_size"]
+        (path / "config.json").write_text(json.dumps(raw))
+    elif what == "shape mismatch":
+        raw = json.loads((path / "config.json").read_text())
+        raw["intermediate_size"] = 128
+        (path / "config.json").write_text(json.dumps(raw))
+    elif what == "no weights":
+        (path / "model.safetensors").unlink()
+    elif what == "truncated weights":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif what == "garbage weights":
+        (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header}")
+    elif what == "no tokenizer":
+        (path / "tokenizer.model").unlink()
+    elif what == "corrupt tokenizer":
+        (path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "missing dir": "model directory not found",
+    "no config": "config.json not found",
+    "config not json": "not valid JSON",
+    "config lacks field": "missing field(s) hidden_size",
+    "shape mismatch": "has shape",
+    "no weights": "weights file not found",
+    "truncated weights": "corrupt or truncated",
+    "garbage weights": "corrupt or truncated",
+    "no tokenizer": "tokenizer.model not found",
+    "corrupt tokenizer": "not a valid SentencePiece model",
+}
+
+
+def assert_one_line_error(r, message):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("what", BAD_CHECKPOINTS)
+def test_bad_checkpoint(checkpoint, prompt, what):
+    path, _ = checkpoint()
+    r = run_cli("--model", corrupt(path, what), "--prompt-file", prompt, "--device", "cpu")
+    assert_one_line_error(r, BAD_CHECKPOINTS[what])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "prompt file not found"),
+    (b"", "prompt file is empty"),
+    (b"  \n\t\n", "prompt file is empty"),
+    (b"caf\xe9 latin-1", "not UTF-8"),
+    ("the lord said unto moses " * 200, "the model's context is 256"),
+])
+def test_bad_prompt(checkpoint, tmp_path, content, message):
+    path, _ = checkpoint()
+    f = tmp_path / "p.txt"
+    if content is not None:
+        f.write_bytes(content.encode() if isinstance(content, str) else content)
+    assert_one_line_error(run_cli("--model", path, "--prompt-file", f, "--device", "cpu"), message)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be positive"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens: must be positive"),
+    (["--max-new-tokens", "ten"], "is not an integer"),
+    (["--temperature", "-0.1"], "--temperature: must be >= 0"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+    (["--top-k", "0"], "--top-k: must be positive"),
+    (["--kv", "int3"], "unknown --kv 'int3'"),
+    (["--dtype", "float8"], "invalid choice"),
+])
+def test_bad_flags(checkpoint, prompt, flags, message):
+    path, _ = checkpoint()
+    assert_one_line_error(run_cli("--model", path, "--prompt-file", prompt, "--device", "cpu", *flags), message)
+
+
+def test_missing_prompt_flag():
+    assert_one_line_error(run_cli(), "--prompt-file")
