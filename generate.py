@@ -39,10 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
-    p.add_argument("--kv", default="fp16", help="KV cache: fp16")
+    p.add_argument("--kv", default="fp16",
+                   help="KV cache: fp16, or skvq-kKvV with K, V bits (V may be 1.5: ternary), e.g. skvq-k2v1.5")
+    p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
+    p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
+    p.add_argument("--group-size", type=positive_int, default=128, help="channels per quantization group")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if args.sinks < 0:
+        p.error(f"argument --sinks: must be >= 0, got {args.sinks}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
     return args
@@ -91,7 +97,8 @@ def main(args):
     if max_new < args.max_new_tokens:
         print(f"note: generating at most {max_new} tokens, the rest of the model's {context}-token context",
               file=sys.stderr)
-    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype)
+    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype,
+                       n_sink=args.sinks, window=args.window, group_size=args.group_size)
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -123,7 +130,8 @@ def main(args):
     print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
           f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
           f"KV cache ({args.kv}): {cache.nbytes() / 2**20:.2f} MiB allocated, "
-          f"{cache.bytes_per_token():.0f} bytes/token", file=sys.stderr)
+          f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element "
+          "(quantized history, metadata included)", file=sys.stderr)
 
 if __name__ == "__main__":
     args = parse_args()

@@ -2,15 +2,15 @@
 every cache: `cache.attend(layer, q, k, v, positions)` stores the new tokens' K/V and returns the
 attention output for the new queries.
 
-Protocol for callers (engine/runner.py): `positions` [B, T] of a forward are
-`cache.lengths[:, None] + arange(T)`; after the forward, `cache.advance(n_new)` records how many of
-the T tokens of each sequence were real (prompts in a batch are right-padded).
+Protocol for callers (engine/runner.py): before a forward of T tokens per sequence, of which the
+first n_new[b] are real (prompts in a batch are right-padded), `positions = cache.reserve(n_new, T)`
+gives the tokens' positions [B, T] and counts the real ones in `cache.lengths`.
 """
 import math
 
 import torch
 
-from model import LlamaConfig, UserError
+from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
@@ -30,22 +30,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: to
     return out.view(B, H, T, D).to(q.dtype)
 
 
-class KVCache:
-    """The unquantized cache (`--kv fp16`): K/V of every position, stored in the model's dtype
-    (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
+class Cache:
+    """What every cache shares: per-sequence lengths and the reserve step of the protocol."""
 
     keys_pre_rope = False
 
+    def __init__(self, batch_size: int, max_context: int, device):
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
+        self.n_new = torch.zeros_like(self.lengths)  # real tokens per sequence in the current forward
+        self.max_context = max_context
+
+    def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
+        Returns their positions [B, T]."""
+        positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        self.n_new = n_new
+        self.lengths = self.lengths + n_new
+        return positions
+
+    def bytes_per_token(self) -> float:
+        """Allocated bytes per token of capacity, all layers, K and V."""
+        return self.nbytes() / (self.lengths.numel() * self.max_context)
+
+
+class KVCache(Cache):
+    """The unquantized cache (`--kv fp16`): K/V of every position, stored in the model's dtype
+    (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
+
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype):
+        super().__init__(batch_size, max_context, device)
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_context, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
-        self.max_context = max_context
 
     def attend(self, layer: int, q, k, v, positions):
         """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
         B, Hkv, T, D = k.shape
+        # Padding tokens are written too, past each sequence's end: masked now, overwritten later.
         index = positions[:, None, :, None].expand(B, Hkv, T, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
@@ -53,20 +74,185 @@ class KVCache:
         S = int(positions.max()) + 1
         return attention(q, self.k[layer, :, :, :S], self.v[layer, :, :, :S], positions)
 
-    def advance(self, n_new: torch.Tensor):
-        self.lengths += n_new
-
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def bytes_per_token(self) -> float:
-        return self.nbytes() / (self.lengths.numel() * self.max_context)
+    def bits_per_element(self) -> float:
+        return 8 * self.k.element_size()
 
 
-CACHES = {"fp16": KVCache}
+class QuantizedCache(Cache):
+    """SKVQ's sliding-window cache (DESIGN section 4), per layer and sequence:
+
+        [ sinks: first n_sink tokens, full precision | history: packed low-bit | window: last W, full precision ]
+
+    A token is quantized exactly once, when it leaves the window: each decode step writes the new
+    token into the ring slot of the token W positions older and moves that one into history.
+    Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
+    Tokens are stored token-major with all KV heads' channels together (C = n_kv_heads * head_dim),
+    because SKVQ's channel groups may span heads. Attention here is the plain-torch reference:
+    it dequantizes the history and calls `attention`.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
+                 key_quantizers, value_quantizers, n_sink: int = 5, window: int = 128,
+                 keys_pre_rope: bool = False):
+        super().__init__(batch_size, max_context, device)
+        L, B, C = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads * cfg.head_dim
+        self.n_kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.n_sink, self.window = n_sink, window
+        self.keys_pre_rope = keys_pre_rope
+        self.inv_freq = rope_inv_freq(cfg).to(device)
+        self.key_quantizers, self.value_quantizers = key_quantizers, value_quantizers
+        self.sink_k = torch.zeros(L, B, n_sink, C, device=device, dtype=dtype)   # (layers, B, n_sink, C)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        # Ring: the token at position p >= n_sink lives in slot (p - n_sink) % window while it is recent.
+        self.window_k = torch.zeros(L, B, window, C, device=device, dtype=dtype)  # (layers, B, W, C)
+        self.window_v = torch.zeros_like(self.window_k)
+        # History row of position p is p - n_sink; rows fill in order as tokens leave the window.
+        n_history = max(max_context - n_sink - window, 0)
+        self.history_k = self._history(key_quantizers[0], L, B, n_history, device)
+        self.history_v = self._history(value_quantizers[0], L, B, n_history, device)
+
+    @staticmethod
+    def _history(quantizer, L, B, T, device):
+        """Packed history of one of K / V:
+        codes [layers, B, T, code_bytes] uint8: one token's C permuted channels, packed along the
+            last axis as quant/packing.py lays out `quantizer.bits`-bit codes;
+        scale, low [layers, B, T, n_groups] in the quantizer's metadata dtype, one pair per
+            channel group (quant/skvq.py ChannelGroups)."""
+        meta = (L, B, T, quantizer.groups.n_groups)
+        return dict(codes=torch.zeros(L, B, T, quantizer.code_bytes, dtype=torch.uint8, device=device),
+                    scale=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device),
+                    low=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device))
+
+    def attend(self, layer: int, q, k, v, positions):
+        B, Hkv, T, D = k.shape
+        k_tokens = k.transpose(1, 2).reshape(B, T, Hkv * D)  # (B, T, C)
+        v_tokens = v.transpose(1, 2).reshape(B, T, Hkv * D)
+        if T > 1:
+            assert bool((positions[:, 0] == 0).all()), "prefill into a non-empty cache is not supported"
+            for b in range(B):
+                self._store_prompt(layer, b, k_tokens[b, :self.n_new[b]], v_tokens[b, :self.n_new[b]])
+            # The prompt attends to itself in full precision, as an fp16 cache would.
+            keys = self._rope(k, positions) if self.keys_pre_rope else k
+            return attention(q, keys, v, positions)
+        self._append(layer, k_tokens[:, 0], v_tokens[:, 0], positions[:, 0])
+        keys, values = self._materialize(layer, positions[:, 0] + 1)
+        return attention(q, keys, values, positions)
+
+    def _store_prompt(self, layer, b, k, v):
+        """k, v [n, C]: one sequence's whole prompt."""
+        n, S, W = k.shape[0], self.n_sink, self.window
+        self.sink_k[layer, b, :min(n, S)] = k[:S]
+        self.sink_v[layer, b, :min(n, S)] = v[:S]
+        first_recent = min(n, max(S, n - W))
+        if first_recent > S:
+            rows = torch.arange(first_recent - S, device=k.device)
+            self._write_history(layer, torch.tensor([b], device=k.device), rows, k[S:first_recent], v[S:first_recent])
+        slots = (torch.arange(first_recent, n, device=k.device) - S) % W
+        self.window_k[layer, b, slots] = k[first_recent:]
+        self.window_v[layer, b, slots] = v[first_recent:]
+
+    def _append(self, layer, k, v, p):
+        """k, v [B, C]: one new token per sequence at positions p [B]."""
+        S, W = self.n_sink, self.window
+        b = torch.arange(k.shape[0], device=k.device)
+        in_sink = p < S
+        slot = (p - S).clamp_min(0) % W
+        evict = p - S >= W  # the slot holds the token of position p - W, which now leaves the window
+        if evict.any():
+            be, se = b[evict], slot[evict]
+            self._write_history(layer, be, p[evict] - W - S, self.window_k[layer, be, se], self.window_v[layer, be, se])
+        self.sink_k[layer, b[in_sink], p[in_sink]] = k[in_sink]
+        self.sink_v[layer, b[in_sink], p[in_sink]] = v[in_sink]
+        self.window_k[layer, b[~in_sink], slot[~in_sink]] = k[~in_sink]
+        self.window_v[layer, b[~in_sink], slot[~in_sink]] = v[~in_sink]
+
+    def _write_history(self, layer, b, index, k, v):
+        """Quantize tokens k, v [n, C] into history rows `index` [n] of sequences b ([n] or [1])."""
+        for history, quantizer, x in [(self.history_k, self.key_quantizers[layer], k),
+                                      (self.history_v, self.value_quantizers[layer], v)]:
+            codes, scale, low = quantizer.quantize(x)
+            history["codes"][layer, b, index] = codes
+            history["scale"][layer, b, index] = scale
+            history["low"][layer, b, index] = low
+
+    def _materialize(self, layer, n):
+        """Full-precision K, V [B, Hkv, T, D] in position order, T = max(n); sequence b holds
+        n[b] tokens (later positions are garbage, masked by attention's causality)."""
+        S, W = self.n_sink, self.window
+        B, T = n.shape[0], int(n.max())
+        pos = torch.arange(T, device=n.device)
+        n_hist = int((n - S - W).clamp_min(0).max())
+        out = []
+        for history, quantizers, sink, ring in [(self.history_k, self.key_quantizers, self.sink_k, self.window_k),
+                                               (self.history_v, self.value_quantizers, self.sink_v, self.window_v)]:
+            x = ring[layer][:, (pos - S).clamp_min(0) % W]                       # (B, T, C) window candidates
+            if n_hist:
+                hist = quantizers[layer].dequantize(*(history[key][layer, :, :n_hist] for key in ("codes", "scale", "low")))
+                hist_at = hist.to(x.dtype)[:, (pos - S).clamp(0, n_hist - 1)]     # (B, T, C)
+                in_history = (pos >= S) & (pos < (n - W)[:, None])                # (B, T)
+                x = torch.where(in_history[..., None], hist_at, x)
+            x[:, :min(S, T)] = sink[layer, :, :min(S, T)]
+            out.append(x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        keys, values = out
+        if self.keys_pre_rope:
+            keys = self._rope(keys, pos.expand(B, T))
+        return keys, values
+
+    def _rope(self, k, positions):
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        return apply_rope(k, cos, sin)
+
+    def bits_per_element(self) -> float:
+        """Of the history, metadata included (sinks and window stay in the model's dtype)."""
+        return (self.key_quantizers[0].bits_per_element() + self.value_quantizers[0].bits_per_element()) / 2
+
+    def nbytes(self) -> int:
+        buffers = [self.sink_k, self.sink_v, self.window_k, self.window_v,
+                   *self.history_k.values(), *self.history_v.values()]
+        return sum(t.nbytes for t in buffers)
 
 
-def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype):
-    if name not in CACHES:
-        raise UserError(f"unknown --kv {name!r} (choose from: {', '.join(CACHES)})")
-    return CACHES[name](cfg, batch_size, max_context, device, dtype)
+KV_BITS = {1, 2, 3, 4, 8}
+VALUE_BITS = KV_BITS | {1.5}
+
+
+def parse_kv(name: str):
+    """'fp16' -> None; 'skvq-k2v1.5' -> ('skvq', 2, 1.5)."""
+    if name == "fp16":
+        return None
+    method, _, bits = name.partition("-")
+    k_bits, _, v_bits = bits.removeprefix("k").partition("v")
+    try:
+        k_bits, v_bits = float(k_bits), float(v_bits)
+    except ValueError:
+        k_bits = v_bits = None
+    if method not in ("skvq",) or k_bits not in KV_BITS or v_bits not in VALUE_BITS or not bits.startswith("k"):
+        raise UserError(f"unknown --kv {name!r} (fp16, or skvq-kKvV with K in 1,2,3,4,8 and V in "
+                        "1,1.5,2,3,4,8 bits, e.g. skvq-k2v1.5)")
+    as_width = lambda b: int(b) if b == int(b) else b
+    return method, as_width(k_bits), as_width(v_bits)
+
+
+def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
+               n_sink: int = 5, window: int = 128, group_size: int = 128, keys_pre_rope: bool = False,
+               meta_dtype=torch.float16):
+    from quant.skvq import TokenQuantizer, equal_groups
+
+    spec = parse_kv(name)
+    if spec is None:
+        return KVCache(cfg, batch_size, max_context, device, dtype)
+    _, k_bits, v_bits = spec
+    C = cfg.num_key_value_heads * cfg.head_dim
+    if group_size <= 0 or cfg.head_dim % group_size:
+        raise UserError(f"--group-size {group_size} must divide head_dim {cfg.head_dim}")
+    if n_sink < 0 or window <= 0:
+        raise UserError(f"--sinks must be >= 0 and --window > 0 (got {n_sink}, {window})")
+    groups = equal_groups(C, group_size)
+    L = cfg.num_hidden_layers
+    return QuantizedCache(cfg, batch_size, max_context, device, dtype,
+                          [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(L)],
+                          [TokenQuantizer(v_bits, groups, meta_dtype=meta_dtype) for _ in range(L)],
+                          n_sink, window, keys_pre_rope)

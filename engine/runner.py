@@ -7,19 +7,15 @@ from engine.sampling import sample
 @torch.no_grad()
 def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache) -> torch.Tensor:
     """tokens [B, T] right-padded prompts of prompt_lengths [B] -> logits [B, vocab] at each last token."""
-    T = tokens.shape[1]
-    positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-    logits = model(tokens, positions, cache, logits_index=prompt_lengths - 1)
-    cache.advance(prompt_lengths)
-    return logits[:, 0]
+    positions = cache.reserve(prompt_lengths, tokens.shape[1])  # (B, T)
+    return model(tokens, positions, cache, logits_index=prompt_lengths - 1)[:, 0]
 
 
 @torch.no_grad()
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """token [B] -> logits [B, vocab] for the position after it."""
-    logits = model(token[:, None], cache.lengths[:, None].clone(), cache)
-    cache.advance(torch.ones_like(cache.lengths))
-    return logits[:, 0]
+    positions = cache.reserve(torch.ones_like(cache.lengths), 1)  # (B, 1)
+    return model(token[:, None], positions, cache)[:, 0]
 
 
 def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],

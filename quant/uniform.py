@@ -1,0 +1,40 @@
+"""Uniform asymmetric group quantization: the one formula every quantizer here uses.
+
+A group is a set of elements sharing one (scale, low) pair; SKVQ groups channels of one token,
+KIVI groups tokens of one channel. Following SKVQ's code, clipping shrinks the range by alpha:
+    low = alpha * min,  scale = alpha * (max - min) / (levels - 1)
+    code = clamp(round((x - low) / scale), 0, levels - 1),  x_hat = code * scale + low
+Codes are computed against the metadata *as stored* (fp16 or fp8 e4m3), so the dequantized
+value is exactly what a kernel reading the stored metadata reconstructs.
+"""
+import torch
+
+from quant.packing import n_levels
+
+META_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def quantize_groups(x: torch.Tensor, bits, group_index: torch.Tensor, n_groups: int,
+                    clip: float = 1.0, meta_dtype=torch.float16):
+    """x [..., C]; group_index [C] int64 names each channel's group (0..n_groups-1).
+    Returns codes uint8 [..., C], scale and low [..., n_groups] in meta_dtype."""
+    levels = n_levels(bits)
+    xf = x.float()
+    index = group_index.to(x.device).expand_as(xf)
+    shape = (*xf.shape[:-1], n_groups)
+    hi = torch.full(shape, -torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amax")
+    lo = torch.full(shape, torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amin")
+    # A constant group has max == min: any positive scale reproduces it exactly (code 0). The
+    # floor must survive the cast: 2^-9 is e4m3's smallest subnormal.
+    floor = 2.0 ** -9 if meta_dtype == torch.float8_e4m3fn else 1e-6
+    scale = (clip * (hi - lo) / (levels - 1)).clamp_min(floor).to(meta_dtype)
+    low = (clip * lo).to(meta_dtype)
+    codes = ((xf - low.float().gather(-1, index)) / scale.float().gather(-1, index)).round()
+    return codes.clamp_(0, levels - 1).to(torch.uint8), scale, low
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                      group_index: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_groups -> fp32 [..., C]."""
+    index = group_index.to(codes.device).expand(codes.shape)
+    return codes.float() * scale.float().gather(-1, index) + low.float().gather(-1, index)

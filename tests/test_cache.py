@@ -1,0 +1,159 @@
+"""The quantized cache: layout invariants, exactness without history, quantizer error bounds."""
+import pytest
+import torch
+
+from engine.cache import KVCache, QuantizedCache, attention, make_cache
+from engine.runner import decode_one_token, prefill
+from model import Llama, LlamaConfig
+from quant.packing import n_levels
+from quant.skvq import TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups
+from quant.uniform import dequantize_groups, quantize_groups
+
+WIDTHS = [1, 1.5, 2, 3, 4, 8]
+
+
+def tiny_config(**kw):
+    return LlamaConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=512), **kw})
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("meta", [torch.float16, torch.float8_e4m3fn])
+def test_group_quantization_error_bound(bits, meta):
+    """|x - x_hat| <= scale / 2 against a float64 evaluation, scale as stored; clip=1 keeps every
+    element inside [low, low + (levels - 1) * scale] up to the metadata's rounding."""
+    x = torch.randn(64, 96) * torch.rand(1, 96) * 4 + torch.randn(1, 96)
+    group_index = torch.arange(96) // 32
+    codes, scale, low = quantize_groups(x, bits, group_index, 3, meta_dtype=meta)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < n_levels(bits)
+    x_hat = dequantize_groups(codes, scale, low, group_index).double()
+    s = scale.double().gather(-1, group_index.expand(64, 96))
+    lo = low.double().gather(-1, group_index.expand(64, 96))
+    x64 = x.double()
+    # Elements that fall outside the stored range (rounding of low/scale) are clamped to its ends.
+    top = lo + (n_levels(bits) - 1) * s
+    reference = x64.clamp(lo, top)
+    assert bool(((x_hat - reference).abs() <= s / 2 + 1e-6).all())
+    overshoot = (x64 - reference).abs()
+    rel_meta_error = 2 ** -10 if meta == torch.float16 else 2 ** -3
+    span = (x64.view(64, 3, 32).amax(-1) - x64.view(64, 3, 32).amin(-1)).repeat_interleave(32, -1)
+    assert bool((overshoot <= rel_meta_error * (span + lo.abs()) + 1e-6).all())
+
+
+@pytest.mark.parametrize("make_groups", ["equal", "head_pairs", "kmeans"])
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_token_quantizer_round_trip(make_groups, bits):
+    C, D = 2 * 64, 64
+    x = torch.randn(3, 7, C) * torch.linspace(0.1, 20, C)[torch.randperm(C)]
+    ranges = x.abs().amax((0, 1))
+    groups = {"equal": lambda: equal_groups(C, 32),
+              "head_pairs": lambda: head_pair_groups(ranges, 2, 32),
+              "kmeans": lambda: kmeans_groups(x.amin((0, 1)), x.amax((0, 1)), 4)}[make_groups]()
+    assert sorted(groups.permutation.tolist()) == list(range(C))
+    q = TokenQuantizer(bits, groups)
+    packed, scale, low = q.quantize(x)
+    assert packed.shape == (3, 7, q.code_bytes) and scale.shape == (3, 7, groups.n_groups)
+    x_hat = q.dequantize(packed, scale, low)
+    # Per channel, the error is at most half its group's step.
+    step = scale.float()[..., groups.group_index[groups.inverse]]
+    assert bool(((x_hat - x).abs() <= step / 2 + 1e-3 * x.abs() + 1e-5).all())
+    if make_groups == "head_pairs":  # a pair (c, c + D/2) always shares a group, within one head
+        g_of = groups.group_index[groups.inverse]
+        assert torch.equal(g_of.view(2, 2, D // 2)[:, 0], g_of.view(2, 2, D // 2)[:, 1])
+        assert bool((g_of.view(2, D) // (D // 32) == torch.arange(2)[:, None]).all())
+
+
+def fill(cache, cfg, lengths, n_decode):
+    """Prefill random prompts of `lengths` then decode n_decode random tokens, through attend().
+    Returns the true K, V per sequence [B, T, C] in position order."""
+    B, C, H, D = len(lengths), cfg.num_key_value_heads * cfg.head_dim, cfg.num_attention_heads, cfg.head_dim
+    T = max(lengths) + n_decode
+    k_all, v_all = torch.randn(B, T, C), torch.randn(B, T, C)
+    # Each sequence's decode tokens follow its own prompt: shift them into place.
+    lengths_t = torch.tensor(lengths)
+    as_heads = lambda x: x.view(B, -1, cfg.num_key_value_heads, D).transpose(1, 2)
+    positions = cache.reserve(lengths_t, max(lengths))
+    for layer in range(cfg.num_hidden_layers):
+        cache.attend(layer, torch.randn(B, H, max(lengths), D), as_heads(k_all[:, :max(lengths)]),
+                     as_heads(v_all[:, :max(lengths)]), positions)
+    for _ in range(n_decode):
+        positions = cache.reserve(torch.ones(B, dtype=torch.long), 1)
+        idx = positions[:, 0]
+        for layer in range(cfg.num_hidden_layers):
+            cache.attend(layer, torch.randn(B, H, 1, D), as_heads(k_all[torch.arange(B), idx][:, None]),
+                         as_heads(v_all[torch.arange(B), idx][:, None]), positions)
+    return k_all, v_all
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_cache_invariants(trial):
+    """Sinks hold the first S tokens, the window exactly the last W, the history every token in
+    between, in order, each quantized once; rows past the history stay untouched."""
+    cfg = tiny_config()
+    S, W = int(torch.randint(0, 6, ())), int(torch.randint(1, 20, ()))
+    B = int(torch.randint(1, 4, ()))
+    lengths = torch.randint(1, 40, (B,)).tolist()
+    n_decode = int(torch.randint(0, 30, ()))
+    cache = make_cache("skvq-k2v1.5", cfg, B, max(lengths) + n_decode, "cpu", torch.float32,
+                       n_sink=S, window=W, group_size=8)
+    k_all, v_all = fill(cache, cfg, lengths, n_decode)
+    for b in range(B):
+        n = lengths[b] + n_decode
+        assert int(cache.lengths[b]) == n
+        for layer in range(cfg.num_hidden_layers):
+            assert torch.equal(cache.sink_k[layer, b, :min(S, n)], k_all[b, :min(S, n)])
+            recent = torch.arange(min(n, max(S, n - W)), n)
+            assert torch.equal(cache.window_v[layer, b, (recent - S) % W], v_all[b, recent])
+            n_hist = max(n - W - S, 0)
+            for history, quantizer, x in [(cache.history_k, cache.key_quantizers[layer], k_all),
+                                          (cache.history_v, cache.value_quantizers[layer], v_all)]:
+                rows = [history[key][layer, b, :n_hist] for key in ("codes", "scale", "low")]
+                expected = quantizer.fake_quantize(x[b, S:S + n_hist])
+                assert torch.equal(quantizer.dequantize(*rows), expected)
+                assert int(history["codes"][layer, b, n_hist:].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_window_covering_everything_equals_fp16_cache(pre_rope):
+    """With the window large enough that nothing is quantized, the quantized cache computes
+    exactly what the unquantized one does."""
+    torch.manual_seed(int(torch.randint(1000, ())))
+    cfg = tiny_config()
+    model = Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    lengths, T = torch.tensor([9, 14]), 30
+    tokens = torch.randint(0, 64, (2, 14))
+    fp16 = KVCache(cfg, 2, T, "cpu", torch.float32)
+    quantized = make_cache("skvq-k2v2", cfg, 2, T, "cpu", torch.float32, n_sink=3, window=T - 3,
+                           group_size=8, keys_pre_rope=pre_rope)
+    a, b = prefill(model, tokens, lengths, fp16), prefill(model, tokens, lengths, quantized)
+    assert torch.equal(a, b) if not pre_rope else torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    for _ in range(T - 14):
+        token = a.argmax(-1)
+        a, b = decode_one_token(model, token, fp16), decode_one_token(model, token, quantized)
+        assert torch.equal(a, b) if not pre_rope else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_decode_attends_to_dequantized_history(pre_rope):
+    """Past the window, attention sees sinks and window exactly and history dequantized."""
+    cfg = tiny_config()
+    S, W, lengths, n_decode = 2, 5, [17, 9], 6
+    cache = make_cache("skvq-k3v2", cfg, 2, 30, "cpu", torch.float32, n_sink=S, window=W,
+                       group_size=8, keys_pre_rope=pre_rope)
+    k_all, v_all = fill(cache, cfg, lengths, n_decode)
+    n = cache.lengths
+    keys, values = cache._materialize(0, n)
+    for b in range(2):
+        T = int(n[b])
+        hist = slice(S, T - W)
+        for x_all, got, quantizer, rope in [(k_all, keys, cache.key_quantizers[0], pre_rope),
+                                            (v_all, values, cache.value_quantizers[0], False)]:
+            expected = x_all[b, :T].clone()
+            expected[hist] = quantizer.fake_quantize(x_all[b, hist])
+            expected = expected.view(T, 2, 16).transpose(0, 1)[None]      # (1, Hkv, T, D)
+            if rope:
+                expected = cache._rope(expected, torch.arange(T)[None])
+            assert torch.allclose(got[b:b + 1, :, :T], expected, atol=1e-6)
