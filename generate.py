@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="KV cache: fp16, or skvq-kKvV with K, V bits (V may be 1.5: ternary), e.g. skvq-k2v1.5")
     p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
-    p.add_argument("--group-size", type=positive_int, default=128, help="channels per quantization group")
+    p.add_argument("--group-size", type=positive_int, default=32, help="channels per quantization group")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
@@ -77,6 +77,7 @@ def main(args):
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, UserError
+    from quant.calibrate import CALIBRATION_FILE, load_calibration
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -97,8 +98,12 @@ def main(args):
     if max_new < args.max_new_tokens:
         print(f"note: generating at most {max_new} tokens, the rest of the model's {context}-token context",
               file=sys.stderr)
-    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype,
-                       n_sink=args.sinks, window=args.window, group_size=args.group_size)
+    calibration = load_calibration(args.model)
+    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype, n_sink=args.sinks,
+                       window=args.window, group_size=args.group_size, calibration=calibration)
+    if args.kv != "fp16" and not cache.calibrated:
+        print(f"note: no {CALIBRATION_FILE} for group size {args.group_size} in {args.model}: SKVQ runs "
+              "without channel reordering or clipping (make one with python -m quant.calibrate)", file=sys.stderr)
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)

@@ -237,22 +237,30 @@ def parse_kv(name: str):
 
 
 def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
-               n_sink: int = 5, window: int = 128, group_size: int = 128, keys_pre_rope: bool = False,
-               meta_dtype=torch.float16):
+               n_sink: int = 5, window: int = 128, group_size: int = 32, keys_pre_rope: bool = False,
+               meta_dtype=torch.float16, calibration=None, grouping: str = "kmeans"):
+    """The cache `name` names (see parse_kv). A quantized cache takes its channel groups and clip
+    factors from `calibration` (quant/calibrate.py) when it has them for group_size; otherwise
+    its groups are equal runs of channels with no reordering or clipping (`cache.calibrated`)."""
     from quant.skvq import TokenQuantizer, equal_groups
 
     spec = parse_kv(name)
     if spec is None:
         return KVCache(cfg, batch_size, max_context, device, dtype)
     _, k_bits, v_bits = spec
-    C = cfg.num_key_value_heads * cfg.head_dim
     if group_size <= 0 or cfg.head_dim % group_size:
         raise UserError(f"--group-size {group_size} must divide head_dim {cfg.head_dim}")
     if n_sink < 0 or window <= 0:
         raise UserError(f"--sinks must be >= 0 and --window > 0 (got {n_sink}, {window})")
-    groups = equal_groups(C, group_size)
-    L = cfg.num_hidden_layers
-    return QuantizedCache(cfg, batch_size, max_context, device, dtype,
-                          [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(L)],
-                          [TokenQuantizer(v_bits, groups, meta_dtype=meta_dtype) for _ in range(L)],
-                          n_sink, window, keys_pre_rope)
+    calibrated = calibration is not None and group_size in calibration.settings["group_sizes"]
+    if calibrated:
+        key_kind = "k_pre" if keys_pre_rope else "k_post"
+        keys = calibration.quantizers(grouping, group_size, key_kind, k_bits, meta_dtype)
+        values = calibration.quantizers(grouping, group_size, "v", v_bits, meta_dtype)
+    else:
+        groups = equal_groups(cfg.num_key_value_heads * cfg.head_dim, group_size)
+        keys = [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
+        values = [TokenQuantizer(v_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
+    cache = QuantizedCache(cfg, batch_size, max_context, device, dtype, keys, values, n_sink, window, keys_pre_rope)
+    cache.calibrated = calibrated
+    return cache

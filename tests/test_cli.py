@@ -143,3 +143,17 @@ def test_bad_flags(checkpoint, prompt, flags, message):
 
 def test_missing_prompt_flag():
     assert_one_line_error(run_cli(), "--prompt-file")
+
+
+def test_quantized_cache_through_the_cli(checkpoint, prompt):
+    path, _ = checkpoint(num_key_value_heads=2)
+    common = ["--model", path, "--prompt-file", prompt, "--max-new-tokens", 30, "--temperature", 0,
+              "--device", "cpu", "--dtype", "float32"]
+    fp16 = run_cli(*common, "--kv", "fp16")
+    # A window holding prompt and continuation quantizes nothing: the text is the fp16 cache's.
+    wide = run_cli(*common, "--kv", "skvq-k2v1.5", "--group-size", 8)
+    assert wide.returncode == 0 and wide.stdout == fp16.stdout
+    narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
+    assert narrow.returncode == 0, narrow.stderr
+    assert "no kv_calibration.safetensors" in narrow.stderr and "bits/element" in narrow.stderr
+    assert len(narrow.stdout) > 0

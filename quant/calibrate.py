@@ -1,0 +1,170 @@
+"""Calibration: python -m quant.calibrate --model DIR --text FILE
+
+Runs the model in full precision over calibration text, records every layer's keys (pre- and
+post-RoPE) and values, and derives for each layer, each of K-pre / K-post / V and each channel
+grouping (quant/skvq.py): the permutation, the groups, and a clip factor per bit width searched
+on the data (the alpha minimising the mean squared reconstruction error). Writes them to
+DIR/kv_calibration.safetensors with the settings in its metadata.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine.cache import attention
+from model import Llama, UserError, apply_rope, rope_cos_sin
+from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups
+
+CALIBRATION_FILE = "kv_calibration.safetensors"
+BITS = (1, 1.5, 2, 3, 4, 8)
+CLIPS = [1.0 - 0.02 * i for i in range(11)]  # 1.00 ... 0.80; SKVQ's found factors lie near 0.92-0.96
+KINDS = ("k_pre", "k_post", "v")
+GROUPINGS = ("equal", "head_pairs", "kmeans")
+
+
+class CaptureCache:
+    """Exact attention over the whole sequence that records each layer's tokens [T, C]."""
+
+    keys_pre_rope = True
+
+    def __init__(self, inv_freq):
+        self.inv_freq = inv_freq
+        self.tokens = {}  # (layer, kind) -> list of [B * T, C]
+
+    def attend(self, layer, q, k_pre, v, positions):
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        k = apply_rope(k_pre, cos, sin)
+        for kind, x in zip(KINDS, (k_pre, k, v)):
+            self.tokens.setdefault((layer, kind), []).append(x.transpose(1, 2).flatten(0, 1).flatten(1).float())
+        return attention(q, k, v, positions)
+
+
+@torch.no_grad()
+def capture(model, ids: list[int], seq_len: int, max_tokens: int) -> dict:
+    """{(layer, kind): [N, C]} over windows of seq_len tokens of `ids`."""
+    cache = CaptureCache(model.inv_freq)
+    n_windows = max(1, min(len(ids), max_tokens) // seq_len)
+    for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr):
+        window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)[None]
+        model(window, torch.arange(window.shape[1], device=window.device)[None], cache)
+    return {key: torch.cat(chunks) for key, chunks in cache.tokens.items()}
+
+
+def make_groups(grouping: str, x: torch.Tensor, n_heads: int, group_size: int) -> ChannelGroups:
+    C = x.shape[1]
+    if grouping == "equal":
+        return equal_groups(C, group_size)
+    if grouping == "head_pairs":
+        return head_pair_groups(x.abs().amax(0), n_heads, group_size)
+    return kmeans_groups(x.amin(0), x.amax(0), C // group_size)
+
+
+def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, max_tokens: int = 1024) -> float:
+    x = x[::max(1, x.shape[0] // max_tokens)]  # an even subsample keeps the search quick
+    errors = [(TokenQuantizer(bits, groups, clip).fake_quantize(x) - x).pow(2).mean().item() for clip in CLIPS]
+    return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
+
+
+def calibrate(captured: dict, n_layers: int, n_heads: int, group_sizes) -> dict:
+    tensors = {}
+    jobs = [(layer, kind, grouping, g) for layer in range(n_layers) for kind in KINDS
+            for grouping in GROUPINGS for g in group_sizes]
+    for layer, kind, grouping, group_size in tqdm(jobs, desc="calibrating", file=sys.stderr):
+        x = captured[(layer, kind)]
+        groups = make_groups(grouping, x, n_heads, group_size)
+        name = f"{grouping}.g{group_size}.{kind}.{layer}"
+        tensors[f"{name}.permutation"] = groups.permutation
+        tensors[f"{name}.group_index"] = groups.group_index
+        tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups) for bits in BITS])
+    return tensors
+
+
+class Calibration:
+    """Calibrated channel groups and clip factors: quantizers per layer for (grouping, kind, bits)."""
+
+    def __init__(self, tensors: dict, settings: dict):
+        self.tensors, self.settings = tensors, settings
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                settings = json.loads(f.metadata()["settings"])
+            return cls(load_file(path), settings)
+        except Exception as e:  # safetensors raises several types for bad files
+            raise UserError(f"{path}: unreadable calibration file ({e})")
+
+    def quantizers(self, grouping: str, group_size: int, kind: str, bits,
+                   meta_dtype=torch.float16) -> list[TokenQuantizer]:
+        if group_size not in self.settings["group_sizes"]:
+            raise UserError(f"the calibration has group sizes {self.settings['group_sizes']}, not {group_size}")
+        out = []
+        for layer in range(self.settings["layers"]):
+            name = f"{grouping}.g{group_size}.{kind}.{layer}"
+            group_index = self.tensors[f"{name}.group_index"]
+            groups = ChannelGroups(self.tensors[f"{name}.permutation"], group_index, int(group_index.max()) + 1)
+            clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)])
+            out.append(TokenQuantizer(bits, groups, clip, meta_dtype))
+        return out
+
+
+def load_calibration(model_dir) -> Calibration | None:
+    path = Path(model_dir) / CALIBRATION_FILE
+    return Calibration.load(path) if path.exists() else None
+
+
+def calibration_from(captured: dict, n_layers: int, n_heads: int, group_sizes, **settings) -> Calibration:
+    tensors = calibrate(captured, n_layers, n_heads, group_sizes)
+    n_tokens = next(iter(captured.values())).shape[0]
+    return Calibration(tensors, dict(layers=n_layers, group_sizes=list(group_sizes), bits=list(BITS), clip_grid=CLIPS,
+                                     kinds=list(KINDS), groupings=list(GROUPINGS), tokens=n_tokens, **settings))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Calibrate SKVQ channel groups and clip factors.")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--text", type=Path, required=True, help="calibration text (not the evaluation text)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    p.add_argument("--group-sizes", default="32,128", help="channel group sizes to calibrate")
+    p.add_argument("--out", type=Path, default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
+    args = p.parse_args(argv)
+    from engine.tokenizer import Tokenizer
+
+    torch.manual_seed(0)  # k-means and nothing else is random; keep the file reproducible
+    model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    cfg = model.config
+    try:
+        group_sizes = [int(g) for g in args.group_sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--group-sizes {args.group_sizes!r}: expected comma-separated integers")
+    if any(g <= 0 or g % 2 or cfg.head_dim % g for g in group_sizes):
+        raise UserError(f"--group-sizes {args.group_sizes}: each must be even and divide head_dim {cfg.head_dim}")
+    tokenizer = Tokenizer(args.model / "tokenizer.model")
+    try:
+        ids = tokenizer.encode(args.text.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{args.text}: cannot read calibration text ({e})")
+    seq_len = args.seq_len or cfg.max_position_embeddings
+    captured = capture(model, ids, seq_len, args.tokens)
+    calibration = calibration_from(captured, cfg.num_hidden_layers, cfg.num_key_value_heads, group_sizes,
+                                   seq_len=seq_len, text=args.text.name)
+    out = args.out or args.model / CALIBRATION_FILE
+    save_file({k: v.contiguous() for k, v in calibration.tensors.items()}, out,
+              metadata={"settings": json.dumps(calibration.settings)})
+    print(f"wrote {out}: {len(calibration.tensors)} tensors from {calibration.settings['tokens']} tokens",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

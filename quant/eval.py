@@ -1,0 +1,226 @@
+"""Accuracy of each cache setting: python -m quant.eval --model DIR --text FILE
+
+Prints a markdown table, one row per setting: bits per element including metadata, perplexity on
+the text with every token scored as decoding would score it (quant/methods.py), and the relative
+error of attention outputs against full precision on K/V captured from the model. With
+--synthetic, the same error on synthetic keys with a few outlier channels.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.cache import attention
+from model import Llama, UserError
+from quant import kivi
+from quant.calibrate import KINDS, Calibration, calibration_from, capture, load_calibration
+from quant.methods import skvq_cache
+
+SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
+KIVI_BITS = [(4, 4), (2, 2)]
+
+
+def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float:
+    """exp(mean NLL) over consecutive non-overlapping windows of seq_len tokens of `ids` (a final
+    partial window is dropped unless it is the only one); each window is scored from its own
+    first token on, so a window's token t is predicted from its t preceding tokens."""
+    n_windows = max(1, len(ids) // seq_len)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(n_windows):
+            window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)[None]
+            positions = torch.arange(window.shape[1], device=window.device)[None]
+            cache = cache_factory() if cache_factory else None
+            logits = model(window, positions if cache else None, cache)
+            total += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+            count += window.shape[1] - 1
+    return math.exp(total / count)
+
+
+def settings(calibration: Calibration | None, n_sink: int, window: int, inv_freq) -> list:
+    """(name, bits per element incl. metadata, cache factory or None for full precision)."""
+    rows = [("fp16", 16.0, None)]
+    for k_bits, v_bits in KIVI_BITS:
+        rows.append((f"kivi-k{k_bits}v{v_bits} (block 32, group 32)", kivi.bits_per_element(k_bits, v_bits),
+                     lambda k=k_bits, v=v_bits: kivi.kivi_cache(k, v, window=window)))
+    if calibration is None:
+        return rows
+    variants = [("equal", 128, "k_post", torch.float16), ("equal", 32, "k_post", torch.float16),
+                ("head_pairs", 32, "k_post", torch.float16), ("kmeans", 32, "k_post", torch.float16),
+                ("kmeans", 128, "k_post", torch.float16), ("head_pairs", 32, "k_pre", torch.float16),
+                ("head_pairs", 32, "k_post", torch.float8_e4m3fn), ("kmeans", 32, "k_post", torch.float8_e4m3fn)]
+    for k_bits, v_bits in SKVQ_BITS:
+        for grouping, g, key_kind, meta in variants:
+            keys = calibration.quantizers(grouping, g, key_kind, k_bits, meta)
+            values = calibration.quantizers(grouping, g, "v", v_bits, meta)
+            bits = (keys[0].bits_per_element() + values[0].bits_per_element()) / 2
+            name = (f"skvq-k{k_bits}v{v_bits} {grouping} g{g}, {'pre' if key_kind == 'k_pre' else 'post'}-RoPE keys, "
+                    f"{'fp8' if meta == torch.float8_e4m3fn else 'fp16'} metadata")
+            rows.append((name, bits, lambda k=keys, v=values, pre=key_kind == "k_pre":
+                         skvq_cache(k, v, n_sink, window, pre, inv_freq)))
+    return rows
+
+
+def attention_error(cache, captured: list, first_query: int) -> float:
+    """Mean over layers of ||o - o_exact|| / ||o_exact|| for queries at positions >= first_query
+    (earlier ones see no history). captured: per layer (q, k_pre, k_post, v), each [1, heads, T, D]."""
+    if cache is None:
+        return 0.0
+    errors = []
+    for layer, (q, k_pre, k_post, v) in enumerate(captured):
+        positions = torch.arange(q.shape[2])[None]
+        exact = attention(q, k_post, v, positions)
+        got = cache.attend(layer, q, k_pre if cache.keys_pre_rope else k_post, v, positions)
+        diff, ref = got[:, :, first_query:] - exact[:, :, first_query:], exact[:, :, first_query:]
+        errors.append((diff.norm() / ref.norm()).item())
+    return sum(errors) / len(errors)
+
+
+def captured_attention_inputs(model, ids, seq_len):
+    """One window's (q, k_pre, k_post, v) per layer from a full-precision forward."""
+    records = []
+
+    class Recorder:
+        keys_pre_rope = True
+
+        def attend(self, layer, q, k_pre, v, positions):
+            from model import apply_rope, rope_cos_sin
+            k = apply_rope(k_pre, *rope_cos_sin(positions, model.inv_freq))
+            records.append((q, k_pre, k, v))
+            return attention(q, k, v, positions)
+
+    window = torch.tensor(ids[:seq_len])[None]
+    with torch.no_grad():
+        model(window, torch.arange(window.shape[1])[None], Recorder())
+    return records
+
+
+def synthetic_attention_inputs(n_layers=2, T=1024, n_heads=8, n_kv_heads=2, D=128, seed=0):
+    """Keys with a few outlier channels 20-50x larger than the rest, as real Llama keys have.
+    Which channels are outliers is a fixed property of the "model" (calibration and evaluation
+    draws share it); `seed` draws the tokens. Each query looks for one earlier key (a whitened
+    copy of it plus noise), so attention is peaked as in trained models, not a near-uniform
+    average that hides every error."""
+    structure, g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(seed)
+    records = []
+    for _ in range(n_layers):
+        scale = torch.ones(n_kv_heads, 1, D)
+        for h in range(n_kv_heads):
+            outliers = torch.randperm(D // 2, generator=structure)[:3]
+            # Outliers come in RoPE pairs (c, c + D/2), as pre-RoPE outliers rotate into both.
+            big = 20 + 30 * torch.rand(3, generator=structure)
+            scale[h, 0, outliers], scale[h, 0, outliers + D // 2] = big, big
+        offset = torch.randn(n_kv_heads, 1, D, generator=structure) * scale
+        white = torch.randn(n_kv_heads, T, D, generator=g)
+        k = white * scale + offset                                                   # (Hkv, T, D)
+        v = torch.randn(n_kv_heads, T, D, generator=g)
+        target = (torch.rand(T, generator=g) * (torch.arange(T) + 1)).long()          # an earlier key per query
+        group = n_heads // n_kv_heads
+        sought = white[:, target].repeat_interleave(group, 0)                         # (H, T, D)
+        q = (2.0 * sought + torch.randn(n_heads, T, D, generator=g)) / scale.repeat_interleave(group, 0)
+        records.append((q[None], k[None], k[None], v[None]))  # no RoPE: pre- and post-RoPE keys agree
+    return records
+
+
+def quanto_perplexity(model_dir: Path, ids: list[int], seq_len: int, nbits: int):
+    """The peer row: transformers' LlamaForCausalLM decoding token by token with its QuantizedCache
+    (optimum-quanto backend, its defaults: group 64, residual 128). Returns (perplexity, bits per
+    element of its quantized keys as stored). Test/benchmark-only dependency."""
+    from transformers import LlamaForCausalLM, QuantizedCache
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    n_windows = max(1, len(ids) // seq_len)
+    total, count, bits = 0.0, 0, None
+    with torch.no_grad():
+        for w in tqdm(range(n_windows), desc=f"transformers QuantizedCache {nbits}-bit", file=sys.stderr):
+            window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len])[None]
+            cache = QuantizedCache(backend="quanto", config=hf.config, nbits=nbits, q_group_size=64, residual_length=128)
+            for t in range(window.shape[1] - 1):
+                logits = hf(window[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                total += F.cross_entropy(logits[None], window[0, t + 1:t + 2]).item()
+                count += 1
+            stored = cache.layers[0]._quantized_keys
+            data = stored._data._data if hasattr(stored._data, "_data") else stored._data  # packed codes
+            bits = 8 * (data.nbytes + stored._scale.nbytes + stored._shift.nbytes) / stored.numel()
+    return math.exp(total / count), bits
+
+
+def table(rows, columns) -> str:
+    head = "| setting | bits/element (incl. metadata) | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for name, bits, *values in rows:
+        lines.append(f"| {name} | {bits:.3f} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--text", type=Path, required=True, help="held-out text")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--sinks", type=int, default=5)
+    p.add_argument("--synthetic", action="store_true", help="also the table on synthetic outlier keys")
+    p.add_argument("--peer", action="store_true",
+                   help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
+    args = p.parse_args(argv)
+    from engine.tokenizer import Tokenizer
+
+    model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    tokenizer = Tokenizer(args.model / "tokenizer.model")
+    try:
+        ids = tokenizer.encode(args.text.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{args.text}: cannot read text ({e})")
+    ids = ids[:args.max_tokens]
+    seq_len = args.seq_len or model.config.max_position_embeddings
+    calibration = load_calibration(args.model)
+    if calibration is None:
+        print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
+              file=sys.stderr)
+    captured = captured_attention_inputs(model, ids, seq_len)
+    rows = []
+    for name, bits, factory in tqdm(settings(calibration, args.sinks, args.window, model.inv_freq),
+                                    desc="settings", file=sys.stderr):
+        ppl = perplexity(model, ids, seq_len, factory)
+        err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
+        rows.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
+    if args.peer:
+        for nbits in (4, 2):
+            ppl, bits = quanto_perplexity(args.model, ids, seq_len, nbits)
+            rows.append((f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
+                         f"{ppl:.3f}", "n/a"))
+    n_scored = min(len(ids), max(1, len(ids) // seq_len) * seq_len)
+    print(f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
+          f"{args.sinks} sinks, window {args.window}:\n")
+    print(table(rows, ["perplexity", "attention rel. error"]))
+    if args.synthetic:
+        print_synthetic(args.sinks, args.window)
+
+
+def print_synthetic(n_sink, window):
+    calib_records = synthetic_attention_inputs(seed=1)  # calibrate on other draws of the same law
+    to_tokens = lambda x: x.transpose(1, 2).flatten(0, 1).flatten(1)
+    captured = {(layer, kind): to_tokens(x) for layer, (q, k_pre, k_post, v) in enumerate(calib_records)
+                for kind, x in zip(KINDS, (k_pre, k_post, v))}
+    calibration = calibration_from(captured, len(calib_records), 2, [32, 128])
+    records = synthetic_attention_inputs(seed=0)
+    rows = [(name, bits, f"{attention_error(f() if f else None, records, n_sink + window):.4f}")
+            for name, bits, f in settings(calibration, n_sink, window, inv_freq=None)
+            if "pre-RoPE" not in name]
+    print("\nSynthetic keys (2 layers, 2 KV heads x 128 channels, 8 query heads, 1024 tokens; 3 RoPE-pair "
+          "outlier channels per head at 20-50x):\n")
+    print(table(rows, ["attention rel. error"]))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,83 @@
+"""The evaluation's whole-sequence simulation scores tokens exactly as decoding through the real cache does."""
+import math
+
+import pytest
+import torch
+
+from engine.cache import QuantizedCache
+from engine.runner import decode_one_token, prefill
+from model import Llama, LlamaConfig
+from quant import kivi
+from quant.eval import attention_error, perplexity, synthetic_attention_inputs
+from quant.methods import skvq_cache
+from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups
+
+
+def random_model():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("k_bits, v_bits", [(2, 1.5), (3, 2)])
+def test_simulation_equals_token_by_token_decoding(pre_rope, k_bits, v_bits):
+    model = random_model()
+    cfg, S, W, T = model.config, 3, 6, 40
+    x = torch.randn(500, 32) * torch.rand(32) * 3
+    groups = kmeans_groups(x.amin(0), x.amax(0), 4)
+    keys = [TokenQuantizer(k_bits, groups, clip=0.95) for _ in range(2)]
+    values = [TokenQuantizer(v_bits, equal_groups(32, 8)) for _ in range(2)]
+    tokens = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        simulated = model(tokens, torch.arange(T)[None], skvq_cache(keys, values, S, W, pre_rope, model.inv_freq))
+        exact = model(tokens)
+        cache = QuantizedCache(cfg, 1, T, "cpu", torch.float32, keys, values, S, W, pre_rope)
+        decoded = [prefill(model, tokens[:, :1], torch.tensor([1]), cache)]
+        for t in range(1, T):
+            decoded.append(decode_one_token(model, tokens[:, t], cache))
+    decoded = torch.stack(decoded, 1)
+    torch.testing.assert_close(simulated, decoded, rtol=1e-4, atol=1e-4)
+    # And quantization did change something past the window.
+    assert (simulated[:, S + W:] - exact[:, S + W:]).abs().max() > 1e-3
+    torch.testing.assert_close(simulated[:, :S + W], exact[:, :S + W], rtol=1e-5, atol=1e-5)
+
+
+def test_kivi_keys_are_quantized_per_channel_in_blocks():
+    k = torch.randn(1, 2, 70, 16) * torch.rand(16) * 5
+    k_hat = kivi.fake_quantize_keys(k, 2, block=32)
+    assert torch.equal(k_hat[:, :, 64:], k[:, :, 64:])  # the incomplete block stays exact
+    blocks = k[:, :, :64].view(1, 2, 2, 32, 16)
+    step = (blocks.amax(3) - blocks.amin(3)) / 3                                 # per channel per block
+    err = (k_hat[:, :, :64] - k[:, :, :64]).view(1, 2, 2, 32, 16).abs()
+    assert bool((err <= step[:, :, :, None] / 2 + 1e-2).all())
+
+
+def test_kivi_mask_quantizes_whole_blocks_out_of_the_window():
+    mask = kivi.block_mask(block=4, window=3)(16)
+    p = 10  # window holds 8..10; blocks 0-3 and 4-7 have left it
+    assert mask[p].tolist() == [True] * 8 + [False] * 8
+
+
+def test_perplexity_matches_transformers_loss(checkpoint):
+    from transformers import LlamaForCausalLM
+
+    path, _ = checkpoint(num_key_value_heads=2)
+    ours = Llama.from_pretrained(path, device="cpu", dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(3, 300, (100,)).tolist()
+    with torch.no_grad():
+        losses = [hf(torch.tensor([ids[i:i + 50]]), labels=torch.tensor([ids[i:i + 50]])).loss for i in (0, 50)]
+    assert math.isclose(perplexity(ours, ids, 50), math.exp(sum(losses).item() / 2), rel_tol=1e-5)
+
+
+def test_attention_error_grows_as_bits_fall():
+    records = synthetic_attention_inputs(n_layers=1, T=300, seed=int(torch.randint(100, ())))
+    errors = []
+    for bits in (8, 4, 2):
+        q = [TokenQuantizer(bits, equal_groups(256, 32))]
+        errors.append(attention_error(skvq_cache(q, q, 5, 32, False, None), records, 37))
+    assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]
