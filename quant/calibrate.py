@@ -49,7 +49,8 @@ def capture(model, ids: list[int], seq_len: int, max_tokens: int) -> dict:
     cache = CaptureCache(model.inv_freq)
     n_windows = max(1, min(len(ids), max_tokens) // seq_len)
     for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr):
-        window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)[None]
+        window = [model.config.bos_token_id] + ids[w * seq_len:(w + 1) * seq_len - 1]
+        window = torch.tensor(window, device=model.inv_freq.device)[None]
         model(window, torch.arange(window.shape[1], device=window.device)[None], cache)
     return {key: torch.cat(chunks) for key, chunks in cache.tokens.items()}
 
@@ -148,7 +149,7 @@ def main(argv=None):
         raise UserError(f"--group-sizes {args.group_sizes}: each must be even and divide head_dim {cfg.head_dim}")
     tokenizer = Tokenizer(args.model / "tokenizer.model")
     try:
-        ids = tokenizer.encode(args.text.read_text())
+        ids = tokenizer.encode(args.text.read_text(), bos=False)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{args.text}: cannot read calibration text ({e})")
     seq_len = args.seq_len or cfg.max_position_embeddings

@@ -25,19 +25,20 @@ KIVI_BITS = [(4, 4), (2, 2)]
 
 
 def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float:
-    """exp(mean NLL) over consecutive non-overlapping windows of seq_len tokens of `ids` (a final
-    partial window is dropped unless it is the only one); each window is scored from its own
-    first token on, so a window's token t is predicted from its t preceding tokens."""
+    """exp(mean NLL per token) over the consecutive seq_len-token windows of `ids` (text tokens,
+    no BOS); a tail shorter than seq_len is dropped unless it is all there is. Each window is fed
+    as [BOS] + window[:-1], as a prompt is at generation time, so every token is predicted once."""
     n_windows = max(1, len(ids) // seq_len)
     total, count = 0.0, 0
     with torch.no_grad():
         for w in range(n_windows):
-            window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)[None]
-            positions = torch.arange(window.shape[1], device=window.device)[None]
+            targets = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)
+            inputs = torch.cat([targets.new_full((1,), model.config.bos_token_id), targets[:-1]])[None]  # (1, T)
+            positions = torch.arange(inputs.shape[1], device=inputs.device)[None]
             cache = cache_factory() if cache_factory else None
-            logits = model(window, positions if cache else None, cache)
-            total += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
-            count += window.shape[1] - 1
+            logits = model(inputs, positions if cache else None, cache)
+            total += F.cross_entropy(logits[0], targets, reduction="sum").item()
+            count += targets.numel()
     return math.exp(total / count)
 
 
@@ -93,7 +94,7 @@ def captured_attention_inputs(model, ids, seq_len):
             records.append((q, k_pre, k, v))
             return attention(q, k, v, positions)
 
-    window = torch.tensor(ids[:seq_len])[None]
+    window = torch.tensor([model.config.bos_token_id] + ids[:seq_len - 1])[None]
     with torch.no_grad():
         model(window, torch.arange(window.shape[1])[None], Recorder())
     return records
@@ -137,11 +138,12 @@ def quanto_perplexity(model_dir: Path, ids: list[int], seq_len: int, nbits: int)
     total, count, bits = 0.0, 0, None
     with torch.no_grad():
         for w in tqdm(range(n_windows), desc=f"transformers QuantizedCache {nbits}-bit", file=sys.stderr):
-            window = torch.tensor(ids[w * seq_len:(w + 1) * seq_len])[None]
+            targets = torch.tensor(ids[w * seq_len:(w + 1) * seq_len])
+            inputs = torch.cat([torch.tensor([hf.config.bos_token_id]), targets[:-1]])
             cache = QuantizedCache(backend="quanto", config=hf.config, nbits=nbits, q_group_size=64, residual_length=128)
-            for t in range(window.shape[1] - 1):
-                logits = hf(window[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-                total += F.cross_entropy(logits[None], window[0, t + 1:t + 2]).item()
+            for t in range(len(inputs)):
+                logits = hf(inputs[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                total += F.cross_entropy(logits[None], targets[t:t + 1]).item()
                 count += 1
             stored = cache.layers[0]._quantized_keys
             data = stored._data._data if hasattr(stored._data, "_data") else stored._data  # packed codes
@@ -174,7 +176,7 @@ def main(argv=None):
     model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     tokenizer = Tokenizer(args.model / "tokenizer.model")
     try:
-        ids = tokenizer.encode(args.text.read_text())
+        ids = tokenizer.encode(args.text.read_text(), bos=False)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{args.text}: cannot read text ({e})")
     ids = ids[:args.max_tokens]

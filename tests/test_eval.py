@@ -69,9 +69,13 @@ def test_perplexity_matches_transformers_loss(checkpoint):
     ours = Llama.from_pretrained(path, device="cpu", dtype=torch.float32)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.randint(3, 300, (100,)).tolist()
+    nll = 0.0
     with torch.no_grad():
-        losses = [hf(torch.tensor([ids[i:i + 50]]), labels=torch.tensor([ids[i:i + 50]])).loss for i in (0, 50)]
-    assert math.isclose(perplexity(ours, ids, 50), math.exp(sum(losses).item() / 2), rel_tol=1e-5)
+        for w in (0, 50):
+            # transformers' loss predicts tokens 1..T-1 of its input: feed BOS + the window.
+            window = torch.tensor([[1] + ids[w:w + 50]])
+            nll += hf(window, labels=window).loss.item() * 50
+    assert math.isclose(perplexity(ours, ids, 50), math.exp(nll / 100), rel_tol=1e-5)
 
 
 def test_attention_error_grows_as_bits_fall():
