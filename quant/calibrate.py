@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from engine.cache import attention
 from model import Llama, UserError, apply_rope, rope_cos_sin
-from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups
+from quant.skvq import (ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups,
+                        smoothing_factors)
 
 CALIBRATION_FILE = "kv_calibration.safetensors"
 BITS = (1, 1.5, 2, 3, 4, 8)
 CLIPS = [1.0 - 0.02 * i for i in range(11)]  # 1.00 ... 0.80; SKVQ's found factors lie near 0.92-0.96
 KINDS = ("k_pre", "k_post", "v")
-GROUPINGS = ("equal", "head_pairs", "kmeans")
+GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups after smoothing
 
 
 class CaptureCache:
@@ -57,16 +58,17 @@ def capture(model, ids: list[int], seq_len: int, max_tokens: int) -> dict:
 
 def make_groups(grouping: str, x: torch.Tensor, n_heads: int, group_size: int) -> ChannelGroups:
     C = x.shape[1]
-    if grouping == "equal":
+    if grouping in ("equal", "smooth"):
         return equal_groups(C, group_size)
     if grouping == "head_pairs":
         return head_pair_groups(x.abs().amax(0), n_heads, group_size)
     return kmeans_groups(x.amin(0), x.amax(0), C // group_size)
 
 
-def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, max_tokens: int = 1024) -> float:
+def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, max_tokens: int = 1024) -> float:
     x = x[::max(1, x.shape[0] // max_tokens)]  # an even subsample keeps the search quick
-    errors = [(TokenQuantizer(bits, groups, clip).fake_quantize(x) - x).pow(2).mean().item() for clip in CLIPS]
+    errors = [(TokenQuantizer(bits, groups, clip, smoothing=smoothing).fake_quantize(x) - x).pow(2).mean().item()
+              for clip in CLIPS]
     return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
 
 
@@ -77,10 +79,13 @@ def calibrate(captured: dict, n_layers: int, n_heads: int, group_sizes) -> dict:
     for layer, kind, grouping, group_size in tqdm(jobs, desc="calibrating", file=sys.stderr):
         x = captured[(layer, kind)]
         groups = make_groups(grouping, x, n_heads, group_size)
+        smoothing = smoothing_factors(x.abs().amax(0), n_heads) if grouping == "smooth" else None
         name = f"{grouping}.g{group_size}.{kind}.{layer}"
         tensors[f"{name}.permutation"] = groups.permutation
         tensors[f"{name}.group_index"] = groups.group_index
-        tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups) for bits in BITS])
+        tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups, smoothing) for bits in BITS])
+        if smoothing is not None:
+            tensors[f"{name}.smoothing"] = smoothing
     return tensors
 
 
@@ -111,7 +116,7 @@ class Calibration:
             group_index = self.tensors[f"{name}.group_index"]
             groups = ChannelGroups(self.tensors[f"{name}.permutation"], group_index, int(group_index.max()) + 1)
             clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)])
-            out.append(TokenQuantizer(bits, groups, clip, meta_dtype))
+            out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
         return out
 
 

@@ -52,7 +52,9 @@ def settings(calibration: Calibration | None, n_sink: int, window: int, inv_freq
         return rows
     variants = [("equal", 128, "k_post", torch.float16), ("equal", 32, "k_post", torch.float16),
                 ("head_pairs", 32, "k_post", torch.float16), ("kmeans", 32, "k_post", torch.float16),
-                ("kmeans", 128, "k_post", torch.float16), ("head_pairs", 32, "k_pre", torch.float16),
+                ("kmeans", 128, "k_post", torch.float16), ("smooth", 32, "k_post", torch.float16),
+                ("smooth", 128, "k_post", torch.float16), ("head_pairs", 32, "k_pre", torch.float16),
+                ("kmeans", 32, "k_pre", torch.float16),
                 ("head_pairs", 32, "k_post", torch.float8_e4m3fn), ("kmeans", 32, "k_post", torch.float8_e4m3fn)]
     for k_bits, v_bits in SKVQ_BITS:
         for grouping, g, key_kind, meta in variants:

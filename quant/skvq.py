@@ -9,6 +9,10 @@ the permuted channels, each with its own (scale, low). Three ways to build one:
     together, so a kernel can rotate pre-RoPE keys after dequantizing one group;
   - `kmeans_groups`: SKVQ's own: k-means on each channel's calibrated (min, max), across all KV
     heads of the layer, giving unequal groups.
+The alternative to reordering is smoothing: divide each channel by a static factor before
+quantizing (`smoothing_factors`) and multiply back after. For keys the factor folds into q_proj
+(q . k = (q * s) . (k / s)), for values into o_proj's input columns, so a deployment pays nothing
+for it; here the division and multiplication are explicit.
 """
 from dataclasses import dataclass
 
@@ -73,15 +77,24 @@ def kmeans_groups(channel_min: torch.Tensor, channel_max: torch.Tensor, n_groups
     return ChannelGroups(permutation, used, int(used.max()) + 1)
 
 
+def smoothing_factors(channel_range: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """s [C] = sqrt(range), equal within each RoPE pair (c, c + D/2) so that it commutes with RoPE:
+    x / s has the square root of x's range, which tames outlier channels."""
+    pairs = channel_range.view(n_heads, 2, -1).amax(1, keepdim=True).expand(n_heads, 2, -1)
+    return pairs.reshape(-1).clamp_min(1e-3).sqrt()
+
+
 class TokenQuantizer:
-    """Quantizes tokens [..., C] of one layer's K or V: permute, group, clip, pack.
+    """Quantizes tokens [..., C] of one layer's K or V: smooth, permute, group, clip, pack.
 
     Stored per token: codes uint8 [..., packed_size(C, bits)], the permuted channels packed along
     the last axis (layout in quant/packing.py); scale and low [..., n_groups] in meta_dtype.
     """
 
-    def __init__(self, bits, groups: ChannelGroups, clip: float = 1.0, meta_dtype=torch.float16):
+    def __init__(self, bits, groups: ChannelGroups, clip: float = 1.0, meta_dtype=torch.float16,
+                 smoothing: torch.Tensor | None = None):
         self.bits, self.groups, self.clip, self.meta_dtype = bits, groups, clip, meta_dtype
+        self.smoothing = smoothing  # [C] static per-channel divisors, or None
         self.n_channels = groups.permutation.numel()
         self.inverse = groups.inverse
 
@@ -95,6 +108,8 @@ class TokenQuantizer:
 
     def quantize(self, x: torch.Tensor):
         g = self.groups
+        if self.smoothing is not None:
+            x = x / self.smoothing.to(x.device)
         permuted = x[..., g.permutation.to(x.device)]
         codes, scale, low = quantize_groups(permuted, self.bits, g.group_index, g.n_groups,
                                             self.clip, self.meta_dtype)
@@ -103,7 +118,8 @@ class TokenQuantizer:
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         codes = unpack(packed, self.bits, self.n_channels)
         permuted = dequantize_groups(codes, scale, low, self.groups.group_index)
-        return permuted[..., self.inverse.to(packed.device)]
+        x = permuted[..., self.inverse.to(packed.device)]
+        return x if self.smoothing is None else x * self.smoothing.to(x.device)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize and dequantize: what attention sees of x once it is in the history."""

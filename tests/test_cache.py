@@ -157,3 +157,17 @@ def test_decode_attends_to_dequantized_history(pre_rope):
             if rope:
                 expected = cache._rope(expected, torch.arange(T)[None])
             assert torch.allclose(got[b:b + 1, :, :T], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_smoothing_divides_before_and_multiplies_after(bits):
+    from quant.skvq import smoothing_factors
+
+    C, D = 128, 64
+    x = torch.randn(5, C) * torch.linspace(0.1, 30, C)[torch.randperm(C)]
+    s = smoothing_factors(x.abs().amax(0), n_heads=2)
+    assert torch.equal(s.view(2, 2, D // 2)[:, 0], s.view(2, 2, D // 2)[:, 1])  # commutes with RoPE
+    groups = equal_groups(C, 32)
+    smoothed = TokenQuantizer(bits, groups, smoothing=s)
+    expected = TokenQuantizer(bits, groups).fake_quantize(x / s) * s
+    torch.testing.assert_close(smoothed.fake_quantize(x), expected)
