@@ -11,6 +11,7 @@ import math
 import torch
 
 from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
+from quant.uniform import dequantize_groups, quantize_groups
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
@@ -215,6 +216,102 @@ class QuantizedCache(Cache):
         return sum(t.nbytes for t in buffers)
 
 
+class KiviCache(Cache):
+    """KIVI, the baseline (`--kv kivi-kKvV`): keys quantized per channel over blocks of `block`
+    tokens, post-RoPE; values per token over groups of channels; no sinks. A block is quantized
+    once its last token leaves the W-token window, so W to W + block - 1 recent tokens stay in
+    full precision, in a ring of W + block - 1 slots (position p in slot p % ring).
+    Same arithmetic as quant/kivi.py's simulation, which the evaluation uses."""
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
+                 k_bits, v_bits, window: int = 128, block: int = 32, group_size: int = 32):
+        from quant.packing import packed_size
+
+        super().__init__(batch_size, max_context, device)
+        L, B, C = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads * cfg.head_dim
+        self.n_kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.k_bits, self.v_bits, self.window, self.block, self.group_size = k_bits, v_bits, window, block, group_size
+        self.ring = window + block - 1
+        self.ring_k = torch.zeros(L, B, self.ring, C, device=device, dtype=dtype)  # (layers, B, ring, C)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        n_blocks = max_context // block
+        # Keys of block j, channel c: `block` codes packed along tokens, codes [layers, B, blocks, C,
+        # packed_size(block, k_bits)]; one fp16 (scale, low) per channel per block [layers, B, blocks, C].
+        self.key_codes = torch.zeros(L, B, n_blocks, C, packed_size(block, k_bits), dtype=torch.uint8, device=device)
+        self.key_scale = torch.zeros(L, B, n_blocks, C, dtype=torch.float16, device=device)
+        self.key_low = torch.zeros_like(self.key_scale)
+        # Values per token: codes [layers, B, blocks * block, packed_size(C, v_bits)], channels packed;
+        # one (scale, low) per group of group_size channels [layers, B, blocks * block, C / group_size].
+        self.value_codes = torch.zeros(L, B, n_blocks * block, packed_size(C, v_bits), dtype=torch.uint8, device=device)
+        self.value_scale = torch.zeros(L, B, n_blocks * block, C // group_size, dtype=torch.float16, device=device)
+        self.value_low = torch.zeros_like(self.value_scale)
+        self.value_groups = torch.arange(C) // group_size
+
+    def attend(self, layer: int, q, k, v, positions):
+        B, Hkv, T, D = k.shape
+        k_tokens = k.transpose(1, 2).reshape(B, T, Hkv * D)  # (B, T, C)
+        v_tokens = v.transpose(1, 2).reshape(B, T, Hkv * D)
+        for b in range(B):
+            for t in range(int(self.n_new[b])):  # a token at a time: blocks complete in order
+                p = int(positions[b, t])
+                # Position p leaves the window's block (p - W - block + 1 ...) behind: quantize it
+                # before p takes the ring slot of its first token.
+                if p - self.window + 1 > 0 and (p - self.window + 1) % self.block == 0:
+                    self._quantize_block(layer, b, (p - self.window + 1) // self.block - 1)
+                self.ring_k[layer, b, p % self.ring] = k_tokens[b, t]
+                self.ring_v[layer, b, p % self.ring] = v_tokens[b, t]
+        if T > 1:  # the prompt attends to itself in full precision
+            return attention(q, k, v, positions)
+        keys, values = self._materialize(layer, positions[:, 0] + 1)
+        return attention(q, keys, values, positions)
+
+    def _quantize_block(self, layer, b, j):
+        from quant.packing import pack
+
+        slots = torch.arange(j * self.block, (j + 1) * self.block, device=self.ring_k.device) % self.ring
+        keys = self.ring_k[layer, b, slots].T                                     # (C, block)
+        codes, scale, low = quantize_groups(keys, self.k_bits, torch.zeros(self.block, dtype=torch.long), 1)
+        self.key_codes[layer, b, j] = pack(codes, self.k_bits)
+        self.key_scale[layer, b, j], self.key_low[layer, b, j] = scale[:, 0], low[:, 0]
+        rows = slice(j * self.block, (j + 1) * self.block)
+        codes, self.value_scale[layer, b, rows], self.value_low[layer, b, rows] = quantize_groups(
+            self.ring_v[layer, b, slots], self.v_bits, self.value_groups, int(self.value_groups[-1]) + 1)
+        self.value_codes[layer, b, rows] = pack(codes, self.v_bits)
+
+    def _materialize(self, layer, n):
+        """K, V [B, Hkv, T, D] in position order, T = max(n), history dequantized."""
+        from quant.packing import unpack
+
+        B, T = n.shape[0], int(n.max())
+        pos = torch.arange(T, device=n.device)
+        keys, values = self.ring_k[layer][:, pos % self.ring], self.ring_v[layer][:, pos % self.ring]  # (B, T, C)
+        n_blocks = int(((n - self.window) // self.block).clamp_min(0).max())
+        if n_blocks:
+            one_group = torch.zeros(self.block, dtype=torch.long)
+            codes = unpack(self.key_codes[layer, :, :n_blocks], self.k_bits, self.block)   # (B, blocks, C, block)
+            k_hat = dequantize_groups(codes, self.key_scale[layer, :, :n_blocks, :, None],
+                                      self.key_low[layer, :, :n_blocks, :, None], one_group)
+            k_hat = k_hat.transpose(-1, -2).reshape(B, n_blocks * self.block, -1)
+            rows = slice(0, n_blocks * self.block)
+            codes = unpack(self.value_codes[layer, :, rows], self.v_bits, keys.shape[-1])
+            v_hat = dequantize_groups(codes, self.value_scale[layer, :, rows], self.value_low[layer, :, rows],
+                                      self.value_groups)
+            quantized = (pos[:n_blocks * self.block] < ((n - self.window) // self.block * self.block)[:, None])[..., None]
+            keys[:, rows] = torch.where(quantized, k_hat.to(keys.dtype), keys[:, rows])
+            values[:, rows] = torch.where(quantized, v_hat.to(values.dtype), values[:, rows])
+        as_heads = lambda x: x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return as_heads(keys), as_heads(values)
+
+    def bits_per_element(self) -> float:
+        from quant.kivi import bits_per_element
+
+        return bits_per_element(self.k_bits, self.v_bits, self.block, self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in [self.ring_k, self.ring_v, self.key_codes, self.key_scale, self.key_low,
+                                       self.value_codes, self.value_scale, self.value_low])
+
+
 KV_BITS = {1, 2, 3, 4, 8}
 VALUE_BITS = KV_BITS | {1.5}
 
@@ -229,9 +326,9 @@ def parse_kv(name: str):
         k_bits, v_bits = float(k_bits), float(v_bits)
     except ValueError:
         k_bits = v_bits = None
-    if method not in ("skvq",) or k_bits not in KV_BITS or v_bits not in VALUE_BITS or not bits.startswith("k"):
-        raise UserError(f"unknown --kv {name!r} (fp16, or skvq-kKvV with K in 1,2,3,4,8 and V in "
-                        "1,1.5,2,3,4,8 bits, e.g. skvq-k2v1.5)")
+    if method not in ("skvq", "kivi") or k_bits not in KV_BITS or v_bits not in VALUE_BITS or not bits.startswith("k"):
+        raise UserError(f"unknown --kv {name!r} (fp16, or skvq-kKvV / kivi-kKvV with K in 1,2,3,4,8 and V "
+                        "in 1,1.5,2,3,4,8 bits, e.g. skvq-k2v1.5)")
     as_width = lambda b: int(b) if b == int(b) else b
     return method, as_width(k_bits), as_width(v_bits)
 
@@ -247,7 +344,9 @@ def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, d
     spec = parse_kv(name)
     if spec is None:
         return KVCache(cfg, batch_size, max_context, device, dtype)
-    _, k_bits, v_bits = spec
+    method, k_bits, v_bits = spec
+    if method == "kivi":  # KIVI's own settings: block 32, group 32, no sinks
+        return KiviCache(cfg, batch_size, max_context, device, dtype, k_bits, v_bits, window)
     if group_size <= 0 or cfg.head_dim % group_size:
         raise UserError(f"--group-size {group_size} must divide head_dim {cfg.head_dim}")
     if n_sink < 0 or window <= 0:

@@ -151,8 +151,9 @@ def test_quantized_cache_through_the_cli(checkpoint, prompt):
               "--device", "cpu", "--dtype", "float32"]
     fp16 = run_cli(*common, "--kv", "fp16")
     # A window holding prompt and continuation quantizes nothing: the text is the fp16 cache's.
-    wide = run_cli(*common, "--kv", "skvq-k2v1.5", "--group-size", 8)
-    assert wide.returncode == 0 and wide.stdout == fp16.stdout
+    for kv in ("skvq-k2v1.5", "kivi-k2v2"):
+        wide = run_cli(*common, "--kv", kv, "--group-size", 8)
+        assert wide.returncode == 0 and wide.stdout == fp16.stdout, (kv, wide.stderr)
     narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
     assert narrow.returncode == 0, narrow.stderr
     assert "no kv_calibration.safetensors" in narrow.stderr and "bits/element" in narrow.stderr

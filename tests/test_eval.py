@@ -85,3 +85,43 @@ def test_attention_error_grows_as_bits_fall():
         q = [TokenQuantizer(bits, equal_groups(256, 32))]
         errors.append(attention_error(skvq_cache(q, q, 5, 32, False, None), records, 37))
     assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]
+
+
+@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 1.5)])
+def test_kivi_simulation_equals_token_by_token_decoding(k_bits, v_bits):
+    from engine.cache import KiviCache
+
+    model = random_model()
+    W, T, block = 6, 50, 4
+    tokens = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        simulated = model(tokens, torch.arange(T)[None], kivi.kivi_cache(k_bits, v_bits, block, 8, W))
+        cache = KiviCache(model.config, 1, T, "cpu", torch.float32, k_bits, v_bits, W, block, 8)
+        decoded = [prefill(model, tokens[:, :1], torch.tensor([1]), cache)]
+        for t in range(1, T):
+            decoded.append(decode_one_token(model, tokens[:, t], cache))
+    torch.testing.assert_close(simulated, torch.stack(decoded, 1), rtol=1e-4, atol=1e-4)
+    assert (simulated - model(tokens)).abs().max() > 1e-3
+
+
+def test_kivi_cache_batch_equals_each_sequence_alone():
+    """Prompts of different lengths prefilled together: each sequence quantizes its own complete
+    blocks and padding never enters a block, so the batch decodes as each sequence alone does."""
+    from engine.cache import KiviCache
+
+    model = random_model()
+    W, block, lengths, n_decode = 5, 4, [21, 13], 9
+    T = max(lengths) + n_decode
+    seqs = torch.randint(0, 64, (2, T))
+
+    def run(rows, prompt_lengths):
+        cache = KiviCache(model.config, len(rows), T, "cpu", torch.float32, 2, 2, W, block, 8)
+        out = [prefill(model, rows[:, :max(prompt_lengths)], torch.tensor(prompt_lengths), cache)]
+        for _ in range(n_decode):
+            out.append(decode_one_token(model, rows[torch.arange(len(rows)), cache.lengths], cache))
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        batched = run(seqs, lengths)
+        for b in range(2):
+            torch.testing.assert_close(batched[b], run(seqs[b:b + 1], [lengths[b]])[0], rtol=1e-5, atol=1e-5)
