@@ -73,7 +73,7 @@ def read_prompt(path: Path) -> str:
 def main(args):
     import torch
 
-    from engine.cache import make_cache
+    from engine.cache import QuantizedCache, make_cache
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, UserError
@@ -101,7 +101,7 @@ def main(args):
     calibration = load_calibration(args.model)
     cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype, n_sink=args.sinks,
                        window=args.window, group_size=args.group_size, calibration=calibration)
-    if args.kv != "fp16" and not cache.calibrated:
+    if isinstance(cache, QuantizedCache) and not cache.calibrated:
         print(f"note: no {CALIBRATION_FILE} for group size {args.group_size} in {args.model}: SKVQ runs "
               "without channel reordering or clipping (make one with python -m quant.calibrate)", file=sys.stderr)
     generator = torch.Generator(device=device)

@@ -95,6 +95,8 @@ class QuantizedCache(Cache):
     it dequantizes the history and calls `attention`.
     """
 
+    calibrated = False  # whether the quantizers came from a calibration file (make_cache sets it)
+
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  key_quantizers, value_quantizers, n_sink: int = 5, window: int = 128,
                  keys_pre_rope: bool = False):
