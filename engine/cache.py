@@ -11,6 +11,9 @@ import math
 import torch
 
 from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
+from quant import kivi
+from quant.packing import pack, packed_size, unpack
+from quant.skvq import TokenQuantizer, equal_groups
 from quant.uniform import dequantize_groups, quantize_groups
 
 
@@ -227,8 +230,6 @@ class KiviCache(Cache):
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  k_bits, v_bits, window: int = 128, block: int = 32, group_size: int = 32):
-        from quant.packing import packed_size
-
         super().__init__(batch_size, max_context, device)
         L, B, C = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads * cfg.head_dim
         self.n_kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
@@ -268,8 +269,6 @@ class KiviCache(Cache):
         return attention(q, keys, values, positions)
 
     def _quantize_block(self, layer, b, j):
-        from quant.packing import pack
-
         slots = torch.arange(j * self.block, (j + 1) * self.block, device=self.ring_k.device) % self.ring
         keys = self.ring_k[layer, b, slots].T                                     # (C, block)
         codes, scale, low = quantize_groups(keys, self.k_bits, torch.zeros(self.block, dtype=torch.long), 1)
@@ -282,8 +281,6 @@ class KiviCache(Cache):
 
     def _materialize(self, layer, n):
         """K, V [B, Hkv, T, D] in position order, T = max(n), history dequantized."""
-        from quant.packing import unpack
-
         B, T = n.shape[0], int(n.max())
         pos = torch.arange(T, device=n.device)
         keys, values = self.ring_k[layer][:, pos % self.ring], self.ring_v[layer][:, pos % self.ring]  # (B, T, C)
@@ -305,9 +302,7 @@ class KiviCache(Cache):
         return as_heads(keys), as_heads(values)
 
     def bits_per_element(self) -> float:
-        from quant.kivi import bits_per_element
-
-        return bits_per_element(self.k_bits, self.v_bits, self.block, self.group_size)
+        return kivi.bits_per_element(self.k_bits, self.v_bits, self.block, self.group_size)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in [self.ring_k, self.ring_v, self.key_codes, self.key_scale, self.key_low,
@@ -341,8 +336,6 @@ def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, d
     """The cache `name` names (see parse_kv). A quantized cache takes its channel groups and clip
     factors from `calibration` (quant/calibrate.py) when it has them for group_size; otherwise
     its groups are equal runs of channels with no reordering or clipping (`cache.calibrated`)."""
-    from quant.skvq import TokenQuantizer, equal_groups
-
     spec = parse_kv(name)
     if spec is None:
         return KVCache(cfg, batch_size, max_context, device, dtype)
