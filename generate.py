@@ -44,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
     p.add_argument("--group-size", type=positive_int, default=32, help="channels per quantization group")
+    p.add_argument("--grouping", choices=["kmeans", "head_pairs", "smooth", "equal"], default="kmeans",
+                   help="SKVQ channel grouping from the calibration file (quant/skvq.py)")
+    p.add_argument("--metadata", choices=["fp16", "fp8"], default="fp16", help="dtype of scales and zeros")
+    p.add_argument("--pre-rope-keys", action="store_true", help="quantize keys before RoPE")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
@@ -78,6 +82,7 @@ def main(args):
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, UserError
     from quant.calibrate import CALIBRATION_FILE, load_calibration
+    from quant.uniform import META_DTYPES
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -100,7 +105,8 @@ def main(args):
               file=sys.stderr)
     calibration = load_calibration(args.model)
     cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype, n_sink=args.sinks,
-                       window=args.window, group_size=args.group_size, calibration=calibration)
+                       window=args.window, group_size=args.group_size, keys_pre_rope=args.pre_rope_keys,
+                       meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping)
     if isinstance(cache, QuantizedCache) and not cache.calibrated:
         print(f"note: no {CALIBRATION_FILE} for group size {args.group_size} in {args.model}: SKVQ runs "
               "without channel reordering or clipping (make one with python -m quant.calibrate)", file=sys.stderr)
@@ -135,8 +141,9 @@ def main(args):
     print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
           f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
           f"KV cache ({args.kv}): {cache.nbytes() / 2**20:.2f} MiB allocated, "
-          f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element "
-          "(quantized history, metadata included)", file=sys.stderr)
+          f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element"
+          + (" in the quantized history, metadata included" if args.kv != "fp16" else ""), file=sys.stderr)
+
 
 if __name__ == "__main__":
     args = parse_args()

@@ -108,6 +108,8 @@ class Calibration:
 
     def quantizers(self, grouping: str, group_size: int, kind: str, bits,
                    meta_dtype=torch.float16) -> list[TokenQuantizer]:
+        if grouping not in self.settings["groupings"]:
+            raise UserError(f"the calibration has groupings {self.settings['groupings']}, not {grouping}")
         if group_size not in self.settings["group_sizes"]:
             raise UserError(f"the calibration has group sizes {self.settings['group_sizes']}, not {group_size}")
         out = []
