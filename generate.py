@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.cache import DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_KV, DEFAULT_METADATA
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "kjv-tiny"
 DTYPES = {"float32", "float16", "bfloat16"}
 
@@ -39,14 +41,16 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
-    p.add_argument("--kv", default="fp16",
-                   help="KV cache: fp16, or skvq-kKvV with K, V bits (V may be 1.5: ternary), e.g. skvq-k2v1.5")
+    p.add_argument("--kv", default=DEFAULT_KV,
+                   help="KV cache: fp16, or skvq-kKvV / kivi-kKvV with K, V bits (V may be 1.5: ternary); "
+                        f"default {DEFAULT_KV}")
     p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
-    p.add_argument("--group-size", type=positive_int, default=32, help="channels per quantization group")
-    p.add_argument("--grouping", choices=["kmeans", "head_pairs", "smooth", "equal"], default="kmeans",
+    p.add_argument("--group-size", type=positive_int, default=None,
+                   help=f"channels per quantization group (default {DEFAULT_GROUP_SIZE}, or head_dim if smaller)")
+    p.add_argument("--grouping", choices=["kmeans", "head_pairs", "smooth", "equal"], default=DEFAULT_GROUPING,
                    help="SKVQ channel grouping from the calibration file (quant/skvq.py)")
-    p.add_argument("--metadata", choices=["fp16", "fp8"], default="fp16", help="dtype of scales and zeros")
+    p.add_argument("--metadata", choices=["fp16", "fp8"], default=DEFAULT_METADATA, help="dtype of scales and zeros")
     p.add_argument("--pre-rope-keys", action="store_true", help="quantize keys before RoPE")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
@@ -108,7 +112,7 @@ def main(args):
                        window=args.window, group_size=args.group_size, keys_pre_rope=args.pre_rope_keys,
                        meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping)
     if isinstance(cache, QuantizedCache) and not cache.calibrated:
-        print(f"note: no {CALIBRATION_FILE} for group size {args.group_size} in {args.model}: SKVQ runs "
+        print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs "
               "without channel reordering or clipping (make one with python -m quant.calibrate)", file=sys.stderr)
     generator = torch.Generator(device=device)
     if args.seed is not None:

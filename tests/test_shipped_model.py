@@ -13,7 +13,8 @@ from quant.eval import perplexity
 
 MODEL = ROOT / "weights" / "kjv-tiny"
 GOLDEN_PROMPT = "And God said, Let there be light: and there was light."
-GOLDEN_CONTINUATION = None  # filled in from the trained model below
+GOLDEN_CONTINUATION = ("\nAnd he said, I will not go into the morning, and will not go out of the land, nor I "
+                       "will make it a man of his people, and the people shall be a")
 
 
 def test_golden_greedy_continuation(tmp_path):
@@ -27,7 +28,8 @@ def test_golden_greedy_continuation(tmp_path):
 
 
 def test_validation_perplexity_matches_readme():
-    documented = re.search(r"val_sample\.txt[^|]*\|\s*([\d.]+)", (MODEL / "README.md").read_text())
+    # The perplexity table's row for val_sample.txt; its last cell is the perplexity.
+    documented = re.search(r"^\| val_sample\.txt.*\|\s*([\d.]+)\s*\|$", (MODEL / "README.md").read_text(), re.M)
     assert documented, "README.md states no val_sample.txt perplexity"
     model = Llama.from_pretrained(MODEL, device="cpu", dtype=torch.float32)
     ids = Tokenizer(MODEL / "tokenizer.model").encode((MODEL / "val_sample.txt").read_text(), bos=False)
