@@ -150,11 +150,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    from model import UserError
+    from model import run_cli
 
-    try:
-        main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    args = parse_args()
+    run_cli(lambda: main(args))

@@ -6,6 +6,7 @@ knows nothing of bits or kernels.
 """
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,15 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem the user can fix (bad checkpoint, prompt or flag); the CLI prints it as one line."""
+
+
+def run_cli(main):
+    """Run a command-line entry point: a UserError becomes one `error:` line and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 @dataclass

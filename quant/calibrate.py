@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from engine.cache import attention
-from model import Llama, UserError, apply_rope, rope_cos_sin
+from model import Llama, UserError, apply_rope, rope_cos_sin, run_cli
 from quant.skvq import (ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups,
                         smoothing_factors)
 
@@ -171,8 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.cache import attention
-from model import Llama, UserError
+from model import Llama, UserError, run_cli
 from quant import kivi
 from quant.calibrate import KINDS, Calibration, calibration_from, capture, load_calibration
 from quant.methods import skvq_cache
@@ -235,8 +235,4 @@ def print_synthetic(n_sink, window):
     print(table(rows, ["attention rel. error"]))
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)
