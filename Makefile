@@ -22,7 +22,8 @@ demo: setup
 
 # Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
 tiny-model: setup
-	$(PY) weights/train_tiny.py
+	@command -v bible >/dev/null || { echo "error: needs the corpus: apt-get install bible-kjv bible-kjv-text" >&2; exit 1; }
+	$(PY) weights/train_tiny.py --minutes 40
 
 clean:
 	rm -rf $(VENV)
