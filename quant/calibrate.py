@@ -28,32 +28,41 @@ GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups 
 
 
 class CaptureCache:
-    """Exact attention over the whole sequence that records each layer's tokens [T, C]."""
+    """Exact attention over whole sequences that records, per call, (q, k_pre, k_post, v), each
+    [B, heads, T, D]: calls come layer by layer, window by window."""
 
     keys_pre_rope = True
 
     def __init__(self, inv_freq):
         self.inv_freq = inv_freq
-        self.tokens = {}  # (layer, kind) -> list of [B * T, C]
+        self.records = []
 
     def attend(self, layer, q, k_pre, v, positions):
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        k = apply_rope(k_pre, cos, sin)
-        for kind, x in zip(KINDS, (k_pre, k, v)):
-            self.tokens.setdefault((layer, kind), []).append(x.transpose(1, 2).flatten(0, 1).flatten(1).float())
+        k = apply_rope(k_pre, *rope_cos_sin(positions, self.inv_freq))
+        self.records.append((q, k_pre, k, v))
         return attention(q, k, v, positions)
 
 
+def token_major(records: list, n_layers: int) -> dict:
+    """CaptureCache records -> {(layer, kind): [N, C]}, one row per token, all KV heads' channels."""
+    chunks = {}
+    for i, (q, *kvs) in enumerate(records):
+        for kind, x in zip(KINDS, kvs):
+            chunks.setdefault((i % n_layers, kind), []).append(x.transpose(1, 2).flatten(0, 1).flatten(1).float())
+    return {key: torch.cat(xs) for key, xs in chunks.items()}
+
+
 @torch.no_grad()
-def capture(model, ids: list[int], seq_len: int, max_tokens: int) -> dict:
-    """{(layer, kind): [N, C]} over windows of seq_len tokens of `ids`."""
+def capture(model, ids: list[int], seq_len: int, max_windows: int) -> CaptureCache:
+    """A full-precision forward over up to max_windows windows of seq_len tokens of `ids`, each
+    fed as BOS + window[:-1] as perplexity does, recorded by a CaptureCache."""
     cache = CaptureCache(model.inv_freq)
-    n_windows = max(1, min(len(ids), max_tokens) // seq_len)
-    for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr):
+    n_windows = max(1, min(len(ids) // seq_len, max_windows))
+    for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr, disable=n_windows == 1):
         window = [model.config.bos_token_id] + ids[w * seq_len:(w + 1) * seq_len - 1]
         window = torch.tensor(window, device=model.inv_freq.device)[None]
         model(window, torch.arange(window.shape[1], device=window.device)[None], cache)
-    return {key: torch.cat(chunks) for key, chunks in cache.tokens.items()}
+    return cache
 
 
 def make_groups(grouping: str, x: torch.Tensor, n_heads: int, group_size: int) -> ChannelGroups:
@@ -160,7 +169,7 @@ def main(argv=None):
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{args.text}: cannot read calibration text ({e})")
     seq_len = args.seq_len or cfg.max_position_embeddings
-    captured = capture(model, ids, seq_len, args.tokens)
+    captured = token_major(capture(model, ids, seq_len, args.tokens // seq_len).records, cfg.num_hidden_layers)
     calibration = calibration_from(captured, cfg.num_hidden_layers, cfg.num_key_value_heads, group_sizes,
                                    seq_len=seq_len, text=args.text.name)
     out = args.out or args.model / CALIBRATION_FILE

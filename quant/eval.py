@@ -17,7 +17,7 @@ from tqdm import tqdm
 from engine.cache import attention
 from model import Llama, UserError, run_cli
 from quant import kivi
-from quant.calibrate import KINDS, Calibration, calibration_from, capture, load_calibration
+from quant.calibrate import Calibration, calibration_from, capture, load_calibration, token_major
 from quant.methods import skvq_cache
 from quant.skvq import TokenQuantizer, equal_groups
 
@@ -90,25 +90,6 @@ def attention_error(cache, captured: list, first_query: int) -> float:
         diff, ref = got[:, :, first_query:] - exact[:, :, first_query:], exact[:, :, first_query:]
         errors.append((diff.norm() / ref.norm()).item())
     return sum(errors) / len(errors)
-
-
-def captured_attention_inputs(model, ids, seq_len):
-    """One window's (q, k_pre, k_post, v) per layer from a full-precision forward."""
-    records = []
-
-    class Recorder:
-        keys_pre_rope = True
-
-        def attend(self, layer, q, k_pre, v, positions):
-            from model import apply_rope, rope_cos_sin
-            k = apply_rope(k_pre, *rope_cos_sin(positions, model.inv_freq))
-            records.append((q, k_pre, k, v))
-            return attention(q, k, v, positions)
-
-    window = torch.tensor([model.config.bos_token_id] + ids[:seq_len - 1])[None]
-    with torch.no_grad():
-        model(window, torch.arange(window.shape[1])[None], Recorder())
-    return records
 
 
 def synthetic_attention_inputs(n_layers=2, T=1024, n_heads=8, n_kv_heads=2, D=128, seed=0):
@@ -196,7 +177,7 @@ def main(argv=None):
     if calibration is None:
         print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
               file=sys.stderr)
-    captured = captured_attention_inputs(model, ids, seq_len)
+    captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
     rows = []
     cfg = model.config
     n_channels = cfg.num_key_value_heads * cfg.head_dim
@@ -223,10 +204,7 @@ def print_synthetic(n_sink, window):
     calib_records = synthetic_attention_inputs(seed=1)  # calibrate on other draws of the same law
     records = synthetic_attention_inputs(seed=0)
     _, n_kv_heads, T, D = records[0][1].shape
-    to_tokens = lambda x: x.transpose(1, 2).flatten(0, 1).flatten(1)
-    captured = {(layer, kind): to_tokens(x) for layer, (q, k_pre, k_post, v) in enumerate(calib_records)
-                for kind, x in zip(KINDS, (k_pre, k_post, v))}
-    calibration = calibration_from(captured, len(records), n_kv_heads, [32, 128])
+    calibration = calibration_from(token_major(calib_records, len(calib_records)), len(records), n_kv_heads, [32, 128])
     rows = [(name, bits, f"{attention_error(f() if f else None, records, n_sink + window):.4f}")
             for name, bits, f in settings(calibration, len(records), n_kv_heads * D, n_sink, window, inv_freq=None)
             if "pre-RoPE" not in name]  # synthetic keys have no RoPE
