@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from kernels.decode_attention import Segment, Stored, decode_attention
+from kernels.quantize import quantize_tokens
 from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
 from quant import kivi
 from quant.packing import pack, packed_size, unpack
@@ -35,14 +37,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: to
 
 
 class Cache:
-    """What every cache shares: per-sequence lengths and the reserve step of the protocol."""
+    """What every cache shares: per-sequence lengths and the reserve step of the protocol.
+    `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch."""
 
     keys_pre_rope = False
 
-    def __init__(self, batch_size: int, max_context: int, device):
+    def __init__(self, batch_size: int, max_context: int, device, use_kernels: bool | None = None):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
         self.n_new = torch.zeros_like(self.lengths)  # real tokens per sequence in the current forward
         self.max_context = max_context
+        self.use_kernels = torch.device(device).type == "cuda" if use_kernels is None else use_kernels
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
@@ -61,8 +65,9 @@ class KVCache(Cache):
     """The unquantized cache (`--kv fp16`): K/V of every position, stored in the model's dtype
     (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype):
-        super().__init__(batch_size, max_context, device)
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
+                 use_kernels: bool | None = None):
+        super().__init__(batch_size, max_context, device, use_kernels)
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_context, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
@@ -74,6 +79,9 @@ class KVCache(Cache):
         index = positions[:, None, :, None].expand(B, Hkv, T, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
+        if T == 1 and self.use_kernels:
+            segment = Segment(Stored(self.k[layer]), Stored(self.v[layer]), self.lengths)
+            return decode_attention(q[:, :, 0], [segment])[:, :, None]
         # Attend over the stored prefix only, never over the whole preallocated capacity.
         S = int(positions.max()) + 1
         return attention(q, self.k[layer, :, :, :S], self.v[layer, :, :, :S], positions)
@@ -93,9 +101,11 @@ class QuantizedCache(Cache):
     A token is quantized exactly once, when it leaves the window: each decode step writes the new
     token into the ring slot of the token W positions older and moves that one into history.
     Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
-    Tokens are stored token-major with all KV heads' channels together (C = n_kv_heads * head_dim),
-    because SKVQ's channel groups may span heads. Attention here is the plain-torch reference:
-    it dequantizes the history and calls `attention`.
+    Storage is head-major ([layers, B, Hkv, tokens, ...]) so that the decode kernel's program for
+    one KV head reads one contiguous run per token; channel groups never span heads
+    (quant/skvq.py). With `use_kernels`, decode attention is kernels/decode_attention.py over
+    three segments (sinks, window, history) and eviction kernels/quantize.py, with no host sync;
+    otherwise it dequantizes the history in plain torch and calls `attention`, the reference.
     """
 
     calibrated = False  # whether the quantizers came from a calibration file (make_cache sets it)
@@ -103,109 +113,142 @@ class QuantizedCache(Cache):
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  key_quantizers, value_quantizers, n_sink: int = 5, window: int = 128,
-                 keys_pre_rope: bool = False):
-        super().__init__(batch_size, max_context, device)
-        L, B, C = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads * cfg.head_dim
-        self.n_kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+                 keys_pre_rope: bool = False, use_kernels: bool | None = None):
+        super().__init__(batch_size, max_context, device, use_kernels)
+        L, B, Hkv, D = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim
         self.n_sink, self.window = n_sink, window
         self.keys_pre_rope = keys_pre_rope
         self.inv_freq = rope_inv_freq(cfg).to(device)
         self.key_quantizers, self.value_quantizers = key_quantizers, value_quantizers
-        self.sink_k = torch.zeros(L, B, n_sink, C, device=device, dtype=dtype)   # (layers, B, n_sink, C)
+        self.sink_k = torch.zeros(L, B, Hkv, n_sink, D, device=device, dtype=dtype)  # (layers, B, Hkv, n_sink, D)
         self.sink_v = torch.zeros_like(self.sink_k)
         # Ring: the token at position p >= n_sink lives in slot (p - n_sink) % window while it is recent.
-        self.window_k = torch.zeros(L, B, window, C, device=device, dtype=dtype)  # (layers, B, W, C)
+        self.window_k = torch.zeros(L, B, Hkv, window, D, device=device, dtype=dtype)  # (layers, B, Hkv, W, D)
         self.window_v = torch.zeros_like(self.window_k)
         # History row of position p is p - n_sink; rows fill in order as tokens leave the window.
         n_history = max(max_context - n_sink - window, 0)
         self.history_k = self._history(key_quantizers[0], L, B, n_history, device)
         self.history_v = self._history(value_quantizers[0], L, B, n_history, device)
+        # What the kernels read of each layer's quantizers: group tables and smoothing, on the device.
+        as_tables = lambda qz: (qz.groups.group_index.to(device, torch.int32).contiguous(),
+                                torch.ones(Hkv, D, device=device) if qz.smoothing is None
+                                else qz.smoothing.to(device, torch.float32).contiguous())
+        self.key_tables = [as_tables(qz) for qz in key_quantizers]
+        self.value_tables = [as_tables(qz) for qz in value_quantizers]
 
     @staticmethod
     def _history(quantizer, L, B, T, device):
         """Packed history of one of K / V:
-        codes [layers, B, T, code_bytes] uint8: one token's C permuted channels, packed along the
-            last axis as quant/packing.py lays out `quantizer.bits`-bit codes;
-        scale, low [layers, B, T, n_groups] in the quantizer's metadata dtype, one pair per
-            channel group (quant/skvq.py ChannelGroups)."""
-        meta = (L, B, T, quantizer.groups.n_groups)
-        return dict(codes=torch.zeros(L, B, T, quantizer.code_bytes, dtype=torch.uint8, device=device),
-                    scale=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device),
-                    low=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device))
+        codes [layers, B, Hkv, T, code_bytes] uint8: one token's D channels of one head, packed
+            along the last axis as quant/packing.py lays out `quantizer.bits`-bit codes;
+        scale, low [layers, B, Hkv, T, n_groups] in the quantizer's metadata dtype, one pair per
+            channel group of the head (quant/skvq.py ChannelGroups)."""
+        Hkv, n_groups = quantizer.n_heads, quantizer.groups.n_groups
+        return dict(codes=torch.zeros(L, B, Hkv, T, quantizer.code_bytes, dtype=torch.uint8, device=device),
+                    scale=torch.zeros(L, B, Hkv, T, n_groups, dtype=quantizer.meta_dtype, device=device),
+                    low=torch.zeros(L, B, Hkv, T, n_groups, dtype=quantizer.meta_dtype, device=device))
 
     def attend(self, layer: int, q, k, v, positions):
-        B, Hkv, T, D = k.shape
-        k_tokens = k.transpose(1, 2).reshape(B, T, Hkv * D)  # (B, T, C)
-        v_tokens = v.transpose(1, 2).reshape(B, T, Hkv * D)
+        T = k.shape[2]
         if T > 1:
             assert bool((positions[:, 0] == 0).all()), "prefill into a non-empty cache is not supported"
-            for b in range(B):
-                self._store_prompt(layer, b, k_tokens[b, :self.n_new[b]], v_tokens[b, :self.n_new[b]])
+            self._store_prompt(layer, k, v)
             # The prompt attends to itself in full precision, as an fp16 cache would.
             keys = self._rope(k, positions) if self.keys_pre_rope else k
             return attention(q, keys, v, positions)
-        self._append(layer, k_tokens[:, 0], v_tokens[:, 0], positions[:, 0])
+        self._append(layer, k[:, :, 0], v[:, :, 0], positions[:, 0])
+        if self.use_kernels:
+            inv_freq = self.inv_freq if self.keys_pre_rope else None
+            return decode_attention(q[:, :, 0], self._segments(layer), inv_freq)[:, :, None]
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
-    def _store_prompt(self, layer, b, k, v):
-        """k, v [n, C]: one sequence's whole prompt."""
-        n, S, W = k.shape[0], self.n_sink, self.window
-        self.sink_k[layer, b, :min(n, S)] = k[:S]
-        self.sink_v[layer, b, :min(n, S)] = v[:S]
-        first_recent = min(n, max(S, n - W))
-        if first_recent > S:
-            rows = torch.arange(first_recent - S, device=k.device)
-            self._write_history(layer, torch.tensor([b], device=k.device), rows, k[S:first_recent], v[S:first_recent])
-        slots = (torch.arange(first_recent, n, device=k.device) - S) % W
-        self.window_k[layer, b, slots] = k[first_recent:]
-        self.window_v[layer, b, slots] = v[first_recent:]
+    def _store_prompt(self, layer, k, v):
+        """k, v [B, Hkv, T, D]: right-padded prompts; sequence b's first n_new[b] tokens are real."""
+        S, W = self.n_sink, self.window
+        evicted = []  # (b, prompt token, history row) of every token that goes straight to history
+        for b, n in enumerate(self.n_new.tolist()):
+            self.sink_k[layer, b, :, :min(n, S)] = k[b, :, :S]
+            self.sink_v[layer, b, :, :min(n, S)] = v[b, :, :S]
+            first_recent = min(n, max(S, n - W))
+            evicted += [(b, t, t - S) for t in range(S, first_recent)]
+            slots = (torch.arange(first_recent, n, device=k.device) - S) % W
+            self.window_k[layer, b, :, slots] = k[b, :, first_recent:n]
+            self.window_v[layer, b, :, slots] = v[b, :, first_recent:n]
+        if evicted:
+            batch, token, row = torch.tensor(evicted, device=k.device).T
+            self._write_history(layer, k, v, batch, token, row)
 
     def _append(self, layer, k, v, p):
-        """k, v [B, C]: one new token per sequence at positions p [B]."""
+        """k, v [B, Hkv, D]: one new token per sequence at positions p [B]."""
         S, W = self.n_sink, self.window
         b = torch.arange(k.shape[0], device=k.device)
-        in_sink = p < S
         slot = (p - S).clamp_min(0) % W
-        evict = p - S >= W  # the slot holds the token of position p - W, which now leaves the window
-        if evict.any():
-            be, se = b[evict], slot[evict]
-            self._write_history(layer, be, p[evict] - W - S, self.window_k[layer, be, se], self.window_v[layer, be, se])
-        self.sink_k[layer, b[in_sink], p[in_sink]] = k[in_sink]
-        self.sink_v[layer, b[in_sink], p[in_sink]] = v[in_sink]
-        self.window_k[layer, b[~in_sink], slot[~in_sink]] = k[~in_sink]
-        self.window_v[layer, b[~in_sink], slot[~in_sink]] = v[~in_sink]
+        # The slot holds the token of position p - W, which now leaves the window: history row p - W - S.
+        row = torch.where(p - S >= W, p - W - S, -1)
+        self._write_history(layer, self.window_k[layer], self.window_v[layer], b, slot, row)
+        # Then the new token takes its place, in the sinks or the window; static shapes, no host sync.
+        if S:
+            sink = p.clamp_max(S - 1)
+            for store, x in [(self.sink_k, k), (self.sink_v, v)]:
+                store[layer, b, :, sink] = torch.where((p < S)[:, None, None], x, store[layer, b, :, sink])
+        for store, x in [(self.window_k, k), (self.window_v, v)]:
+            store[layer, b, :, slot] = torch.where((p >= S)[:, None, None], x, store[layer, b, :, slot])
 
-    def _write_history(self, layer, b, index, k, v):
-        """Quantize tokens k, v [n, C] into history rows `index` [n] of sequences b ([n] or [1])."""
-        for history, quantizer, x in [(self.history_k, self.key_quantizers[layer], k),
-                                      (self.history_v, self.value_quantizers[layer], v)]:
-            codes, scale, low = quantizer.quantize(x)
-            history["codes"][layer, b, index] = codes
-            history["scale"][layer, b, index] = scale
-            history["low"][layer, b, index] = low
+    def _write_history(self, layer, k, v, batch, token, row):
+        """Quantize k, v [B, Hkv, T, D] at (batch[i], token[i]) into history row row[i] of sequence
+        batch[i], for every entry i with row[i] >= 0."""
+        for history, quantizers, tables, x in [(self.history_k, self.key_quantizers, self.key_tables, k),
+                                               (self.history_v, self.value_quantizers, self.value_tables, v)]:
+            quantizer = quantizers[layer]
+            codes, scale, low = (history[key][layer] for key in ("codes", "scale", "low"))
+            if self.use_kernels:
+                quantize_tokens(x, batch, token, row, codes, scale, low, *tables[layer], quantizer.bits,
+                                quantizer.clip)
+            else:
+                keep = row >= 0
+                at = batch[keep], slice(None), row[keep]
+                codes[at], scale[at], low[at] = quantizer.quantize(x[batch[keep], :, token[keep]])  # (n, Hkv, ...)
+
+    def _segments(self, layer) -> list[Segment]:
+        """The layer's sinks, window and history as the decode kernel reads them."""
+        S, W, n = self.n_sink, self.window, self.lengths
+        first_recent = (n - W).clamp_min(S).clamp_max(n)  # first position in the window
+        stored = lambda history, quantizer, tables: Stored(
+            history["codes"][layer], quantizer.bits, history["scale"][layer], history["low"][layer], *tables)
+        segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), n - first_recent,
+                            (first_recent - S) % W, first_recent)]
+        if S:
+            segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), n.clamp_max(S),
+                                    None, torch.zeros_like(n)))
+        if self.history_k["codes"].shape[3]:
+            segments.append(Segment(stored(self.history_k, self.key_quantizers[layer], self.key_tables[layer]),
+                                    stored(self.history_v, self.value_quantizers[layer], self.value_tables[layer]),
+                                    (n - S - W).clamp_min(0), None, torch.full_like(n, S)))
+        return segments
 
     def _materialize(self, layer, n):
         """Full-precision K, V [B, Hkv, T, D] in position order, T = max(n); sequence b holds
         n[b] tokens (later positions are garbage, masked by attention's causality)."""
         S, W = self.n_sink, self.window
-        B, T = n.shape[0], int(n.max())
+        T = int(n.max())
         pos = torch.arange(T, device=n.device)
         n_hist = int((n - S - W).clamp_min(0).max())
         out = []
         for history, quantizers, sink, ring in [(self.history_k, self.key_quantizers, self.sink_k, self.window_k),
                                                (self.history_v, self.value_quantizers, self.sink_v, self.window_v)]:
-            x = ring[layer][:, (pos - S).clamp_min(0) % W]                       # (B, T, C) window candidates
+            x = ring[layer][:, :, (pos - S).clamp_min(0) % W]                      # (B, Hkv, T, D) window candidates
             if n_hist:
-                hist = quantizers[layer].dequantize(*(history[key][layer, :, :n_hist] for key in ("codes", "scale", "low")))
-                hist_at = hist.to(x.dtype)[:, (pos - S).clamp(0, n_hist - 1)]     # (B, T, C)
-                in_history = (pos >= S) & (pos < (n - W)[:, None])                # (B, T)
-                x = torch.where(in_history[..., None], hist_at, x)
-            x[:, :min(S, T)] = sink[layer, :, :min(S, T)]
-            out.append(x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+                rows = [history[key][layer, :, :, :n_hist].transpose(1, 2) for key in ("codes", "scale", "low")]
+                hist = quantizers[layer].dequantize(*rows).transpose(1, 2).to(x.dtype)  # (B, Hkv, n_hist, D)
+                hist_at = hist[:, :, (pos - S).clamp(0, n_hist - 1)]                 # (B, Hkv, T, D)
+                in_history = (pos >= S) & (pos < (n - W)[:, None])                   # (B, T)
+                x = torch.where(in_history[:, None, :, None], hist_at, x)
+            x[:, :, :min(S, T)] = sink[layer, :, :, :min(S, T)]
+            out.append(x)
         keys, values = out
         if self.keys_pre_rope:
-            keys = self._rope(keys, pos.expand(B, T))
+            keys = self._rope(keys, pos.expand(n.shape[0], T))
         return keys, values
 
     def _rope(self, k, positions):
@@ -337,13 +380,14 @@ def parse_kv(name: str):
 
 def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                n_sink: int = 5, window: int = 128, group_size: int | None = None, keys_pre_rope: bool = False,
-               meta_dtype=META_DTYPES[DEFAULT_METADATA], calibration=None, grouping: str = DEFAULT_GROUPING):
+               meta_dtype=META_DTYPES[DEFAULT_METADATA], calibration=None, grouping: str = DEFAULT_GROUPING,
+               use_kernels: bool | None = None):
     """The cache `name` names (see parse_kv). A quantized cache takes its channel groups and clip
     factors from `calibration` (quant/calibrate.py) when it has them for group_size; otherwise
     its groups are equal runs of channels with no reordering or clipping (`cache.calibrated`)."""
     spec = parse_kv(name)
     if spec is None:
-        return KVCache(cfg, batch_size, max_context, device, dtype)
+        return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels)
     method, k_bits, v_bits = spec
     if method == "kivi":  # KIVI's own settings: block 32, group 32, no sinks
         return KiviCache(cfg, batch_size, max_context, device, dtype, k_bits, v_bits, window)
@@ -359,9 +403,10 @@ def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, d
         keys = calibration.quantizers(grouping, group_size, key_kind, k_bits, meta_dtype)
         values = calibration.quantizers(grouping, group_size, "v", v_bits, meta_dtype)
     else:
-        groups = equal_groups(cfg.num_key_value_heads * cfg.head_dim, group_size)
+        groups = equal_groups(cfg.num_key_value_heads, cfg.head_dim, group_size)
         keys = [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
         values = [TokenQuantizer(v_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
-    cache = QuantizedCache(cfg, batch_size, max_context, device, dtype, keys, values, n_sink, window, keys_pre_rope)
+    cache = QuantizedCache(cfg, batch_size, max_context, device, dtype, keys, values, n_sink, window, keys_pre_rope,
+                           use_kernels)
     cache.calibrated, cache.group_size = calibrated, group_size
     return cache

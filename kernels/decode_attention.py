@@ -1,83 +1,236 @@
-"""Split-K decode attention (Flash-Decoding) over an fp16 cache, in Triton.
+"""Split-K decode attention (Flash-Decoding) straight over packed history and fp16 K/V, in Triton.
 
-Stage 1, grid (batch, KV head, split): the G query heads that share a KV head form one tile
-[G padded to 16, D] so the score and output products run on tensor cores (tl.dot); the split's
-tokens stream through in BLOCK_N blocks with an fp32 online softmax; each split writes its partial
-output and log-sum-exp. Stage 2 merges the splits. Splits have a fixed token length, so a single
-long sequence still fills every SM. Only each sequence's valid length is read.
-The plain-torch reference is engine.cache.attention.
+A cache is read as segments (`Segment`): the fp16 cache is one; the quantized cache is three
+(sinks and ring window in full precision, the packed history). Stage 1, grid (batch, KV head,
+split) per segment: the G query heads that share a KV head form one tile [G padded to 16, D], so
+the score and output products run on tensor cores (tl.dot); the split's tokens stream through in
+BLOCK_N blocks: packed codes are loaded, unpacked with shifts and masks (base-3 arithmetic for
+ternary), dequantized in registers with each channel's group (scale, low), pre-RoPE keys rotated
+at their positions, then an fp32 online softmax; each split writes its partial output and
+log-sum-exp. Stage 2 (`merge_splits`) merges every split of every segment. Splits have a fixed
+token length, so one sequence of 1M tokens still fills every SM; only each sequence's valid
+tokens are read, never the capacity.
+
+Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys too,
+as the factors are equal within each RoPE pair), the values' scale the output. The plain-torch reference is engine.cache.attention over dequantized K/V.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels.codes import code_layout, load_words, tile_codes, unpack_words
+
 SPLIT_TOKENS = 1024  # tokens per split: 1M tokens -> 1024 splits per (sequence, KV head)
-BLOCK_N = 64         # tokens per inner step: [64, D] fp16 K and V tiles stay in registers / smem
+BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in registers
+
+
+@dataclass
+class Stored:
+    """K or V of one layer as stage 1 reads it. Full precision: `data` [B, Hkv, T, D] float.
+    Packed (quant/skvq.py TokenQuantizer layout): `data` codes [B, Hkv, T, packed_size(D, bits)]
+    uint8, `scale`, `low` [B, Hkv, T, n_groups], `group_index` [Hkv, D] int32, `smoothing`
+    [Hkv, D] fp32 (ones when there is none)."""
+    data: torch.Tensor
+    bits: float = 16
+    scale: torch.Tensor | None = None
+    low: torch.Tensor | None = None
+    group_index: torch.Tensor | None = None
+    smoothing: torch.Tensor | None = None
+
+    def kernel_args(self, D: int, prefix: str):
+        """Pointer arguments (unused ones repeat `data`), strides and constexprs for stage 1."""
+        packed = self.bits != 16
+        meta = self.scale if packed else self.data
+        pointers = [self.data, meta, self.low if packed else self.data,
+                    self.group_index if packed else self.data, self.smoothing if packed else self.data]
+        strides = [*self.data.stride()[:3], *meta.stride()[:3]]
+        layout = code_layout(D, self.bits) if packed else code_layout(D, 8)  # unused when full
+        constexprs = dict(FULL=not packed, GROUPS=meta.shape[-1] if packed else 1, **layout)
+        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}
+
+
+@dataclass
+class Segment:
+    """A stretch of every sequence's tokens held one way. Sequence b has count[b] tokens here;
+    token i sits in slot (first_slot[b] + i) % T of its K/V rows (first_slot None: slot i), and
+    is at position first_position[b] + i (needed only to rotate pre-RoPE keys)."""
+    keys: Stored
+    values: Stored
+    count: torch.Tensor                         # [B] int
+    first_slot: torch.Tensor | None = None      # [B] int, for a ring buffer
+    first_position: torch.Tensor | None = None  # [B] int, for pre-RoPE keys
 
 
 @triton.jit
-def _decode_stage1(q_ptr, k_ptr, v_ptr, lengths_ptr, out_ptr, lse_ptr,
-                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
-                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                   scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                   SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    length = tl.load(lengths_ptr + b)
+def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS_PAD: tl.constexpr,
+              PER_WORD_PAD: tl.constexpr):
+    """Channel of each column of a tile and whether it is real: [D] for full precision, the code
+    layout's [WORDS_PAD * PER_WORD_PAD] for packed rows (kernels/codes.py)."""
+    if FULL:
+        channel = tl.arange(0, D)
+        return channel, channel < D
+    else:
+        channel, is_code = tile_codes(D, PER_WORD, WORDS_PAD, PER_WORD_PAD)
+        width: tl.constexpr = WORDS_PAD * PER_WORD_PAD
+        return tl.reshape(channel, [width]), tl.reshape(is_code, [width])
+
+
+@triton.jit
+def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
+               FULL: tl.constexpr, GROUPS: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
+               WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
+               PER_WORD_PAD: tl.constexpr):
+    """K or V of BLOCK_N tokens of one head, fp32 [BLOCK_N, len(channel)]. rows, meta_rows
+    [BLOCK_N]: element offsets of each token's row in the data and in the metadata."""
+    if FULL:
+        return tl.load(ptr + rows[:, None] + channel[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    else:
+        codes = unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
+                             RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)                # (BLOCK_N, DX)
+        if GROUPS == 1:
+            scale = tl.load(scale_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+            low = tl.load(low_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+        else:
+            scale = tl.zeros(codes.shape, tl.float32)
+            low = tl.zeros(codes.shape, tl.float32)
+            for g in tl.static_range(GROUPS):
+                in_group = (group == g)[None, :]
+                scale = tl.where(in_group, tl.load(scale_ptr + meta_rows + g, mask=valid, other=0.0)
+                                 .to(tl.float32)[:, None], scale)
+                low = tl.where(in_group, tl.load(low_ptr + meta_rows + g, mask=valid, other=0.0)
+                               .to(tl.float32)[:, None], low)
+        return codes * scale + low
+
+
+@triton.jit
+def _decode_stage1(
+        q_ptr, k_ptr, k_scale_ptr, k_low_ptr, k_group_ptr, k_smoothing_ptr,
+        v_ptr, v_scale_ptr, v_low_ptr, v_group_ptr, v_smoothing_ptr,
+        count_ptr, first_slot_ptr, first_position_ptr, inv_freq_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_kmb, stride_kmh, stride_kmt,
+        stride_vb, stride_vh, stride_vt, stride_vmb, stride_vmh, stride_vmt,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, first_split, ring, sm_scale,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        RING: tl.constexpr, ROPE: tl.constexpr,
+        K_FULL: tl.constexpr, K_GROUPS: tl.constexpr, K_RADIX: tl.constexpr, K_PER_WORD: tl.constexpr,
+        K_WORD_BYTES: tl.constexpr, K_ROW_BYTES: tl.constexpr, K_WORDS_PAD: tl.constexpr, K_PER_WORD_PAD: tl.constexpr,
+        V_FULL: tl.constexpr, V_GROUPS: tl.constexpr, V_RADIX: tl.constexpr, V_PER_WORD: tl.constexpr,
+        V_WORD_BYTES: tl.constexpr, V_ROW_BYTES: tl.constexpr, V_WORDS_PAD: tl.constexpr, V_PER_WORD_PAD: tl.constexpr):
+    b, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    count = tl.load(count_ptr + b)
     start = split * SPLIT
-    rows = tl.arange(0, G_PAD)                       # query heads of this KV head, padded
-    cols = tl.arange(0, D)
+    end = tl.minimum(start + SPLIT, count)
+    rows = tl.arange(0, G_PAD)                                  # query heads of this KV head, padded
     heads = kv_head * G + rows
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
-                mask=rows[:, None] < G, other=0.0)   # (G_PAD, D)
+    k_channel, k_real = _channels(D, K_FULL, K_PER_WORD, K_WORDS_PAD, K_PER_WORD_PAD)
+    v_channel, v_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_PER_WORD_PAD)
+    k_group = k_channel  # each channel's group: only packed rows with several groups use it
+    if not K_FULL:
+        k_group = tl.load(k_group_ptr + kv_head * D + k_channel, mask=k_real, other=-1)
+    v_group = v_channel
+    if not V_FULL:
+        v_group = tl.load(v_group_ptr + kv_head * D + v_channel, mask=v_real, other=-1)
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    if ROPE:  # keys are rotated per token below: q stays in the two RoPE halves [G_PAD, D/2]
+        half = tl.arange(0, D // 2)
+        q_lo = tl.load(q_rows + half[None, :], mask=rows[:, None] < G, other=0.0)
+        q_hi = tl.load(q_rows + D // 2 + half[None, :], mask=rows[:, None] < G, other=0.0)
+        if not K_FULL:
+            q_lo = (q_lo * tl.load(k_smoothing_ptr + kv_head * D + half)[None, :]).to(q_ptr.dtype.element_ty)
+            q_hi = (q_hi * tl.load(k_smoothing_ptr + kv_head * D + D // 2 + half)[None, :]).to(q_ptr.dtype.element_ty)
+        inv_freq = tl.load(inv_freq_ptr + half)
+        first_position = tl.load(first_position_ptr + b)
+    else:
+        q = tl.load(q_rows + k_channel[None, :], mask=(rows[:, None] < G) & k_real[None, :], other=0.0)
+        if not K_FULL:
+            k_smoothing = tl.load(k_smoothing_ptr + kv_head * D + k_channel, mask=k_real, other=0.0)
+            q = (q * k_smoothing[None, :]).to(q_ptr.dtype.element_ty)
+    first_slot = 0
+    if RING:
+        first_slot = tl.load(first_slot_ptr + b)
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    k_meta = b * stride_kmb + kv_head * stride_kmh
+    v_meta = b * stride_vmb + kv_head * stride_vmh
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    end = tl.minimum(start + SPLIT, length)
+    acc = tl.zeros([G_PAD, v_channel.shape[0]], tl.float32)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         valid = tokens < end
-        offsets = b * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt + cols[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)         # (BLOCK_N, D)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale                                     # (G_PAD, BLOCK_N) fp32
-        s = tl.where(valid[None, :], s, float("-inf"))
+        slots = tokens
+        if RING:
+            slots = (first_slot + tokens) % ring
+        k = _load_tile(k_base, k_scale_ptr, k_low_ptr, slots * stride_kt, k_meta + slots * stride_kmt, valid,
+                       k_channel, k_group, K_FULL, K_GROUPS, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
+                       K_WORDS_PAD, K_PER_WORD_PAD)                                    # (BLOCK_N, D) fp32
+        if ROPE:
+            angle = (first_position + tokens).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N, D/2)
+            cos, sin = tl.cos(angle), tl.sin(angle)
+            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k, [BLOCK_N, 2, D // 2]), (0, 2, 1)))
+            s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
+            s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (G_PAD, BLOCK_N) fp32
+        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = _load_tile(v_base, v_scale_ptr, v_low_ptr, slots * stride_vt, v_meta + slots * stride_vmt, valid,
+                       v_channel, v_group, V_FULL, V_GROUPS, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
+                       V_WORDS_PAD, V_PER_WORD_PAD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
         m = m_new
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
-    l = tl.where(has_tokens, l, 1.0)
-    out = acc / l[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + cols[None, :],
-             out, mask=rows[:, None] < G)
-    lse = tl.where(has_tokens, m + tl.log(l), float("-inf"))
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=rows < G)
+    out = acc / tl.where(has_tokens, l, 1.0)[:, None]
+    if not V_FULL:
+        out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
+    split_column = first_split + split
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split_column * stride_os + v_channel[None, :],
+             out, mask=(rows[:, None] < G) & v_real[None, :])
+    lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split_column, lse, mask=rows < G)
 
 
 def merge_splits(partial_out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Stage 2: partial_out [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D], each split weighted by
-    its share of the softmax mass. Also merges the sinks and the window as further splits."""
+    its share of the softmax mass; splits that saw no token (lse = -inf) weigh nothing."""
     weights = torch.softmax(lse, dim=-1)                                       # (B, H, S)
     return (weights[..., None] * partial_out).sum(-2)
 
 
-def decode_attention_fp16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                          split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
-    """q [B, H, D] one query per sequence; k, v [B, Hkv, T_cap, D] with sequence b's keys at
-    positions 0..lengths[b]-1. Returns [B, H, D] in q's dtype."""
+def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
+                     split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
+    """q [B, H, D], one query per sequence, attends to every token of every segment. inv_freq
+    [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
+    Returns [B, H, D] in q's dtype."""
     B, H, D = q.shape
-    Hkv, capacity = k.shape[1], k.shape[2]
-    G = H // Hkv
-    n_splits = triton.cdiv(capacity, split_tokens)
-    partial_out = torch.empty(B, H, n_splits, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, H, n_splits, device=q.device, dtype=torch.float32)
-    _decode_stage1[(B, Hkv, n_splits)](
-        q, k, v, lengths, partial_out, lse,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), lse.stride(0), lse.stride(1),
-        D ** -0.5, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, SPLIT=split_tokens,
-        BLOCK_N=min(BLOCK_N, split_tokens))
+    assert q.stride(-1) == 1
+    n_splits = [triton.cdiv(s.keys.data.shape[2], split_tokens) for s in segments]
+    partial_out = torch.empty(B, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, sum(n_splits), device=q.device, dtype=torch.float32)
+    first_split = 0
+    for segment, splits in zip(segments, n_splits):
+        Hkv, capacity = segment.keys.data.shape[1], segment.keys.data.shape[2]
+        assert inv_freq is None or segment.keys.bits != 1.5, "pre-RoPE keys cannot be ternary"
+        G = H // Hkv
+        k_pointers, k_strides, k_constexprs = segment.keys.kernel_args(D, "K")
+        v_pointers, v_strides, v_constexprs = segment.values.kernel_args(D, "V")
+        count = segment.count.contiguous()
+        _decode_stage1[(B, Hkv, splits)](
+            q, *k_pointers, *v_pointers, count,
+            count if segment.first_slot is None else segment.first_slot.contiguous(),
+            count if segment.first_position is None else segment.first_position.contiguous(),
+            q if inv_freq is None else inv_freq, partial_out, lse,
+            q.stride(0), q.stride(1), *k_strides, *v_strides,
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), lse.stride(0), lse.stride(1),
+            first_split, capacity, D ** -0.5,
+            G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, SPLIT=split_tokens,
+            BLOCK_N=min(BLOCK_N, split_tokens), RING=segment.first_slot is not None,
+            ROPE=inv_freq is not None and segment.first_position is not None, **k_constexprs, **v_constexprs)
+        first_split += splits
     return merge_splits(partial_out, lse).to(q.dtype)

@@ -2,7 +2,7 @@
 
 Runs the model in full precision over calibration text, records every layer's keys (pre- and
 post-RoPE) and values, and derives for each layer, each of K-pre / K-post / V and each channel
-grouping (quant/skvq.py): the permutation, the groups, and a clip factor per bit width searched
+grouping (quant/skvq.py): each head's channel groups, and a clip factor per bit width searched
 on the data (the alpha minimising the mean squared reconstruction error). Writes them to
 DIR/kv_calibration.safetensors with the settings in its metadata.
 """
@@ -44,11 +44,11 @@ class CaptureCache:
 
 
 def token_major(records: list, n_layers: int) -> dict:
-    """CaptureCache records -> {(layer, kind): [N, C]}, one row per token, all KV heads' channels."""
+    """CaptureCache records -> {(layer, kind): [N, Hkv, D]}, one row per token."""
     chunks = {}
     for i, (q, *kvs) in enumerate(records):
         for kind, x in zip(KINDS, kvs):
-            chunks.setdefault((i % n_layers, kind), []).append(x.transpose(1, 2).flatten(0, 1).flatten(1).float())
+            chunks.setdefault((i % n_layers, kind), []).append(x.transpose(1, 2).flatten(0, 1).float())
     return {key: torch.cat(xs) for key, xs in chunks.items()}
 
 
@@ -65,13 +65,14 @@ def capture(model, ids: list[int], seq_len: int, max_windows: int) -> CaptureCac
     return cache
 
 
-def make_groups(grouping: str, x: torch.Tensor, n_heads: int, group_size: int) -> ChannelGroups:
-    C = x.shape[1]
+def make_groups(grouping: str, x: torch.Tensor, group_size: int) -> ChannelGroups:
+    """x [N, Hkv, D] calibration tokens."""
+    _, n_heads, D = x.shape
     if grouping in ("equal", "smooth"):
-        return equal_groups(C, group_size)
+        return equal_groups(n_heads, D, group_size)
     if grouping == "head_pairs":
-        return head_pair_groups(x.abs().amax(0), n_heads, group_size)
-    return kmeans_groups(x.amin(0), x.amax(0), C // group_size)
+        return head_pair_groups(x.abs().amax(0), group_size)
+    return kmeans_groups(x.amin(0), x.amax(0), D // group_size)
 
 
 def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, max_tokens: int = 1024) -> float:
@@ -81,16 +82,15 @@ def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, ma
     return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
 
 
-def calibrate(captured: dict, n_layers: int, n_heads: int, group_sizes) -> dict:
+def calibrate(captured: dict, n_layers: int, group_sizes) -> dict:
     tensors = {}
     jobs = [(layer, kind, grouping, g) for layer in range(n_layers) for kind in KINDS
             for grouping in GROUPINGS for g in group_sizes]
     for layer, kind, grouping, group_size in tqdm(jobs, desc="calibrating", file=sys.stderr):
         x = captured[(layer, kind)]
-        groups = make_groups(grouping, x, n_heads, group_size)
-        smoothing = smoothing_factors(x.abs().amax(0), n_heads) if grouping == "smooth" else None
+        groups = make_groups(grouping, x, group_size)
+        smoothing = smoothing_factors(x.abs().amax(0)) if grouping == "smooth" else None
         name = f"{grouping}.g{group_size}.{kind}.{layer}"
-        tensors[f"{name}.permutation"] = groups.permutation
         tensors[f"{name}.group_index"] = groups.group_index
         tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups, smoothing) for bits in BITS])
         if smoothing is not None:
@@ -124,8 +124,8 @@ class Calibration:
         out = []
         for layer in range(self.settings["layers"]):
             name = f"{grouping}.g{group_size}.{kind}.{layer}"
-            group_index = self.tensors[f"{name}.group_index"]
-            groups = ChannelGroups(self.tensors[f"{name}.permutation"], group_index, int(group_index.max()) + 1)
+            group_index = self.tensors[f"{name}.group_index"]  # (Hkv, D)
+            groups = ChannelGroups(group_index, group_index.shape[1] // group_size)
             clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)])
             out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
         return out
@@ -136,8 +136,8 @@ def load_calibration(model_dir) -> Calibration | None:
     return Calibration.load(path) if path.exists() else None
 
 
-def calibration_from(captured: dict, n_layers: int, n_heads: int, group_sizes, **settings) -> Calibration:
-    tensors = calibrate(captured, n_layers, n_heads, group_sizes)
+def calibration_from(captured: dict, n_layers: int, group_sizes, **settings) -> Calibration:
+    tensors = calibrate(captured, n_layers, group_sizes)
     n_tokens = next(iter(captured.values())).shape[0]
     return Calibration(tensors, dict(layers=n_layers, group_sizes=list(group_sizes), bits=list(BITS), clip_grid=CLIPS,
                                      kinds=list(KINDS), groupings=list(GROUPINGS), tokens=n_tokens, **settings))
@@ -149,7 +149,7 @@ def main(argv=None):
     p.add_argument("--text", type=Path, required=True, help="calibration text (not the evaluation text)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--group-sizes", default="32,128", help="channel group sizes to calibrate")
+    p.add_argument("--group-sizes", default="32,64,128", help="channel group sizes to calibrate")
     p.add_argument("--out", type=Path, default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
     args = p.parse_args(argv)
     from engine.tokenizer import Tokenizer
@@ -170,8 +170,8 @@ def main(argv=None):
         raise UserError(f"{args.text}: cannot read calibration text ({e})")
     seq_len = args.seq_len or cfg.max_position_embeddings
     captured = token_major(capture(model, ids, seq_len, args.tokens // seq_len).records, cfg.num_hidden_layers)
-    calibration = calibration_from(captured, cfg.num_hidden_layers, cfg.num_key_value_heads, group_sizes,
-                                   seq_len=seq_len, text=args.text.name)
+    calibration = calibration_from(captured, cfg.num_hidden_layers, group_sizes, seq_len=seq_len,
+                                   text=args.text.name)
     out = args.out or args.model / CALIBRATION_FILE
     save_file({k: v.contiguous() for k, v in calibration.tensors.items()}, out,
               metadata={"settings": json.dumps(calibration.settings)})

@@ -43,28 +43,30 @@ def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float
     return math.exp(total / count)
 
 
-def settings(calibration: Calibration | None, n_layers: int, n_channels: int, n_sink: int, window: int,
-             inv_freq) -> list:
+def settings(calibration: Calibration | None, n_layers: int, n_heads: int, head_dim: int, n_sink: int,
+             window: int, inv_freq) -> list:
     """(name, bits per element incl. metadata, cache factory or None for full precision)."""
     rows = [("fp16", 16.0, None)]
     for k_bits, v_bits in KIVI_BITS:
         rows.append((f"kivi-k{k_bits}v{v_bits} (block 32, group 32)", kivi.bits_per_element(k_bits, v_bits),
                      lambda k=k_bits, v=v_bits: kivi.kivi_cache(k, v, window=window)))
     for k_bits, v_bits in SKVQ_BITS:  # what the engine runs without a calibration file
-        keys = [TokenQuantizer(k_bits, equal_groups(n_channels, 32)) for _ in range(n_layers)]
-        values = [TokenQuantizer(v_bits, equal_groups(n_channels, 32)) for _ in range(n_layers)]
+        keys = [TokenQuantizer(k_bits, equal_groups(n_heads, head_dim, 32)) for _ in range(n_layers)]
+        values = [TokenQuantizer(v_bits, equal_groups(n_heads, head_dim, 32)) for _ in range(n_layers)]
         rows.append((f"skvq-k{k_bits}v{v_bits} uncalibrated: equal g32, no clipping, post-RoPE keys, fp16 metadata",
                      (keys[0].bits_per_element() + values[0].bits_per_element()) / 2,
                      lambda k=keys, v=values: skvq_cache(k, v, n_sink, window, False, inv_freq)))
     if calibration is None:
         return rows
+    # With head_dim 128, group 128 is one group per head: equal, head_pairs and kmeans coincide.
     variants = [("equal", 128, "k_post", torch.float16), ("equal", 32, "k_post", torch.float16),
                 ("head_pairs", 32, "k_post", torch.float16), ("kmeans", 32, "k_post", torch.float16),
-                ("kmeans", 128, "k_post", torch.float16), ("smooth", 32, "k_post", torch.float16),
+                ("kmeans", 64, "k_post", torch.float16), ("smooth", 32, "k_post", torch.float16),
                 ("smooth", 128, "k_post", torch.float16), ("head_pairs", 32, "k_pre", torch.float16),
                 ("kmeans", 32, "k_pre", torch.float16),
-                ("head_pairs", 32, "k_post", torch.float8_e4m3fn), ("kmeans", 32, "k_post", torch.float8_e4m3fn),
-                ("kmeans", 128, "k_post", torch.float8_e4m3fn)]
+                ("equal", 128, "k_post", torch.float8_e4m3fn), ("smooth", 128, "k_post", torch.float8_e4m3fn),
+                ("kmeans", 64, "k_post", torch.float8_e4m3fn), ("kmeans", 32, "k_post", torch.float8_e4m3fn),
+                ("head_pairs", 32, "k_post", torch.float8_e4m3fn)]
     for k_bits, v_bits in SKVQ_BITS:
         for grouping, g, key_kind, meta in variants:
             keys = calibration.quantizers(grouping, g, key_kind, k_bits, meta)
@@ -180,9 +182,8 @@ def main(argv=None):
     captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
     rows = []
     cfg = model.config
-    n_channels = cfg.num_key_value_heads * cfg.head_dim
-    for name, bits, factory in tqdm(settings(calibration, cfg.num_hidden_layers, n_channels, args.sinks,
-                                             args.window, model.inv_freq),
+    for name, bits, factory in tqdm(settings(calibration, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                             cfg.head_dim, args.sinks, args.window, model.inv_freq),
                                     desc="settings", file=sys.stderr):
         ppl = perplexity(model, ids, seq_len, factory)
         err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
@@ -204,9 +205,9 @@ def print_synthetic(n_sink, window):
     calib_records = synthetic_attention_inputs(seed=1)  # calibrate on other draws of the same law
     records = synthetic_attention_inputs(seed=0)
     _, n_kv_heads, T, D = records[0][1].shape
-    calibration = calibration_from(token_major(calib_records, len(calib_records)), len(records), n_kv_heads, [32, 128])
+    calibration = calibration_from(token_major(calib_records, len(calib_records)), len(records), [32, 64, 128])
     rows = [(name, bits, f"{attention_error(f() if f else None, records, n_sink + window):.4f}")
-            for name, bits, f in settings(calibration, len(records), n_kv_heads * D, n_sink, window, inv_freq=None)
+            for name, bits, f in settings(calibration, len(records), n_kv_heads, D, n_sink, window, inv_freq=None)
             if "pre-RoPE" not in name]  # synthetic keys have no RoPE
     print(f"\nSynthetic keys ({len(records)} layers, {n_kv_heads} KV heads x {D} channels, "
           f"{records[0][0].shape[1]} query heads, {T} tokens; 3 RoPE-pair outlier channels per head at 20-50x):\n")

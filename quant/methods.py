@@ -53,17 +53,6 @@ def mixed_attention(q, k, v, k_hat, v_hat, quantized):
     return out.view(B, H, T, D).to(q.dtype)
 
 
-def as_tokens(x):
-    """[B, Hkv, T, D] -> [B, T, Hkv * D]: one token's channels of all KV heads, as SKVQ groups them."""
-    B, Hkv, T, D = x.shape
-    return x.transpose(1, 2).reshape(B, T, Hkv * D)
-
-
-def from_tokens(x, like):
-    B, Hkv, T, D = like.shape
-    return x.view(B, T, Hkv, D).transpose(1, 2)
-
-
 def sliding_window_mask(n_sink: int, window: int):
     """SKVQ: query p sees key j quantized iff j is past the sinks and out of the window."""
     def mask(T):
@@ -73,6 +62,7 @@ def sliding_window_mask(n_sink: int, window: int):
 
 
 def skvq_cache(key_quantizers, value_quantizers, n_sink, window, keys_pre_rope, inv_freq):
-    per_token = lambda quantizers: lambda layer, x: from_tokens(quantizers[layer].fake_quantize(as_tokens(x)), x)
+    # x [B, Hkv, T, D]; the quantizers take tokens [..., Hkv, D].
+    per_token = lambda quantizers: lambda layer, x: quantizers[layer].fake_quantize(x.transpose(1, 2)).transpose(1, 2)
     return SimulatedCache(per_token(key_quantizers), per_token(value_quantizers),
                           sliding_window_mask(n_sink, window), keys_pre_rope, inv_freq)

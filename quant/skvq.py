@@ -1,15 +1,22 @@
-"""SKVQ: per-token asymmetric group quantization along reordered channels, with clipping.
+"""SKVQ: per-token asymmetric group quantization of each KV head's channels, with clipping.
 
-One token's K (or V) of one layer is a vector of C = n_kv_heads * head_dim channels, in the
-model's order (head-major). A `ChannelGroups` says how those channels are grouped: a permutation
-that puts channels of similar range side by side, then contiguous groups (possibly unequal) over
-the permuted channels, each with its own (scale, low). Three ways to build one:
-  - `equal_groups`: no reordering, groups of g consecutive channels (head-local when g | head_dim);
-  - `head_pair_groups`: within each head, RoPE pairs (c, c + D/2) sorted by range and kept
-    together, so a kernel can rotate pre-RoPE keys after dequantizing one group;
-  - `kmeans_groups`: SKVQ's own: k-means on each channel's calibrated (min, max), across all KV
-    heads of the layer, giving unequal groups.
-The alternative to reordering is smoothing: divide each channel by a static factor before
+One token's K (or V) of one layer is [n_kv_heads, head_dim]. A `ChannelGroups` puts each channel
+of each head into one of that head's n_groups groups; every group has its own (scale, low) per
+token. Two choices shape everything downstream:
+  - Groups never span heads. The decode kernel (kernels/decode_attention.py) works on one KV head
+    per program, so it then reads only that head's codes and metadata. SKVQ's own k-means runs
+    across all heads of a layer; with cross-head groups every head's program would have to read
+    the metadata of every head.
+  - Channels stay in the model's order: a group is a set of channels, not a run of them. Nothing
+    is permuted in memory, RoPE pairs (c, c + D/2) stay where RoPE expects them (pre-RoPE keys
+    are rotated right after dequantization), and the kernel maps each channel to its group with
+    a [D] table loaded once.
+Ways to build groups:
+  - `equal_groups`: g consecutive channels;
+  - `head_pair_groups`: RoPE pairs sorted by range, g/2 pairs of similar range per group;
+  - `kmeans_groups`: SKVQ's reordering: k-means on each channel's calibrated (min, max), per
+    head, giving unequal groups of channels of similar range.
+The alternative to grouping by range is smoothing: divide each channel by a static factor before
 quantizing (`smoothing_factors`) and multiply back after. For keys the factor folds into q_proj
 (q . k = (q * s) . (k / s)), for values into o_proj's input columns, so a deployment pays nothing
 for it; here the division and multiplication are explicit.
@@ -24,101 +31,91 @@ from quant.uniform import dequantize_groups, quantize_groups
 
 @dataclass
 class ChannelGroups:
-    permutation: torch.Tensor  # [C] int64: permuted channel i is original channel permutation[i]
-    group_index: torch.Tensor  # [C] int64: group of permuted channel i, non-decreasing
-    n_groups: int
-
-    @property
-    def inverse(self) -> torch.Tensor:
-        return torch.argsort(self.permutation)
+    group_index: torch.Tensor  # [n_kv_heads, head_dim] int64: each channel's group within its head
+    n_groups: int              # groups per head (a group may be empty; its metadata is stored anyway)
 
 
-def equal_groups(n_channels: int, group_size: int) -> ChannelGroups:
-    if n_channels % group_size:
-        raise ValueError(f"group size {group_size} does not divide {n_channels} channels")
-    return ChannelGroups(torch.arange(n_channels), torch.arange(n_channels) // group_size,
-                         n_channels // group_size)
+def equal_groups(n_heads: int, head_dim: int, group_size: int) -> ChannelGroups:
+    if head_dim % group_size:
+        raise ValueError(f"group size {group_size} does not divide head_dim {head_dim}")
+    return ChannelGroups((torch.arange(head_dim) // group_size).expand(n_heads, head_dim).clone(),
+                         head_dim // group_size)
 
 
-def head_pair_groups(channel_range: torch.Tensor, n_heads: int, group_size: int) -> ChannelGroups:
-    """channel_range [C] calibrated max |x| per channel. Within each head of D channels, RoPE pairs
-    (c, c + D/2) are sorted by their larger range and grouped group_size channels at a time."""
-    C = channel_range.numel()
-    D = C // n_heads
+def head_pair_groups(channel_range: torch.Tensor, group_size: int) -> ChannelGroups:
+    """channel_range [heads, D] calibrated max |x| per channel. Within each head, RoPE pairs
+    (c, c + D/2) are ranked by their larger range and grouped group_size / 2 pairs at a time."""
+    n_heads, D = channel_range.shape
     if D % group_size or group_size % 2:
         raise ValueError(f"group size {group_size} must be even and divide head_dim {D}")
-    pair_range = torch.maximum(channel_range.view(n_heads, 2, D // 2)[:, 0],
-                               channel_range.view(n_heads, 2, D // 2)[:, 1])     # (heads, D/2)
-    order = pair_range.argsort(dim=-1)                                            # (heads, D/2)
-    # Group j of a head holds pairs order[j*g/2 : (j+1)*g/2]: first their low channels, then high.
-    pairs = order.view(n_heads, D // group_size, group_size // 2)
-    head_base = (torch.arange(n_heads) * D)[:, None, None]
-    permutation = torch.cat([pairs, pairs + D // 2], dim=-1) + head_base          # (heads, groups, g)
-    return ChannelGroups(permutation.flatten(), torch.arange(C) // group_size, C // group_size)
+    pair_range = torch.maximum(channel_range[:, :D // 2], channel_range[:, D // 2:])   # (heads, D/2)
+    pair_group = pair_range.argsort(-1).argsort(-1) // (group_size // 2)               # rank -> group
+    return ChannelGroups(torch.cat([pair_group, pair_group], -1), D // group_size)
 
 
 def kmeans_groups(channel_min: torch.Tensor, channel_max: torch.Tensor, n_groups: int,
                   iters: int = 50) -> ChannelGroups:
-    """SKVQ's reordering: cluster channels by (min, max) with k-means, one group per cluster."""
-    points = torch.stack([channel_min, channel_max], dim=-1).double()            # (C, 2)
+    """SKVQ's reordering, per head: cluster the channels of each head by (min, max) [heads, D]
+    with k-means; group ids ordered by range, so neighbouring groups are alike."""
+    labels = [_kmeans(torch.stack([lo, hi], -1).double(), n_groups, iters)
+              for lo, hi in zip(channel_min, channel_max)]
+    return ChannelGroups(torch.stack(labels), n_groups)
+
+
+def _kmeans(points: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """points [n, 2] -> cluster id [n] in 0..k-1, ids ordered by the cluster's range."""
     # Deterministic init: centres at evenly spaced quantiles of the channel range.
     ranks = (points[:, 1] - points[:, 0]).argsort()
-    centres = points[ranks[torch.linspace(0, len(points) - 1, n_groups).long()]]
+    centres = points[ranks[torch.linspace(0, len(points) - 1, k).long()]]
     for _ in range(iters):
         labels = torch.cdist(points, centres).argmin(-1)
-        for k in range(n_groups):
-            if (labels == k).any():
-                centres[k] = points[labels == k].mean(0)
-    # Order clusters by range so neighbouring groups are alike, then channels by cluster.
-    cluster_order = (centres[:, 1] - centres[:, 0]).argsort().argsort()
-    group_of_channel = cluster_order[labels]
-    permutation = group_of_channel.argsort(stable=True)
-    used = group_of_channel[permutation].unique_consecutive(return_inverse=True)[1]
-    return ChannelGroups(permutation, used, int(used.max()) + 1)
+        for j in range(k):
+            if (labels == j).any():
+                centres[j] = points[labels == j].mean(0)
+    return (centres[:, 1] - centres[:, 0]).argsort().argsort()[labels]
 
 
-def smoothing_factors(channel_range: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """s [C] = sqrt(range), equal within each RoPE pair (c, c + D/2) so that it commutes with RoPE:
-    x / s has the square root of x's range, which tames outlier channels."""
-    pairs = channel_range.view(n_heads, 2, -1).amax(1, keepdim=True).expand(n_heads, 2, -1)
-    return pairs.reshape(-1).clamp_min(1e-3).sqrt()
+def smoothing_factors(channel_range: torch.Tensor) -> torch.Tensor:
+    """s [heads, D] = sqrt(range), equal within each RoPE pair (c, c + D/2) so that it commutes
+    with RoPE: x / s has the square root of x's range, which tames outlier channels."""
+    D = channel_range.shape[-1]
+    pair = torch.maximum(channel_range[..., :D // 2], channel_range[..., D // 2:])
+    return torch.cat([pair, pair], -1).clamp_min(1e-3).sqrt()
 
 
 class TokenQuantizer:
-    """Quantizes tokens [..., C] of one layer's K or V: smooth, permute, group, clip, pack.
+    """Quantizes tokens [..., heads, D] of one layer's K or V: smooth, group, clip, pack.
 
-    Stored per token: codes uint8 [..., packed_size(C, bits)], the permuted channels packed along
-    the last axis (layout in quant/packing.py); scale and low [..., n_groups] in meta_dtype.
+    Stored per token and head: codes uint8 [..., heads, packed_size(D, bits)], the head's D
+    channels in model order packed along the last axis (layout in quant/packing.py); scale and
+    low [..., heads, n_groups] in meta_dtype.
     """
 
     def __init__(self, bits, groups: ChannelGroups, clip: float = 1.0, meta_dtype=torch.float16,
                  smoothing: torch.Tensor | None = None):
         self.bits, self.groups, self.clip, self.meta_dtype = bits, groups, clip, meta_dtype
-        self.smoothing = smoothing  # [C] static per-channel divisors, or None
-        self.n_channels = groups.permutation.numel()
-        self.inverse = groups.inverse
+        self.smoothing = smoothing  # [heads, D] static per-channel divisors, or None
+        self.n_heads, self.head_dim = groups.group_index.shape
 
     @property
     def code_bytes(self) -> int:
-        return packed_size(self.n_channels, self.bits)
+        """Bytes of codes per token and head."""
+        return packed_size(self.head_dim, self.bits)
 
     def bits_per_element(self) -> float:
         meta_bits = 2 * self.groups.n_groups * torch.finfo(self.meta_dtype).bits
-        return (8 * self.code_bytes + meta_bits) / self.n_channels
+        return (8 * self.code_bytes + meta_bits) / self.head_dim
 
     def quantize(self, x: torch.Tensor):
-        g = self.groups
         if self.smoothing is not None:
             x = x / self.smoothing.to(x.device)
-        permuted = x[..., g.permutation.to(x.device)]
-        codes, scale, low = quantize_groups(permuted, self.bits, g.group_index, g.n_groups,
+        codes, scale, low = quantize_groups(x, self.bits, self.groups.group_index, self.groups.n_groups,
                                             self.clip, self.meta_dtype)
         return pack(codes, self.bits), scale, low
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        codes = unpack(packed, self.bits, self.n_channels)
-        permuted = dequantize_groups(codes, scale, low, self.groups.group_index)
-        x = permuted[..., self.inverse.to(packed.device)]
+        codes = unpack(packed, self.bits, self.head_dim)
+        x = dequantize_groups(codes, scale, low, self.groups.group_index)
         return x if self.smoothing is None else x * self.smoothing.to(x.device)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:

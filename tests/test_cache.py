@@ -44,74 +44,72 @@ def test_group_quantization_error_bound(bits, meta):
 @pytest.mark.parametrize("make_groups", ["equal", "head_pairs", "kmeans"])
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_token_quantizer_round_trip(make_groups, bits):
-    C, D = 2 * 64, 64
-    x = torch.randn(3, 7, C) * torch.linspace(0.1, 20, C)[torch.randperm(C)]
+    Hkv, D = 2, 64
+    x = torch.randn(3, 7, Hkv, D) * torch.linspace(0.1, 20, Hkv * D)[torch.randperm(Hkv * D)].view(Hkv, D)
     ranges = x.abs().amax((0, 1))
-    groups = {"equal": lambda: equal_groups(C, 32),
-              "head_pairs": lambda: head_pair_groups(ranges, 2, 32),
-              "kmeans": lambda: kmeans_groups(x.amin((0, 1)), x.amax((0, 1)), 4)}[make_groups]()
-    assert sorted(groups.permutation.tolist()) == list(range(C))
+    groups = {"equal": lambda: equal_groups(Hkv, D, 32),
+              "head_pairs": lambda: head_pair_groups(ranges, 32),
+              "kmeans": lambda: kmeans_groups(x.amin((0, 1)), x.amax((0, 1)), 2)}[make_groups]()
+    assert groups.group_index.shape == (Hkv, D) and groups.n_groups == 2
+    assert int(groups.group_index.min()) >= 0 and int(groups.group_index.max()) < 2
     q = TokenQuantizer(bits, groups)
     packed, scale, low = q.quantize(x)
-    assert packed.shape == (3, 7, q.code_bytes) and scale.shape == (3, 7, groups.n_groups)
+    assert packed.shape == (3, 7, Hkv, q.code_bytes) and scale.shape == (3, 7, Hkv, groups.n_groups)
     x_hat = q.dequantize(packed, scale, low)
     # Per channel, the error is at most half its group's step.
-    step = scale.float()[..., groups.group_index[groups.inverse]]
+    step = scale.float().gather(-1, groups.group_index.expand(3, 7, Hkv, D))
     assert bool(((x_hat - x).abs() <= step / 2 + 1e-3 * x.abs() + 1e-5).all())
-    if make_groups == "head_pairs":  # a pair (c, c + D/2) always shares a group, within one head
-        g_of = groups.group_index[groups.inverse]
-        assert torch.equal(g_of.view(2, 2, D // 2)[:, 0], g_of.view(2, 2, D // 2)[:, 1])
-        assert bool((g_of.view(2, D) // (D // 32) == torch.arange(2)[:, None]).all())
+    if make_groups == "head_pairs":  # a pair (c, c + D/2) always shares a group, of D/2 channels
+        assert torch.equal(groups.group_index[:, :D // 2], groups.group_index[:, D // 2:])
+        assert bool((groups.group_index.sum(-1) == D // 2).all())
 
 
 def fill(cache, cfg, lengths, n_decode):
     """Prefill random prompts of `lengths` then decode n_decode random tokens, through attend().
-    Returns the true K, V per sequence [B, T, C] in position order."""
-    B, C, H, D = len(lengths), cfg.num_key_value_heads * cfg.head_dim, cfg.num_attention_heads, cfg.head_dim
+    Returns the true K, V per sequence [B, Hkv, T, D] in position order."""
+    B, Hkv, H, D = len(lengths), cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
     T = max(lengths) + n_decode
-    k_all, v_all = torch.randn(B, T, C), torch.randn(B, T, C)
-    # Each sequence's decode tokens follow its own prompt: shift them into place.
-    lengths_t = torch.tensor(lengths)
-    as_heads = lambda x: x.view(B, -1, cfg.num_key_value_heads, D).transpose(1, 2)
-    positions = cache.reserve(lengths_t, max(lengths))
+    k_all, v_all = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    positions = cache.reserve(torch.tensor(lengths), max(lengths))
     for layer in range(cfg.num_hidden_layers):
-        cache.attend(layer, torch.randn(B, H, max(lengths), D), as_heads(k_all[:, :max(lengths)]),
-                     as_heads(v_all[:, :max(lengths)]), positions)
-    for _ in range(n_decode):
+        cache.attend(layer, torch.randn(B, H, max(lengths), D), k_all[:, :, :max(lengths)],
+                     v_all[:, :, :max(lengths)], positions)
+    for _ in range(n_decode):  # each sequence's decode tokens follow its own prompt
         positions = cache.reserve(torch.ones(B, dtype=torch.long), 1)
-        idx = positions[:, 0]
+        at = torch.arange(B), slice(None), positions[:, 0]
         for layer in range(cfg.num_hidden_layers):
-            cache.attend(layer, torch.randn(B, H, 1, D), as_heads(k_all[torch.arange(B), idx][:, None]),
-                         as_heads(v_all[torch.arange(B), idx][:, None]), positions)
+            cache.attend(layer, torch.randn(B, H, 1, D), k_all[at][:, :, None], v_all[at][:, :, None], positions)
     return k_all, v_all
 
 
-@pytest.mark.parametrize("trial", range(4))
-def test_cache_invariants(trial):
+@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("trial", range(3))
+def test_cache_invariants(trial, use_kernels):
     """Sinks hold the first S tokens, the window exactly the last W, the history every token in
-    between, in order, each quantized once; rows past the history stay untouched."""
+    between, in order, each quantized once; rows past the history stay untouched. The same with
+    the Triton eviction kernels (under the interpreter on the CPU)."""
     cfg = tiny_config()
     S, W = int(torch.randint(0, 6, ())), int(torch.randint(1, 20, ()))
     B = int(torch.randint(1, 4, ()))
     lengths = torch.randint(1, 40, (B,)).tolist()
     n_decode = int(torch.randint(0, 30, ()))
     cache = make_cache("skvq-k2v1.5", cfg, B, max(lengths) + n_decode, "cpu", torch.float32,
-                       n_sink=S, window=W, group_size=8)
+                       n_sink=S, window=W, group_size=8, use_kernels=use_kernels)
     k_all, v_all = fill(cache, cfg, lengths, n_decode)
     for b in range(B):
         n = lengths[b] + n_decode
         assert int(cache.lengths[b]) == n
         for layer in range(cfg.num_hidden_layers):
-            assert torch.equal(cache.sink_k[layer, b, :min(S, n)], k_all[b, :min(S, n)])
+            assert torch.equal(cache.sink_k[layer, b, :, :min(S, n)], k_all[b, :, :min(S, n)])
             recent = torch.arange(min(n, max(S, n - W)), n)
-            assert torch.equal(cache.window_v[layer, b, (recent - S) % W], v_all[b, recent])
+            assert torch.equal(cache.window_v[layer, b, :, (recent - S) % W], v_all[b, :, recent])
             n_hist = max(n - W - S, 0)
             for history, quantizer, x in [(cache.history_k, cache.key_quantizers[layer], k_all),
                                           (cache.history_v, cache.value_quantizers[layer], v_all)]:
-                rows = [history[key][layer, b, :n_hist] for key in ("codes", "scale", "low")]
-                expected = quantizer.fake_quantize(x[b, S:S + n_hist])
+                rows = [history[key][layer, b, :, :n_hist].transpose(0, 1) for key in ("codes", "scale", "low")]
+                expected = quantizer.fake_quantize(x[b, :, S:S + n_hist].transpose(0, 1))  # (n_hist, Hkv, D)
                 assert torch.equal(quantizer.dequantize(*rows), expected)
-                assert int(history["codes"][layer, b, n_hist:].count_nonzero()) == 0
+                assert int(history["codes"][layer, b, :, n_hist:].count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
@@ -151,23 +149,22 @@ def test_decode_attends_to_dequantized_history(pre_rope):
         hist = slice(S, T - W)
         for x_all, got, quantizer, rope in [(k_all, keys, cache.key_quantizers[0], pre_rope),
                                             (v_all, values, cache.value_quantizers[0], False)]:
-            expected = x_all[b, :T].clone()
-            expected[hist] = quantizer.fake_quantize(x_all[b, hist])
-            expected = expected.view(T, 2, 16).transpose(0, 1)[None]      # (1, Hkv, T, D)
+            expected = x_all[b, :, :T].clone()                                  # (Hkv, T, D)
+            expected[:, hist] = quantizer.fake_quantize(x_all[b, :, hist].transpose(0, 1)).transpose(0, 1)
             if rope:
-                expected = cache._rope(expected, torch.arange(T)[None])
-            assert torch.allclose(got[b:b + 1, :, :T], expected, atol=1e-6)
+                expected = cache._rope(expected[None], torch.arange(T)[None])[0]
+            assert torch.allclose(got[b, :, :T], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_smoothing_divides_before_and_multiplies_after(bits):
     from quant.skvq import smoothing_factors
 
-    C, D = 128, 64
-    x = torch.randn(5, C) * torch.linspace(0.1, 30, C)[torch.randperm(C)]
-    s = smoothing_factors(x.abs().amax(0), n_heads=2)
-    assert torch.equal(s.view(2, 2, D // 2)[:, 0], s.view(2, 2, D // 2)[:, 1])  # commutes with RoPE
-    groups = equal_groups(C, 32)
+    Hkv, D = 2, 64
+    x = torch.randn(5, Hkv, D) * torch.linspace(0.1, 30, Hkv * D)[torch.randperm(Hkv * D)].view(Hkv, D)
+    s = smoothing_factors(x.abs().amax(0))
+    assert torch.equal(s[:, :D // 2], s[:, D // 2:])  # commutes with RoPE
+    groups = equal_groups(Hkv, D, 32)
     smoothed = TokenQuantizer(bits, groups, smoothing=s)
     expected = TokenQuantizer(bits, groups).fake_quantize(x / s) * s
     torch.testing.assert_close(smoothed.fake_quantize(x), expected)

@@ -27,10 +27,10 @@ def random_model():
 def test_simulation_equals_token_by_token_decoding(pre_rope, k_bits, v_bits):
     model = random_model()
     cfg, S, W, T = model.config, 3, 6, 40
-    x = torch.randn(500, 32) * torch.rand(32) * 3
-    groups = kmeans_groups(x.amin(0), x.amax(0), 4)
+    x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
+    groups = kmeans_groups(x.amin(0), x.amax(0), 2)
     keys = [TokenQuantizer(k_bits, groups, clip=0.95) for _ in range(2)]
-    values = [TokenQuantizer(v_bits, equal_groups(32, 8)) for _ in range(2)]
+    values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8)) for _ in range(2)]
     tokens = torch.randint(0, 64, (1, T))
     with torch.no_grad():
         simulated = model(tokens, torch.arange(T)[None], skvq_cache(keys, values, S, W, pre_rope, model.inv_freq))
@@ -82,7 +82,7 @@ def test_attention_error_grows_as_bits_fall():
     records = synthetic_attention_inputs(n_layers=1, T=300, seed=int(torch.randint(100, ())))
     errors = []
     for bits in (8, 4, 2):
-        q = [TokenQuantizer(bits, equal_groups(256, 32))]
+        q = [TokenQuantizer(bits, equal_groups(2, 128, 32))]
         errors.append(attention_error(skvq_cache(q, q, 5, 32, False, None), records, 37))
     assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]
 

@@ -1,15 +1,25 @@
-"""Triton kernels against the plain-torch reference: odd lengths, GQA 1/4/8, head dims 64/128,
-fresh random inputs each run, outputs poisoned with NaN before each run (the kernels allocate
-their outputs with torch.empty, which the poisoning below makes visible if a lane is skipped)."""
+"""Triton kernels against the plain-torch reference: every code width and metadata dtype, one and
+several channel groups, smoothing, pre-RoPE keys, odd lengths (empty history, history shorter
+than a block, several splits), a partly filled ring window, GQA 1/4/8, head dims 64/128, batches
+of different lengths; fresh random inputs each run; kernel outputs poisoned with NaN before each
+run (the kernels allocate their outputs with torch.empty, which the fixture below NaN-fills, so a
+skipped lane shows). On the CPU the kernels run in Triton's interpreter (tests/conftest.py)."""
 import pytest
 import torch
 
 from conftest import DEVICE
-from engine.cache import attention
-from kernels.decode_attention import decode_attention_fp16
+from engine.cache import attention, make_cache
+from engine.runner import decode_one_token, prefill
+from kernels.decode_attention import Segment, Stored, decode_attention
+from kernels.quantize import quantize_tokens
+from model import Llama, LlamaConfig, apply_rope, rope_cos_sin
+from quant.packing import WIDTHS
+from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups
 
-# fp32 accumulation over fp16 inputs: the tolerance is fp16's, not the kernel's.
+# fp32 accumulation over fp16 inputs: the tolerance is fp16's, not the kernel's. On the CPU the
+# interpreter computes in fp32 throughout.
 TOLERANCE = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 
 
 @pytest.fixture(autouse=True)
@@ -19,17 +29,143 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
 
 
+def random_groups(n_heads, D, n_groups):
+    """Unequal groups, as k-means makes them: each channel a random group of its head."""
+    if n_groups == 1:
+        return equal_groups(n_heads, D, D)
+    return ChannelGroups(torch.randint(n_groups, (n_heads, D)), n_groups)
+
+
+def packed(x, bits, n_groups, meta_dtype, smooth):
+    """Quantize x [B, Hkv, T, D] with TokenQuantizer: (Stored for the kernel, dequantized x)."""
+    B, Hkv, T, D = x.shape
+    # Equal within RoPE pairs (c, c + D/2), as quant/skvq.py's factors are, so they commute with RoPE.
+    smoothing = (torch.rand(Hkv, D // 2, device=x.device) + 0.5).repeat(1, 2) if smooth else None
+    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, n_groups), clip=0.95, meta_dtype=meta_dtype,
+                               smoothing=smoothing)
+    codes, scale, low = (t.transpose(1, 2).contiguous() for t in quantizer.quantize(x.transpose(1, 2)))
+    stored = Stored(codes, bits, scale, low, quantizer.groups.group_index.to(x.device, torch.int32),
+                    torch.ones(Hkv, D, device=x.device) if smoothing is None else smoothing)
+    x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2)).transpose(1, 2)
+    return stored, x_hat.to(x.dtype)
+
+
+def rope(x, positions, inv_freq):
+    """x [Hkv, T, D] at positions [T]."""
+    return apply_rope(x[None], *rope_cos_sin(positions[None], inv_freq))[0]
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("D", [64, 128])
 def test_fp16_decode_attention_matches_reference(group, D):
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     B, Hkv, capacity = 3, 2, 300
     lengths = torch.tensor([1, 97, 300])  # one token; not a multiple of any block; full capacity
-    q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=dtype)
-    k = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=dtype)
-    v = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=dtype)
-    got = decode_attention_fp16(q, k, v, lengths.to(DEVICE), split_tokens=128)
+    q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
+    got = decode_attention(q, [Segment(Stored(k), Stored(v), lengths.to(DEVICE))], split_tokens=128)
     for b in range(B):
         n = int(lengths[b])
         expected = attention(q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], torch.tensor([[n - 1]], device=DEVICE))
-        torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[dtype])
+        torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
+
+
+# Every key width with every value width at least once, ternary values included.
+BITS = [(1, 1.5), (2, 1.5), (2, 1), (3, 2), (4, 3), (8, 4), (2, 8), (4, 1.5)]
+
+
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+@pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64), (4, 64)])
+@pytest.mark.parametrize("variant", ["post-RoPE, one group, fp16 metadata",
+                                     "pre-RoPE, four groups, smoothing, fp8 metadata"])
+def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, variant):
+    """A packed history plus an fp16 ring window, merged by stage 2, against attention over the
+    dequantized history and the window, keys rotated at their positions when pre-RoPE."""
+    pre_rope = variant.startswith("pre")
+    n_groups, meta = (4, torch.float8_e4m3fn) if pre_rope else (1, torch.float16)
+    B, Hkv, capacity, W = 3, 2, 150, 16
+    history_count = torch.tensor([0, 37, 150])   # empty; shorter than a block; several splits
+    window_count = torch.tensor([5, 16, 16])     # partly filled; full
+    first_slot = torch.randint(W, (B,))
+    history_start = torch.randint(0, 10, (B,))   # position of history row 0
+    window_start = history_start + history_count
+    q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(2, B, Hkv, capacity, D, device=DEVICE) * (torch.rand(2, 1, Hkv, 1, D, device=DEVICE) * 4)
+    stored_k, k_hat = packed(x[0].to(DTYPE), k_bits, n_groups, meta, pre_rope)
+    stored_v, v_hat = packed(x[1].to(DTYPE), v_bits, n_groups, meta, pre_rope)
+    window_k = torch.randn(B, Hkv, W, D, device=DEVICE, dtype=DTYPE)
+    window_v = torch.randn(B, Hkv, W, D, device=DEVICE, dtype=DTYPE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
+    to = lambda t: t.to(DEVICE)
+    segments = [Segment(Stored(window_k), Stored(window_v), to(window_count), to(first_slot), to(window_start)),
+                Segment(stored_k, stored_v, to(history_count), None, to(history_start))]
+    got = decode_attention(q, segments, inv_freq, split_tokens=64)
+    for b in range(B):
+        h, w = int(history_count[b]), int(window_count[b])
+        slots = (first_slot[b] + torch.arange(w)) % W                          # window tokens in position order
+        keys = torch.cat([k_hat[b, :, :h], window_k[b, :, slots]], 1)         # (Hkv, h + w, D)
+        values = torch.cat([v_hat[b, :, :h], window_v[b, :, slots]], 1)
+        if pre_rope:
+            keys = rope(keys, history_start[b] + torch.arange(h + w, device=DEVICE), inv_freq)
+        expected = attention(q[b:b + 1, :, None], keys[None], values[None], torch.tensor([[h + w]], device=DEVICE))
+        torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
+
+
+@pytest.mark.parametrize("bits", list(WIDTHS))
+@pytest.mark.parametrize("meta", [torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("D", [64, 128])
+def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D):
+    """Bit for bit: codes, scales and lows of the chosen rows; every other row untouched."""
+    B, Hkv, T, rows = 3, 2, 9, 6
+    x = (torch.randn(B, Hkv, T, D, device=DEVICE) * torch.rand(Hkv, 1, D, device=DEVICE) * 3).to(DTYPE)
+    smoothing = torch.rand(Hkv, D, device=DEVICE) + 0.5
+    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, 4), clip=0.93, meta_dtype=meta, smoothing=smoothing)
+    codes = torch.randint(256, (B, Hkv, rows, quantizer.code_bytes), dtype=torch.uint8, device=DEVICE)
+    scale = torch.randn(B, Hkv, rows, 4, device=DEVICE).to(meta)
+    low = torch.randn(B, Hkv, rows, 4, device=DEVICE).to(meta)
+    before = [t.clone() for t in (codes, scale, low)]
+    batch, source, row = (torch.tensor(v, device=DEVICE) for v in ([0, 2, 1, 2], [3, 8, 0, 5], [4, 0, -1, 5]))
+    quantize_tokens(x, batch, source, row, codes, scale, low, quantizer.groups.group_index.to(DEVICE, torch.int32),
+                    smoothing, bits, quantizer.clip)
+    expected = quantizer.quantize(x.transpose(1, 2))                       # each (B, T, Hkv, ...)
+    written = torch.zeros(B, rows, dtype=torch.bool)
+    for b, t, r in zip(batch.tolist(), source.tolist(), row.tolist()):
+        if r >= 0:
+            written[b, r] = True
+            for got, want in zip((codes, scale, low), expected):
+                assert torch.equal(got[b, :, r].view(torch.uint8), want[b, t].view(torch.uint8))
+    for got, old in zip((codes, scale, low), before):
+        assert torch.equal(got.transpose(1, 2)[~written].view(torch.uint8), old.transpose(1, 2)[~written].view(torch.uint8))
+
+
+def random_model(n_kv_heads, head_dim):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+                      max_position_embeddings=256)
+    model = Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    return model.to(DEVICE, DTYPE)
+
+
+@pytest.mark.parametrize("kv, pre_rope, n_kv_heads, head_dim",
+                         [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
+                          ("skvq-k3v2", True, 1, 128)])
+def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
+    """A batch of prompts of different lengths, decoded past the window: the kernel path (fused
+    eviction, three segments, stage 2) gives the logits of the plain-torch path."""
+    model = random_model(n_kv_heads, head_dim)
+    cfg, lengths, n_decode = model.config, torch.tensor([23, 9]), 20
+    tokens = torch.randint(0, 64, (2, 23 + n_decode), device=DEVICE)
+
+    def run(use_kernels):
+        cache = make_cache(kv, cfg, 2, 23 + n_decode, DEVICE, DTYPE, n_sink=3, window=8, group_size=32,
+                           keys_pre_rope=pre_rope, use_kernels=use_kernels)
+        logits = [prefill(model, tokens[:, :23], lengths.to(DEVICE), cache)]
+        for _ in range(n_decode):
+            next_token = tokens[torch.arange(2), cache.lengths]
+            logits.append(decode_one_token(model, next_token, cache))
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(True), run(False), **TOLERANCE[DTYPE])
