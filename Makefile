@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo tiny-model clean
+.PHONY: setup test demo bench-attention tiny-model clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ test: setup
 demo: setup
 	$(PY) generate.py --prompt-file prompts/genesis.txt --max-new-tokens 120 --seed 0
 	$(PY) generate.py --prompt-file prompts/psalm.txt --max-new-tokens 120 --seed 0
+
+# Decode attention, fp16 against packed history, on a GPU; results into bench/results/.
+bench-attention: setup
+	$(PY) bench/attention.py
 
 # Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
 tiny-model: setup

@@ -112,8 +112,9 @@ def main(args):
                        window=args.window, group_size=args.group_size, keys_pre_rope=args.pre_rope_keys,
                        meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping)
     if isinstance(cache, QuantizedCache) and not cache.calibrated:
-        print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs "
-              "without channel reordering or clipping (make one with python -m quant.calibrate)", file=sys.stderr)
+        print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs with "
+              "equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)",
+              file=sys.stderr)
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)

@@ -53,7 +53,7 @@ class Cache:
         Returns their positions [B, T]."""
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         self.n_new = n_new
-        self.lengths = self.lengths + n_new
+        self.lengths += n_new  # in place: a captured CUDA graph keeps reading the same tensor
         return positions
 
     def bytes_per_token(self) -> float:
@@ -353,10 +353,12 @@ class KiviCache(Cache):
                                        self.value_codes, self.value_scale, self.value_low])
 
 
-# The default cache, chosen from quant/RESULTS.md: 2-bit keys and ternary values with k-means
-# channel groups of 128 and fp8 metadata, 1.94 bits per element, +0.14% perplexity on the
-# shipped model, and the k-means grouping is the one that copes with outlier channels.
-DEFAULT_KV, DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_METADATA = "skvq-k2v1.5", 128, "kmeans", "fp8"
+# The default cache, chosen from quant/RESULTS.md: 2-bit keys and ternary values, one group of
+# 128 channels per head with static smoothing and fp8 metadata: 1.94 bits per element, the budget
+# at which a 7B MHA model holds 1M tokens on 80 GB (DESIGN section 7), +0.13% perplexity on the
+# shipped model, and of the one-group-per-head settings the one that copes with outlier channels
+# (k-means groups of 64 do better still, at 2.06 bits).
+DEFAULT_KV, DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_METADATA = "skvq-k2v1.5", 128, "smooth", "fp8"
 KV_BITS = {1, 2, 3, 4, 8}
 VALUE_BITS = KV_BITS | {1.5}
 

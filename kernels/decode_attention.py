@@ -7,12 +7,13 @@ the score and output products run on tensor cores (tl.dot); the split's tokens s
 BLOCK_N blocks: packed codes are loaded, unpacked with shifts and masks (base-3 arithmetic for
 ternary), dequantized in registers with each channel's group (scale, low), pre-RoPE keys rotated
 at their positions, then an fp32 online softmax; each split writes its partial output and
-log-sum-exp. Stage 2 (`merge_splits`) merges every split of every segment. Splits have a fixed
-token length, so one sequence of 1M tokens still fills every SM; only each sequence's valid
-tokens are read, never the capacity.
+log-sum-exp. Stage 2, grid (batch, query head), merges every split of every segment, weighting
+each by its share of the softmax mass. Splits have a fixed token length, so one sequence of 1M
+tokens still fills every SM; only each sequence's valid tokens are read, never the capacity.
 
-Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys too,
-as the factors are equal within each RoPE pair), the values' scale the output. The plain-torch reference is engine.cache.attention over dequantized K/V.
+Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
+too, as the factors are equal within each RoPE pair), the values' scale the output. The
+plain-torch reference is engine.cache.attention over dequantized K/V.
 """
 from dataclasses import dataclass
 
@@ -196,11 +197,31 @@ def _decode_stage1(
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split_column, lse, mask=rows < G)
 
 
-def merge_splits(partial_out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Stage 2: partial_out [B, H, S, D] fp32, lse [B, H, S] -> [B, H, D], each split weighted by
-    its share of the softmax mass; splits that saw no token (lse = -inf) weigh nothing."""
-    weights = torch.softmax(lse, dim=-1)                                       # (B, H, S)
-    return (weights[..., None] * partial_out).sum(-2)
+@triton.jit
+def _decode_stage2(partial_ptr, lse_ptr, out_ptr, n_splits,
+                   stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+                   D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (batch, query head): out = sum over splits of softmax(lse)[s] * partial[s]; splits
+    that saw no token (lse = -inf) weigh nothing."""
+    b, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    lse_row = lse_ptr + b * stride_lb + head * stride_lh
+    partial_row = partial_ptr + b * stride_pb + head * stride_ph
+    lse_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for start in range(0, n_splits, BLOCK_S):
+        splits = start + tl.arange(0, BLOCK_S)
+        lse_max = tl.maximum(lse_max, tl.load(lse_row + splits, mask=splits < n_splits, other=float("-inf")))
+    lse_max = tl.max(lse_max, 0)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    channels = tl.arange(0, D)
+    for start in range(0, n_splits, BLOCK_S):
+        splits = start + tl.arange(0, BLOCK_S)
+        weight = tl.exp(tl.load(lse_row + splits, mask=splits < n_splits, other=float("-inf")) - lse_max)
+        partial = tl.load(partial_row + splits[:, None] * stride_ps + channels[None, :],
+                          mask=(weight > 0)[:, None], other=0.0)                       # (BLOCK_S, D)
+        total += weight
+        acc += tl.sum(weight[:, None] * partial, 0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
 
 
 def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
@@ -233,4 +254,8 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.T
             BLOCK_N=min(BLOCK_N, split_tokens), RING=segment.first_slot is not None,
             ROPE=inv_freq is not None and segment.first_position is not None, **k_constexprs, **v_constexprs)
         first_split += splits
-    return merge_splits(partial_out, lse).to(q.dtype)
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    _decode_stage2[(B, H)](partial_out, lse, out, first_split, partial_out.stride(0), partial_out.stride(1),
+                           partial_out.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                           D=D, BLOCK_S=32)
+    return out

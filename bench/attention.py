@@ -1,0 +1,234 @@
+"""Decode attention over one layer's cache, fp16 against packed history: python bench/attention.py
+
+For Llama-2-7B (32 query / 32 KV heads) and Llama-3-8B (32 / 8) attention shapes, at each context
+and batch: median time (CUDA events, triton.testing.do_bench), the bytes the kernel must read
+(packed codes + metadata + the fp16 sinks and window, or the fp16 K/V), achieved GB/s and its
+fraction of the device-to-device copy bandwidth measured in the same process, against fp16 flash
+decoding (torch SDPA and our fp16 kernel) at the same context, side by side. The K/V are random
+(speed does not depend on their values); each setting is first checked against the plain-torch
+reference on its smallest context. Prints a markdown table and writes JSON to bench/results/.
+
+    python bench/attention.py                      # the whole sweep, on a GPU (a few minutes)
+    python bench/attention.py --smoke              # tiny shapes on any device: checks the harness
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+
+from engine.cache import attention, parse_kv  # noqa: E402
+from kernels.decode_attention import SPLIT_TOKENS, Segment, Stored, decode_attention  # noqa: E402
+from kernels.quantize import quantize_tokens  # noqa: E402
+from quant.skvq import TokenQuantizer, equal_groups  # noqa: E402
+
+SHAPES = {"llama2-7b": dict(n_heads=32, n_kv_heads=32, head_dim=128),
+          "llama3-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128)}
+SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5-pre-rope", "skvq-k2v1.5-g32"]
+N_SINK, WINDOW = 5, 128
+REFERENCE_TOKENS = 8192  # contexts up to this are checked against the plain-torch reference
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Device-to-device copy, bytes read + written per second (the ceiling a memory-bound kernel meets)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / seconds
+
+
+def timed(fn, device) -> float:
+    """Median seconds per call."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(setting, B, T, shape, device, dtype, generator):
+    """(call, bytes read, reference or None) for one copy of one setting's inputs."""
+    H, Hkv, D = shape["n_heads"], shape["n_kv_heads"], shape["head_dim"]
+    q = torch.randn(B, H, D, device=device, dtype=dtype, generator=generator)
+    lengths = torch.full((B,), T, device=device)
+    if setting in ("sdpa-fp16", "fp16"):
+        k, v = (torch.randn(B, Hkv, T, D, device=device, dtype=dtype, generator=generator) for _ in range(2))
+        reference = None
+        if T <= REFERENCE_TOKENS:
+            reference = lambda: attention(q[:, :, None], k, v, torch.full((B, 1), T - 1, device=device))[:, :, 0]
+        if setting == "sdpa-fp16":
+            call = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+        else:
+            call = lambda: decode_attention(q, [Segment(Stored(k), Stored(v), lengths)])
+        return call, 2 * k.nbytes, reference
+    # A quantized cache of T tokens: sinks and window in fp16, the rest packed, as engine/cache.py holds it.
+    pre_rope, group_size = setting.endswith("pre-rope"), 32 if setting.endswith("g32") else D
+    _, k_bits, v_bits = parse_kv(setting.removesuffix("-pre-rope").removesuffix("-g32"))
+    n_hist = T - N_SINK - WINDOW
+    segments, bytes_read, dequantized = [], 0, []
+    for n, first in [(N_SINK, 0), (WINDOW, N_SINK)]:
+        k, v = (torch.randn(B, Hkv, n, D, device=device, dtype=dtype, generator=generator) for _ in range(2))
+        segments.append(Segment(Stored(k), Stored(v), torch.full((B,), n, device=device), None,
+                                torch.full((B,), first, device=device)))
+        bytes_read += 2 * k.nbytes
+        dequantized.append((k, v))
+    packed = []
+    for bits in (k_bits, v_bits):
+        quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=torch.float8_e4m3fn)
+        codes = torch.empty(B, Hkv, n_hist, quantizer.code_bytes, dtype=torch.uint8, device=device)
+        scale = torch.empty(B, Hkv, n_hist, quantizer.groups.n_groups, dtype=torch.float8_e4m3fn, device=device)
+        low = torch.empty_like(scale)
+        # Real codes of random tokens, quantized in chunks by the fused kernel (bulk quantization).
+        group_index = quantizer.groups.group_index.to(device, torch.int32)
+        smoothing = torch.ones(Hkv, D, device=device)
+        chunk = 1 << 14
+        for start in range(0, n_hist, chunk):
+            x = torch.randn(B, Hkv, min(chunk, n_hist - start), D, device=device, dtype=dtype, generator=generator)
+            n = x.shape[2]
+            batch = torch.arange(B, device=device).repeat_interleave(n)
+            source = torch.arange(n, device=device).repeat(B)
+            quantize_tokens(x, batch, source, source + start, codes, scale, low, group_index, smoothing, bits,
+                            quantizer.clip)
+        packed.append(Stored(codes, bits, scale, low, group_index, smoothing))
+        bytes_read += codes.nbytes + scale.nbytes + low.nbytes
+        if T <= REFERENCE_TOKENS:  # small enough to dequantize for the reference
+            x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2))
+            dequantized.append(x_hat.transpose(1, 2).to(dtype))
+    segments.append(Segment(*packed, torch.full((B,), n_hist, device=device), None,
+                            torch.full((B,), N_SINK + WINDOW, device=device)))
+    head_dim = D
+    inv_freq = 1.0 / 10000 ** (torch.arange(head_dim // 2, device=device) / (head_dim // 2)) if pre_rope else None
+    call = lambda: decode_attention(q, segments, inv_freq)
+    reference = None
+    if T <= REFERENCE_TOKENS:
+        (sink_k, sink_v), (window_k, window_v), hist_k, hist_v = dequantized
+        # Position order: sinks, window (positions 5..132), then the history (positions 133...).
+        keys, values = torch.cat([sink_k, window_k, hist_k], 2), torch.cat([sink_v, window_v, hist_v], 2)
+        if pre_rope:
+            from model import apply_rope, rope_cos_sin
+            keys = apply_rope(keys, *rope_cos_sin(torch.arange(T, device=device).expand(B, T), inv_freq))
+        reference = lambda: attention(q[:, :, None], keys, values, torch.full((B, 1), T - 1, device=device))[:, :, 0]
+    return call, bytes_read, reference
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    bandwidth = copy_bandwidth(device, args.copy_bytes)
+    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
+    rows = []
+    for model in args.models:
+        shape = SHAPES[model]
+        for T in args.contexts:
+            for B in args.batches:
+                fp16_seconds = {}
+                for setting in args.settings:
+                    row = dict(model=model, context=T, batch=B, setting=setting)
+                    try:
+                        call, nbytes, reference = make_inputs(setting, B, T, shape, device, dtype, generator)
+                    except torch.OutOfMemoryError:
+                        rows.append({**row, "note": "does not fit"})
+                        torch.cuda.empty_cache()
+                        continue
+                    if reference is not None:  # correct first
+                        got, want = call().float(), reference().float()
+                        row["rel_error"] = ((got - want).norm() / want.norm()).item()
+                        assert row["rel_error"] < 1e-2, f"{setting} at {T}: relative error {row['rel_error']}"
+                    # Cycle over copies of the inputs so that no run finds them in L2.
+                    copies = [call] + [make_inputs(setting, B, T, shape, device, dtype, generator)[0]
+                                       for _ in range(min(31, math.ceil(args.rotate_bytes / nbytes) - 1))]
+                    turn = iter(range(1 << 62))
+                    seconds = timed(lambda: copies[next(turn) % len(copies)](), device)
+                    del copies, call, reference
+                    flops = 4 * B * shape["n_heads"] * T * shape["head_dim"]
+                    row.update(ms=seconds * 1e3, bytes=nbytes, gb_per_s=nbytes / seconds / 1e9,
+                               of_copy_bandwidth=nbytes / seconds / bandwidth, tflops=flops / seconds / 1e12)
+                    if setting in ("sdpa-fp16", "fp16"):
+                        fp16_seconds[setting] = seconds
+                    for base, seconds_base in fp16_seconds.items():
+                        row[f"speedup_vs_{base}"] = seconds_base / seconds
+                    rows.append(row)
+                    print(format_row(row), file=sys.stderr)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    return dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), commit=git_commit(), command=" ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                copy_bandwidth_gb_per_s=bandwidth / 1e9, split_tokens=SPLIT_TOKENS, n_sink=N_SINK, window=WINDOW,
+                kv_values="random (speed does not depend on values)", rows=rows)
+
+
+def format_row(row) -> str:
+    if "ms" not in row:
+        return f"| {row['model']} | {row['context']} | {row['batch']} | {row['setting']} | {row['note']} | | | | |"
+    speedups = " / ".join(f"{row.get(f'speedup_vs_{b}', float('nan')):.2f}" for b in ("sdpa-fp16", "fp16"))
+    return (f"| {row['model']} | {row['context']} | {row['batch']} | {row['setting']} | {row['ms']:.3f} | "
+            f"{row['bytes'] / 2**20:.1f} | {row['gb_per_s']:.0f} | {100 * row['of_copy_bandwidth']:.0f}% | {speedups} |")
+
+
+def markdown(result) -> str:
+    lines = [f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "
+             f"copy bandwidth {result['copy_bandwidth_gb_per_s']:.0f} GB/s\n",
+             "| model | context | batch | setting | ms | MiB read | GB/s | of copy bw | speedup vs SDPA / our fp16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + [format_row(r) for r in result["rows"]])
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def main(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",")]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(SHAPES))
+    p.add_argument("--contexts", type=ints, default=[4096, 32768, 131072, 524288, 1048576])
+    p.add_argument("--batches", type=ints, default=[1, 8])
+    p.add_argument("--settings", type=lambda s: s.split(","), default=SETTINGS)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the harness on any device")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--rotate-bytes", type=int, default=256 << 20,
+                   help="cycle over copies of the inputs spanning this many bytes, so L2 (50 MB) never holds them")
+    p.add_argument("--copy-bytes", type=int, default=1 << 30, help="size of the copy that measures bandwidth")
+    args = p.parse_args(argv)
+    if args.smoke:
+        SHAPES["tiny-gqa"] = dict(n_heads=4, n_kv_heads=2, head_dim=64)
+        args.models, args.contexts, args.batches = ["tiny-gqa"], [400], [2]
+        args.rotate_bytes, args.copy_bytes = 0, 1 << 20
+    unknown = [m for m in args.models if m not in SHAPES] + [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        p.error(f"unknown model or setting: {', '.join(unknown)} (models: {', '.join(SHAPES)}; "
+                f"settings: {', '.join(SETTINGS)})")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "attention-smoke" if args.smoke else f"attention-{result['device'].replace(' ', '_')}"
+    out = args.out / f"{name}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The benchmarks' harness, on tiny shapes: each runs, checks its kernels against the reference
+before timing them, and records what a result needs (device, versions, commit, command)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_attention_benchmark_smoke_run(tmp_path):
+    settings = "sdpa-fp16,fp16,skvq-k2v1.5-pre-rope"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--settings", settings,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "attention-smoke.json").read_text())
+    assert {"device", "torch", "triton", "commit", "command", "copy_bandwidth_gb_per_s"} <= result.keys()
+    rows = result["rows"]
+    assert [row["setting"] for row in rows] == settings.split(",")
+    for row in rows:
+        assert row["rel_error"] < 1e-2 and row["ms"] > 0 and row["bytes"] > 0
+    # Packed history reads fewer bytes than the fp16 cache of the same context.
+    assert rows[2]["bytes"] < rows[1]["bytes"] == rows[0]["bytes"]
+    assert "| tiny-gqa | 400 | 2 | skvq-k2v1.5-pre-rope |" in r.stdout
