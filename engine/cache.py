@@ -210,21 +210,28 @@ class QuantizedCache(Cache):
                 at = batch[keep], slice(None), row[keep]
                 codes[at], scale[at], low[at] = quantizer.quantize(x[batch[keep], :, token[keep]])  # (n, Hkv, ...)
 
-    def _segments(self, layer) -> list[Segment]:
-        """The layer's sinks, window and history as the decode kernel reads them."""
+    def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        positions = super().reserve(n_new, T)
+        # Per sequence, how many tokens each segment holds, where its ring starts and the position
+        # of its first token: the same for every layer, so computed once per forward.
         S, W, n = self.n_sink, self.window, self.lengths
         first_recent = (n - W).clamp_min(S).clamp_max(n)  # first position in the window
-        stored = lambda history, quantizer, tables: Stored(
+        self.spans = dict(window=(n - first_recent, (first_recent - S) % W, first_recent),
+                          sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
+                          history=((n - S - W).clamp_min(0), None, torch.full_like(n, S)))
+        return positions
+
+    def _segments(self, layer) -> list[Segment]:
+        """The layer's window, sinks and history as the decode kernel reads them."""
+        packed = lambda history, quantizer, tables: Stored(
             history["codes"][layer], quantizer.bits, history["scale"][layer], history["low"][layer], *tables)
-        segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), n - first_recent,
-                            (first_recent - S) % W, first_recent)]
-        if S:
-            segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), n.clamp_max(S),
-                                    None, torch.zeros_like(n)))
+        segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), *self.spans["window"])]
+        if self.n_sink:
+            segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), *self.spans["sinks"]))
         if self.history_k["codes"].shape[3]:
-            segments.append(Segment(stored(self.history_k, self.key_quantizers[layer], self.key_tables[layer]),
-                                    stored(self.history_v, self.value_quantizers[layer], self.value_tables[layer]),
-                                    (n - S - W).clamp_min(0), None, torch.full_like(n, S)))
+            segments.append(Segment(packed(self.history_k, self.key_quantizers[layer], self.key_tables[layer]),
+                                    packed(self.history_v, self.value_quantizers[layer], self.value_tables[layer]),
+                                    *self.spans["history"]))
         return segments
 
     def _materialize(self, layer, n):
