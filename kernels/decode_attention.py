@@ -49,7 +49,36 @@ class Stored:
         strides = [*self.data.stride()[:3], *meta.stride()[:3]]
         layout = code_layout(D, self.bits) if packed else code_layout(D, 8)  # unused when full
         constexprs = dict(FULL=not packed, GROUPS=meta.shape[-1] if packed else 1, **layout)
-        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}
+        svd = ([self.data] * 3, [0] * 4, dict(SVD=False, RANK=16, TOKEN_GROUP=1))  # placeholders
+        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}, svd
+
+
+@dataclass
+class LatentKeys:
+    """SVDq keys (quant/svdq.py) as stage 1 reads them: `data` codes [B, Hkv, T, row_bytes] uint8,
+    each token's latent codes as one bit stream; `scale`, `low` [B, Hkv, T / token_group, R], one
+    pair per latent channel and block of token_group tokens; `basis_t` [B or 1, Hkv, R, D] (the
+    basis transposed; 1: one basis for every sequence) and `mean` [B or 1, Hkv, D] fp32; `bit_layout`
+    [2, R] int32: each latent channel's bit offset in the row, and its width. The kernel rebuilds
+    each key as latent @ basis_t + mean with tl.dot, in registers."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
+    basis_t: torch.Tensor
+    mean: torch.Tensor
+    bit_layout: torch.Tensor
+    token_group: int
+
+    def kernel_args(self, D: int, prefix: str):
+        """As Stored.kernel_args, plus the SVD arguments (Stored gives placeholders for them)."""
+        pointers = [self.data, self.scale, self.low, self.data, self.data]
+        strides = [*self.data.stride()[:3], *self.scale.stride()[:3]]
+        constexprs = dict(FULL=True, GROUPS=1, **code_layout(D, 8))  # rows of D channels once rebuilt
+        svd = ([self.basis_t, self.mean, self.bit_layout],
+               [self.basis_t.stride(0) if self.basis_t.shape[0] > 1 else 0, self.basis_t.stride(1),
+                self.mean.stride(0) if self.mean.shape[0] > 1 else 0, self.mean.stride(1)],
+               dict(SVD=True, RANK=self.basis_t.shape[2], TOKEN_GROUP=self.token_group))
+        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}, svd
 
 
 @dataclass
@@ -57,7 +86,7 @@ class Segment:
     """A stretch of every sequence's tokens held one way. Sequence b has count[b] tokens here;
     token i sits in slot (first_slot[b] + i) % T of its K/V rows (first_slot None: slot i), and
     is at position first_position[b] + i (needed only to rotate pre-RoPE keys)."""
-    keys: Stored
+    keys: Stored | LatentKeys
     values: Stored
     count: torch.Tensor                         # [B] int
     first_slot: torch.Tensor | None = None      # [B] int, for a ring buffer
@@ -108,13 +137,14 @@ def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
 @triton.jit
 def _decode_stage1(
         q_ptr, k_ptr, k_scale_ptr, k_low_ptr, k_group_ptr, k_smoothing_ptr,
-        v_ptr, v_scale_ptr, v_low_ptr, v_group_ptr, v_smoothing_ptr,
+        v_ptr, v_scale_ptr, v_low_ptr, v_group_ptr, v_smoothing_ptr, k_basis_ptr, k_mean_ptr, k_bits_ptr,
         count_ptr, first_slot_ptr, first_position_ptr, inv_freq_ptr, out_ptr, lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_kmb, stride_kmh, stride_kmt,
         stride_vb, stride_vh, stride_vt, stride_vmb, stride_vmh, stride_vmt,
+        stride_kbb, stride_kbh, stride_kub, stride_kuh,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, first_split, ring, sm_scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        RING: tl.constexpr, ROPE: tl.constexpr,
+        RING: tl.constexpr, ROPE: tl.constexpr, K_SVD: tl.constexpr, K_RANK: tl.constexpr, K_TOKEN_GROUP: tl.constexpr,
         K_FULL: tl.constexpr, K_GROUPS: tl.constexpr, K_RADIX: tl.constexpr, K_PER_WORD: tl.constexpr,
         K_WORD_BYTES: tl.constexpr, K_ROW_BYTES: tl.constexpr, K_WORDS_PAD: tl.constexpr, K_PER_WORD_PAD: tl.constexpr,
         V_FULL: tl.constexpr, V_GROUPS: tl.constexpr, V_RADIX: tl.constexpr, V_PER_WORD: tl.constexpr,
@@ -151,6 +181,13 @@ def _decode_stage1(
     first_slot = 0
     if RING:
         first_slot = tl.load(first_slot_ptr + b)
+    if K_SVD:  # the head's basis [R, D] and mean, and where each latent code sits in a row
+        latent = tl.arange(0, K_RANK)
+        basis_t = tl.load(k_basis_ptr + b * stride_kbb + kv_head * stride_kbh + latent[:, None] * D + k_channel[None, :])
+        basis_t = basis_t.to(q_ptr.dtype.element_ty)
+        k_mean = tl.load(k_mean_ptr + b * stride_kub + kv_head * stride_kuh + k_channel)
+        bit_offset = tl.load(k_bits_ptr + latent)
+        bit_mask = (1 << tl.load(k_bits_ptr + K_RANK + latent)) - 1
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     k_meta = b * stride_kmb + kv_head * stride_kmh
@@ -164,9 +201,17 @@ def _decode_stage1(
         slots = tokens
         if RING:
             slots = (first_slot + tokens) % ring
-        k = _load_tile(k_base, k_scale_ptr, k_low_ptr, slots * stride_kt, k_meta + slots * stride_kmt, valid,
-                       k_channel, k_group, K_FULL, K_GROUPS, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                       K_WORDS_PAD, K_PER_WORD_PAD)                                    # (BLOCK_N, D) fp32
+        if K_SVD:  # latent codes -> latent channels -> keys, by tl.dot with the basis
+            byte = tl.load(k_base + slots[:, None] * stride_kt + (bit_offset // 8)[None, :], mask=valid[:, None], other=0)
+            codes = ((byte.to(tl.int32) >> (bit_offset % 8)[None, :]) & bit_mask[None, :]).to(tl.float32)
+            meta = k_meta + (slots // K_TOKEN_GROUP)[:, None] * stride_kmt + latent[None, :]   # (BLOCK_N, R)
+            z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
+                 + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
+            k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
+        else:
+            k = _load_tile(k_base, k_scale_ptr, k_low_ptr, slots * stride_kt, k_meta + slots * stride_kmt, valid,
+                           k_channel, k_group, K_FULL, K_GROUPS, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
+                           K_WORDS_PAD, K_PER_WORD_PAD)                                # (BLOCK_N, D) fp32
         if ROPE:
             angle = (first_position + tokens).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N, D/2)
             cos, sin = tl.cos(angle), tl.sin(angle)
@@ -237,22 +282,23 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.T
     first_split = 0
     for segment, splits in zip(segments, n_splits):
         Hkv, capacity = segment.keys.data.shape[1], segment.keys.data.shape[2]
-        assert inv_freq is None or segment.keys.bits != 1.5, "pre-RoPE keys cannot be ternary"
+        assert inv_freq is None or getattr(segment.keys, "bits", 16) != 1.5, "pre-RoPE keys cannot be ternary"
         G = H // Hkv
-        k_pointers, k_strides, k_constexprs = segment.keys.kernel_args(D, "K")
-        v_pointers, v_strides, v_constexprs = segment.values.kernel_args(D, "V")
+        k_pointers, k_strides, k_constexprs, (svd_pointers, svd_strides, svd_constexprs) = segment.keys.kernel_args(D, "K")
+        v_pointers, v_strides, v_constexprs, _ = segment.values.kernel_args(D, "V")
         count = segment.count.contiguous()
         _decode_stage1[(B, Hkv, splits)](
-            q, *k_pointers, *v_pointers, count,
+            q, *k_pointers, *v_pointers, *svd_pointers, count,
             count if segment.first_slot is None else segment.first_slot.contiguous(),
             count if segment.first_position is None else segment.first_position.contiguous(),
             q if inv_freq is None else inv_freq, partial_out, lse,
-            q.stride(0), q.stride(1), *k_strides, *v_strides,
+            q.stride(0), q.stride(1), *k_strides, *v_strides, *svd_strides,
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), lse.stride(0), lse.stride(1),
             first_split, capacity, D ** -0.5,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, SPLIT=split_tokens,
             BLOCK_N=min(BLOCK_N, split_tokens), RING=segment.first_slot is not None,
-            ROPE=inv_freq is not None and segment.first_position is not None, **k_constexprs, **v_constexprs)
+            ROPE=inv_freq is not None and segment.first_position is not None,
+            **{f"K_{name}": value for name, value in svd_constexprs.items()}, **k_constexprs, **v_constexprs)
         first_split += splits
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _decode_stage2[(B, H)](partial_out, lse, out, first_split, partial_out.stride(0), partial_out.stride(1),

@@ -3,7 +3,8 @@
 Runs the model in full precision over calibration text, records every layer's keys (pre- and
 post-RoPE) and values, and derives for each layer, each of K-pre / K-post / V and each channel
 grouping (quant/skvq.py): each head's channel groups, and a clip factor per bit width searched
-on the data (the alpha minimising the mean squared reconstruction error). Writes them to
+on the data (the alpha minimising the mean squared reconstruction error); and for each layer the
+SVD basis and mean of its pre-RoPE keys (quant/svdq.py). Writes them to
 DIR/kv_calibration.safetensors with the settings in its metadata.
 """
 import argparse
@@ -19,6 +20,7 @@ from engine.cache import attention
 from model import Llama, UserError, apply_rope, rope_cos_sin, run_cli
 from quant.skvq import (ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups,
                         smoothing_factors)
+from quant.svdq import basis_from_keys
 
 CALIBRATION_FILE = "kv_calibration.safetensors"
 BITS = (1, 1.5, 2, 3, 4, 8)
@@ -95,11 +97,14 @@ def calibrate(captured: dict, n_layers: int, group_sizes) -> dict:
         tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups, smoothing) for bits in BITS])
         if smoothing is not None:
             tensors[f"{name}.smoothing"] = smoothing
+    for layer in range(n_layers):  # SVDq's basis of the pre-RoPE keys (quant/svdq.py)
+        tensors[f"svdq.basis.{layer}"], tensors[f"svdq.mean.{layer}"] = basis_from_keys(captured[(layer, "k_pre")])
     return tensors
 
 
 class Calibration:
-    """Calibrated channel groups and clip factors: quantizers per layer for (grouping, kind, bits)."""
+    """Calibrated channel groups and clip factors: quantizers per layer for (grouping, kind, bits);
+    and SVDq's key bases per layer."""
 
     def __init__(self, tensors: dict, settings: dict):
         self.tensors, self.settings = tensors, settings
@@ -129,6 +134,12 @@ class Calibration:
             clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)])
             out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
         return out
+
+
+    def svdq_bases(self) -> list:
+        """Per layer (basis [Hkv, D, D], mean [Hkv, D]) of the pre-RoPE keys."""
+        return [(self.tensors[f"svdq.basis.{layer}"], self.tensors[f"svdq.mean.{layer}"])
+                for layer in range(self.settings["layers"])]
 
 
 def load_calibration(model_dir) -> Calibration | None:

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.cache import attention
-from model import Llama, UserError, run_cli
+from engine.cache import DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_METADATA, attention
+from model import Llama, UserError, apply_rope, rope_cos_sin, run_cli
 from quant import kivi
-from quant.calibrate import Calibration, calibration_from, capture, load_calibration, token_major
+from quant.calibrate import CALIBRATION_FILE, Calibration, calibration_from, capture, load_calibration, token_major
 from quant.methods import skvq_cache
 from quant.skvq import TokenQuantizer, equal_groups
+from quant.svdq import SCHEDULES, SvdqKeyQuantizer, svdq_cache
+from quant.uniform import META_DTYPES
 
 SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
 KIVI_BITS = [(4, 4), (2, 2)]
@@ -94,6 +96,67 @@ def attention_error(cache, captured: list, first_query: int) -> float:
     return sum(errors) / len(errors)
 
 
+def svdq_settings(calibration: Calibration, head_dim: int, n_sink: int, window: int, inv_freq, seq_len: int):
+    """(name, bits per element incl. metadata, cache factory) comparing keys: SVDq at 1.25 and 2
+    bits with a calibration or a prompt basis, per-channel 2-bit keys (KIVI's, in blocks of 32 and
+    of 128 tokens), SKVQ 2-bit keys (the default grouping); values exact. Then SVDq with SKVQ's
+    default ternary values. A prompt basis is stored per sequence: its bits count it over seq_len."""
+    from quant.methods import SimulatedCache, sliding_window_mask
+
+    bases = calibration.svdq_bases()
+    exact = lambda layer, x: x
+    rows = [("fp16", 16.0, None)]
+    for bits in (1.25, 2):
+        keys = SvdqKeyQuantizer(SCHEDULES[bits], head_dim)
+        for basis in ("calibration", "prompt"):
+            per_sequence = basis == "prompt"
+            rows.append((f"svdq-k{bits} keys, {basis} basis, values exact", keys.bits_per_element(
+                context=seq_len if per_sequence else None),
+                lambda k=keys, b=None if per_sequence else bases: svdq_cache(k, b, None, n_sink, window, inv_freq,
+                                                                             seq_len // 2)))
+    for block, pre_rope in [(32, False), (128, False), (128, True)]:
+        rows.append((f"per-channel 2-bit keys (KIVI, blocks of {block} tokens), {'pre' if pre_rope else 'post'}-RoPE, "
+                     "values exact", 2 + 32 / block, lambda g=block, pre=pre_rope: SimulatedCache(
+                         lambda layer, k: kivi.fake_quantize_keys(k, 2, g), exact, kivi.block_mask(g, window),
+                         keys_pre_rope=pre, inv_freq=inv_freq)))
+    skvq_keys = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "k_post", 2, META_DTYPES[DEFAULT_METADATA])
+    rows.append((f"skvq 2-bit keys ({DEFAULT_GROUPING} g{DEFAULT_GROUP_SIZE}, fp8 metadata), post-RoPE, values exact",
+                 skvq_keys[0].bits_per_element(), lambda: SimulatedCache(
+                     lambda layer, k: skvq_keys[layer].fake_quantize(k.transpose(1, 2)).transpose(1, 2), exact,
+                     sliding_window_mask(n_sink, window), keys_pre_rope=False, inv_freq=None)))
+    values = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "v", 1.5, META_DTYPES[DEFAULT_METADATA])
+    for bits in (1.25, 2):
+        keys = SvdqKeyQuantizer(SCHEDULES[bits], head_dim)
+        rows.append((f"svdq-k{bits}v1.5: calibration basis; values skvq {DEFAULT_GROUPING} g{DEFAULT_GROUP_SIZE} fp8",
+                     (keys.bits_per_element() + values[0].bits_per_element()) / 2,
+                     lambda k=keys: svdq_cache(k, bases, values, n_sink, window, inv_freq)))
+    return rows
+
+
+def key_errors(cache, captured: list, n_sink: int, window: int):
+    """Mean over layers of three relative errors against full precision, over what decoding reads
+    from the history: the keys themselves (in the space each method quantizes: pre-RoPE for SVDq,
+    post-RoPE otherwise), the attention scores q.k of history keys, and the attention outputs."""
+    key_err, score_err = [], []
+    for layer, (q, k_pre, k_post, v) in enumerate(captured):
+        T, D = q.shape[2], q.shape[3]
+        k = k_pre if cache.keys_pre_rope else k_post
+        k_hat = cache.fake_keys(layer, k)
+        history = cache.quantized_mask(T).to(q.device)                          # (T, T) query p reads key j quantized
+        quantized = history.any(0)                                               # keys that ever enter the history
+        key_err.append(((k_hat - k)[:, :, quantized].norm() / k[:, :, quantized].norm()).item())
+        if cache.keys_pre_rope:
+            cos_sin = rope_cos_sin(torch.arange(T)[None], cache.inv_freq)
+            k_hat = apply_rope(k_hat, *cos_sin)
+        B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
+        qg = q.view(B, Hkv, H // Hkv, T, D)
+        scores = qg @ k_post.unsqueeze(2).transpose(-1, -2)                      # (B, Hkv, G, T, T)
+        scores_hat = qg @ k_hat.unsqueeze(2).transpose(-1, -2)
+        score_err.append(((scores_hat - scores)[..., history].norm() / scores[..., history].norm()).item())
+    mean = lambda xs: sum(xs) / len(xs)
+    return mean(key_err), mean(score_err), attention_error(cache, captured, n_sink + window)
+
+
 def synthetic_attention_inputs(n_layers=2, T=1024, n_heads=8, n_kv_heads=2, D=128, seed=0):
     """Keys with a few outlier channels 20-50x larger than the rest, as real Llama keys have.
     Which channels are outliers is a fixed property of the "model" (calibration and evaluation
@@ -161,7 +224,9 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--sinks", type=int, default=5)
-    p.add_argument("--synthetic", action="store_true", help="also the table on synthetic outlier keys")
+    p.add_argument("--tables", default="main", type=lambda t: t.split(","),
+                   help="comma-separated: main (every cache setting), synthetic (outlier keys), "
+                        "svdq (SVDq keys against per-channel and SKVQ keys)")
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
     args = p.parse_args(argv)
@@ -179,26 +244,42 @@ def main(argv=None):
     if calibration is None:
         print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
               file=sys.stderr)
+    unknown = set(args.tables) - {"main", "synthetic", "svdq"}
+    if unknown:
+        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} (main, synthetic, svdq)")
     captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
-    rows = []
     cfg = model.config
-    for name, bits, factory in tqdm(settings(calibration, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                             cfg.head_dim, args.sinks, args.window, model.inv_freq),
-                                    desc="settings", file=sys.stderr):
-        ppl = perplexity(model, ids, seq_len, factory)
-        err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
-        rows.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
-    if args.peer:
-        for nbits in (4, 2):
-            ppl, bits = quanto_perplexity(args.model, ids, seq_len, nbits)
-            rows.append((f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
-                         f"{ppl:.3f}", "n/a"))
     n_scored = min(len(ids), max(1, len(ids) // seq_len) * seq_len)
-    print(f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
-          f"{args.sinks} sinks, window {args.window}:\n")
-    print(table(rows, ["perplexity", "attention rel. error"]))
-    if args.synthetic:
+    heading = (f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
+               f"{args.sinks} sinks, window {args.window}")
+    if "main" in args.tables:
+        rows = []
+        for name, bits, factory in tqdm(settings(calibration, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                                 cfg.head_dim, args.sinks, args.window, model.inv_freq),
+                                        desc="settings", file=sys.stderr):
+            ppl = perplexity(model, ids, seq_len, factory)
+            err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
+            rows.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
+        if args.peer:
+            for nbits in (4, 2):
+                ppl, bits = quanto_perplexity(args.model, ids, seq_len, nbits)
+                rows.append((f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
+                             f"{ppl:.3f}", "n/a"))
+        print(f"{heading}:\n")
+        print(table(rows, ["perplexity", "attention rel. error"]))
+    if "synthetic" in args.tables:
         print_synthetic(args.sinks, args.window)
+    if "svdq" in args.tables:
+        if calibration is None:
+            raise UserError(f"--tables svdq needs {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
+        rows = []
+        for name, bits, factory in tqdm(svdq_settings(calibration, cfg.head_dim, args.sinks, args.window,
+                                                      model.inv_freq, seq_len), desc="svdq", file=sys.stderr):
+            ppl = perplexity(model, ids, seq_len, factory)
+            errors = key_errors(factory(), captured, args.sinks, args.window) if factory else (0.0, 0.0, 0.0)
+            rows.append((name, bits, f"{ppl:.3f}", *(f"{e:.4f}" for e in errors)))
+        print(f"\nSVDq keys against per-channel and SKVQ keys. {heading}:\n")
+        print(table(rows, ["perplexity", "key rel. error", "score rel. error", "attention rel. error"]))
 
 
 def print_synthetic(n_sink, window):

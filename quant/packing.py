@@ -19,6 +19,12 @@ Widths (the `bits` argument):
 
 packed_size(n, bits) = ceil(n * bits / 8) for integer widths, ceil(n / 5) for ternary.
 
+Mixed widths (`pack_mixed`, SVDq's latent channels): code i of a row has its own width w[i] in
+{1, 2, 4, 8} and sits at bit offset w[0] + ... + w[i-1] of the same little-endian bit stream.
+With widths that fall along the row in runs whose bit totals are whole multiples of the next
+width (as SVDq's schedules do), no code straddles a byte: unpack in a kernel with
+(byte[offset // 8] >> offset % 8) & (2**w - 1).
+
 Every width is a word of `codes_per_word` base-`radix` digits, earliest code least significant,
 stored little-endian in `bytes_per_word` bytes; for power-of-two radices the digit arithmetic
 below is exactly the shifts and masks above.
@@ -77,3 +83,22 @@ def unpack(packed: torch.Tensor, bits, n: int) -> torch.Tensor:
     place = radix ** torch.arange(per_word, device=packed.device, dtype=torch.int32)
     codes = (words[..., None] // place % radix).to(torch.uint8)  # (..., n_words, per_word)
     return codes.reshape(*lead, n_words * per_word)[..., :n].contiguous()
+
+
+def pack_mixed(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] codes, code i of width widths[i] bits -> uint8 [..., ceil(sum(widths) / 8)]."""
+    bit = torch.arange(8, device=codes.device)
+    stream = (codes[..., None].to(torch.int32) >> bit) & 1                        # (..., n, 8)
+    stream = stream[..., bit[None, :] < widths.to(codes.device)[:, None]]         # (..., sum(widths))
+    return pack(stream.to(torch.uint8), 1)
+
+
+def unpack_mixed(packed: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_mixed -> uint8 [..., len(widths)]."""
+    widths = widths.to(packed.device)
+    stream = unpack(packed, 1, int(widths.sum())).to(torch.int32)                 # (..., sum(widths))
+    bit = torch.arange(8, device=packed.device)
+    used = bit[None, :] < widths[:, None]                                          # (n, 8)
+    bits = torch.zeros(*stream.shape[:-1], *used.shape, dtype=torch.int32, device=packed.device)
+    bits[..., used] = stream
+    return (bits << bit).sum(-1).to(torch.uint8)

@@ -10,11 +10,12 @@ import torch
 from conftest import DEVICE
 from engine.cache import attention, make_cache
 from engine.runner import decode_one_token, prefill
-from kernels.decode_attention import Segment, Stored, decode_attention
+from kernels.decode_attention import LatentKeys, Segment, Stored, decode_attention
 from kernels.quantize import quantize_tokens
 from model import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from quant.packing import WIDTHS
 from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups
+from quant.svdq import SCHEDULES, SvdqKeyQuantizer, basis_from_keys
 
 # fp32 accumulation over fp16 inputs: the tolerance is fp16's, not the kernel's. On the CPU the
 # interpreter computes in fp32 throughout.
@@ -24,9 +25,14 @@ DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
-    """torch.empty inside the kernels returns NaN-filled memory."""
+    """torch.empty returns NaN-filled memory (integers: their largest value)."""
     real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).max)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def random_groups(n_heads, D, n_groups):
@@ -169,3 +175,40 @@ def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads
 
     with torch.no_grad():
         torch.testing.assert_close(run(True), run(False), **TOLERANCE[DTYPE])
+
+
+@pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 128)])
+@pytest.mark.parametrize("bits", [1.25, 2])
+@pytest.mark.parametrize("shared_basis", [True, False])
+def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_basis):
+    """SVDq latent keys rebuilt in-kernel (tl.dot with the basis, + mean, RoPE) with SKVQ values,
+    against attention over the dequantized, rotated keys: history lengths 0, within a block and
+    over several splits and blocks; one basis for all sequences or one each."""
+    B, Hkv, G_tokens = 3, 2, 32
+    quantizer = SvdqKeyQuantizer(SCHEDULES[bits], D, token_group=G_tokens)
+    capacity = 5 * G_tokens
+    count = torch.tensor([0, 17, capacity])
+    low_rank = torch.randn(Hkv, 8, D, device=DEVICE) * torch.logspace(1, -1, 8, device=DEVICE)[:, None]
+    keys = torch.einsum("bthr,hrd->bthd", torch.randn(B, capacity, Hkv, 8, device=DEVICE), low_rank)
+    keys = (keys + 0.1 * torch.randn_like(keys) + torch.randn(Hkv, D, device=DEVICE)).to(DTYPE)  # (B, T, Hkv, D)
+    bases = [basis_from_keys(keys[b]) for b in ([0] if shared_basis else range(B))]
+    basis, mean = (torch.stack(t).to(DEVICE) for t in zip(*bases))                      # (B or 1, Hkv, D, D)
+    blocks = keys.unflatten(1, (capacity // G_tokens, G_tokens))                         # (B, blocks, G, Hkv, D)
+    codes, scale, low = quantizer.quantize(blocks, basis[:, None], mean[:, None])
+    k_hat = quantizer.dequantize(codes, scale, low, basis[:, None], mean[:, None]).flatten(1, 2)  # (B, T, Hkv, D)
+    latent_keys = LatentKeys(codes.flatten(1, 2).transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous(),
+                             low.transpose(1, 2).contiguous(),
+                             basis[..., :quantizer.rank].transpose(-1, -2).contiguous(), mean,
+                             quantizer.bit_layout.to(DEVICE), G_tokens)
+    stored_v, v_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 1.5, 1,
+                             torch.float8_e4m3fn, smooth=True)
+    q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2))
+    start = torch.randint(0, 10, (B,))                                                   # position of row 0
+    got = decode_attention(q, [Segment(latent_keys, stored_v, count.to(DEVICE), None, start.to(DEVICE))], inv_freq,
+                           split_tokens=64)
+    for b in range(1, B):  # sequence 0 holds no token: nothing to compare
+        n = int(count[b])
+        k_rot = rope(k_hat[b, :n].transpose(0, 1).to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
+        expected = attention(q[b:b + 1, :, None], k_rot[None], v_hat[b:b + 1, :, :n], torch.tensor([[n]], device=DEVICE))
+        torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])

@@ -1,0 +1,166 @@
+"""SVDq keys: pre-RoPE keys in an SVD basis, latent channels quantized with falling precision.
+
+Per layer and KV head, keys (pre-RoPE) are centred on their mean and written in the basis of the
+right singular vectors of the centred keys, ordered by singular value: latent channel c of a key
+k is z_c = (k - mean) . basis[:, c]. The variance of the latent channels falls fast, so a
+schedule gives the first ones many bits, later ones few, and the tail none at all (truncated):
+    1.25 bits: (8, 4, 2, 2, 1, 1, 1, 1) bits for successive sixteenths of head_dim, 0 after,
+i.e. for head_dim 128, 8 channels at 8 bits, 8 at 4, 16 at 2, 32 at 1, 64 dropped: 160 bits per
+key, 1.25 per element. Each latent channel is quantized along tokens, in groups of
+`token_group` tokens sharing one (scale, low) per channel (quant/uniform.py), as KIVI quantizes
+keys per channel. Reconstruction: k_hat = z_hat @ basis[:, :R]^T + mean, then RoPE at the key's
+position; the decode kernel does exactly this in registers.
+
+The basis comes from calibration keys (`basis_from_keys`, stored by quant/calibrate.py) or from
+each prompt's own keys at prefill; both reduce to the same streamed covariance, so a million
+keys never need a [T, D] SVD.
+"""
+import torch
+
+from quant.packing import pack_mixed, unpack_mixed
+from quant.uniform import dequantize_groups, quantize_groups
+
+# bits per sixteenth of head_dim, most significant latent channels first; the rest are dropped.
+SCHEDULES = {1.25: (8, 4, 2, 2, 1, 1, 1, 1), 2: (8, 8, 4, 4, 2, 2, 2, 2)}
+
+
+def latent_widths(schedule, head_dim: int) -> torch.Tensor:
+    """Bits of each kept latent channel [R], R = len(schedule) * head_dim / 16."""
+    if head_dim % 16 or any(b not in (1, 2, 4, 8) for b in schedule):
+        raise ValueError(f"schedule {schedule} needs head_dim divisible by 16 and widths in 1, 2, 4, 8")
+    return torch.tensor(schedule).repeat_interleave(head_dim // 16)
+
+
+class KeyCovariance:
+    """Streamed first and second moments of keys [..., Hkv, D], in float64: add chunks, then
+    `basis()`. One pass, memory D x D per head, whatever the number of keys."""
+
+    def __init__(self):
+        self.count, self.total, self.outer = 0, 0.0, 0.0
+
+    def add(self, keys: torch.Tensor):
+        x = keys.reshape(-1, *keys.shape[-2:]).double()                        # (N, Hkv, D)
+        self.count += x.shape[0]
+        self.total = self.total + x.sum(0)                                       # (Hkv, D)
+        self.outer = self.outer + torch.einsum("nhc,nhd->hcd", x, x)            # (Hkv, D, D)
+
+    def basis(self):
+        """(basis [Hkv, D, D] fp32, columns = right singular vectors of the centred keys by
+        falling singular value; mean [Hkv, D] fp32)."""
+        mean = self.total / self.count
+        covariance = self.outer / self.count - mean[:, :, None] * mean[:, None, :]
+        _, vectors = torch.linalg.eigh(covariance)                               # ascending eigenvalues
+        return vectors.flip(-1).float(), mean.float()
+
+
+def basis_from_keys(keys: torch.Tensor):
+    """keys [N, Hkv, D] -> (basis [Hkv, D, D], mean [Hkv, D]), see KeyCovariance.basis."""
+    covariance = KeyCovariance()
+    covariance.add(keys)
+    return covariance.basis()
+
+
+class SvdqKeyQuantizer:
+    """Quantizes blocks of keys [..., G, Hkv, D] (G = token_group consecutive tokens) in a basis.
+
+    basis [..., Hkv, D, >= R] and mean [..., Hkv, D] broadcast against the blocks' leading dims
+    (one calibration basis for all, or one per sequence). Stored per block:
+      codes uint8 [..., G, Hkv, row_bytes]: each token's R latent codes, widths as the schedule
+          says, packed as one bit stream (quant/packing.py pack_mixed), row_bytes = sum(widths) / 8;
+      scale, low [..., Hkv, R] in meta_dtype: one pair per latent channel for the block's G tokens.
+    """
+
+    def __init__(self, schedule, head_dim: int, token_group: int = 128, meta_dtype=torch.float16):
+        self.schedule, self.token_group, self.meta_dtype = tuple(schedule), token_group, meta_dtype
+        self.widths = latent_widths(schedule, head_dim)                          # (R,)
+        self.head_dim, self.rank = head_dim, len(self.widths)
+        self.row_bytes = int(self.widths.sum()) // 8
+
+    @property
+    def bit_layout(self) -> torch.Tensor:
+        """[2, R] int32: each latent channel's bit offset in a packed row, and its width."""
+        return torch.stack([self.widths.cumsum(0) - self.widths, self.widths]).int()
+
+    def bits_per_element(self, context: int | None = None) -> float:
+        """Codes and per-block metadata per key element; with `context`, also one fp16 basis
+        [D, R] and mean [D] per head spread over that many tokens (a per-sequence basis)."""
+        meta = 2 * self.rank * torch.finfo(self.meta_dtype).bits / self.token_group
+        bits = (8 * self.row_bytes + meta) / self.head_dim
+        if context:
+            bits += 16 * (self.head_dim * self.rank + self.head_dim) / (context * self.head_dim)
+        return bits
+
+    def project(self, keys, basis, mean):
+        """keys [..., Hkv, D] -> latent [..., Hkv, R] fp32."""
+        return ((keys.float() - mean)[..., None, :] @ basis[..., :self.rank]).squeeze(-2)
+
+    def quantize(self, keys, basis, mean):
+        """keys [..., G, Hkv, D] -> codes [..., G, Hkv, row_bytes], scale, low [..., Hkv, R]."""
+        latent = self.project(keys, basis[..., None, :, :, :], mean[..., None, :, :]).movedim(-3, -1)  # (..., Hkv, R, G)
+        codes = torch.empty(latent.shape, dtype=torch.uint8, device=keys.device)
+        scale = torch.empty(latent.shape[:-1], dtype=self.meta_dtype, device=keys.device)
+        low = torch.empty_like(scale)
+        one_group = torch.zeros(latent.shape[-1], dtype=torch.long)
+        for bits in self.widths.unique().tolist():
+            channels = self.widths.to(keys.device) == bits
+            c, s, l = quantize_groups(latent[..., channels, :], bits, one_group, 1, meta_dtype=self.meta_dtype)
+            codes[..., channels, :], scale[..., channels], low[..., channels] = c, s[..., 0], l[..., 0]
+        return pack_mixed(codes.movedim(-1, -3), self.widths), scale, low
+
+    def dequantize(self, packed, scale, low, basis, mean):
+        """The inverse of quantize -> keys [..., G, Hkv, D] fp32 (the tail's latent channels are 0)."""
+        codes = unpack_mixed(packed, self.widths).movedim(-3, -1)                 # (..., Hkv, R, G)
+        latent = dequantize_groups(codes, scale[..., None], low[..., None], torch.zeros(codes.shape[-1], dtype=torch.long))
+        latent = latent.movedim(-1, -3)                                           # (..., G, Hkv, R)
+        basis, mean = basis[..., None, :, :, :self.rank], mean[..., None, :, :]
+        return (latent[..., None, :] @ basis.transpose(-1, -2)).squeeze(-2) + mean
+
+    def fake_quantize(self, keys, basis, mean):
+        """keys [..., T, Hkv, D]: every complete block of token_group tokens quantized and
+        reconstructed, a trailing partial block left exact."""
+        G = self.token_group
+        T = keys.shape[-3]
+        n = T // G * G
+        blocks = keys[..., :n, :, :].unflatten(-3, (T // G, G))                  # (..., blocks, G, Hkv, D)
+        basis, mean = basis[..., None, :, :, :], mean[..., None, :, :]
+        k_hat = keys.clone()
+        k_hat[..., :n, :, :] = self.dequantize(*self.quantize(blocks, basis, mean), basis, mean).flatten(-4, -3).to(keys.dtype)
+        return k_hat
+
+
+def block_mask(n_sink: int, window: int, token_group: int):
+    """Query p sees key j from the history once j's whole block (blocks of token_group tokens,
+    counted from the first token after the sinks) has left the window."""
+    def mask(T):
+        p, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        block_end = n_sink + ((j - n_sink) // token_group + 1) * token_group - 1
+        return (j >= n_sink) & (block_end <= p - window)
+    return mask
+
+
+def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink: int, window: int, inv_freq,
+               prompt_tokens: int = 512):
+    """The SVDq cache as a whole-sequence simulation (quant/methods.py): pre-RoPE keys in blocks,
+    values per token, both entering the history when a key block leaves the window.
+    bases: per layer (basis [Hkv, D, D], mean [Hkv, D]) from calibration; or None: each sequence's
+    basis from its own first prompt_tokens keys, as a prompt's would be at prefill.
+    value_quantizers: per layer TokenQuantizer, or None to keep values exact (a keys-only row)."""
+    from quant.methods import SimulatedCache
+
+    def fake_keys(layer, k):                                                      # k (B, Hkv, T, D)
+        x = k.transpose(1, 2)                                                     # (B, T, Hkv, D)
+        if bases is None:
+            basis, mean = (torch.stack(t) for t in zip(*[basis_from_keys(xb[:prompt_tokens]) for xb in x]))
+        else:
+            basis, mean = (t.to(k.device) for t in bases[layer])
+        x_hat = x.clone()
+        x_hat[:, n_sink:] = key_quantizer.fake_quantize(x[:, n_sink:], basis, mean)
+        return x_hat.transpose(1, 2)
+
+    def fake_values(layer, v):
+        if value_quantizers is None:
+            return v
+        return value_quantizers[layer].fake_quantize(v.transpose(1, 2)).transpose(1, 2)
+
+    return SimulatedCache(fake_keys, fake_values, block_mask(n_sink, window, key_quantizer.token_group),
+                          keys_pre_rope=True, inv_freq=inv_freq)
