@@ -168,8 +168,8 @@ class QuantizedCache(Cache):
         S, W = self.n_sink, self.window
         evicted = []  # (b, prompt token, history row) of every token that goes straight to history
         for b, n in enumerate(self.n_new.tolist()):
-            self.sink_k[layer, b, :, :min(n, S)] = k[b, :, :S]
-            self.sink_v[layer, b, :, :min(n, S)] = v[b, :, :S]
+            self.sink_k[layer, b, :, :min(n, S)] = k[b, :, :min(n, S)]
+            self.sink_v[layer, b, :, :min(n, S)] = v[b, :, :min(n, S)]
             first_recent = min(n, max(S, n - W))
             evicted += [(b, t, t - S) for t in range(S, first_recent)]
             slots = (torch.arange(first_recent, n, device=k.device) - S) % W
