@@ -42,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--kv", default=DEFAULT_KV,
-                   help="KV cache: fp16, or skvq-kKvV / kivi-kKvV with K, V bits (V may be 1.5: ternary); "
-                        f"default {DEFAULT_KV}")
+                   help="KV cache: fp16, or skvq-kKvV / kivi-kKvV with K, V bits (V may be 1.5: ternary), or "
+                        f"svdq-k1.25vV / svdq-k2vV (SVDq keys, SKVQ values); default {DEFAULT_KV}")
     p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
     p.add_argument("--group-size", type=positive_int, default=None,
@@ -51,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--grouping", choices=["kmeans", "head_pairs", "smooth", "equal"], default=DEFAULT_GROUPING,
                    help="SKVQ channel grouping from the calibration file (quant/skvq.py)")
     p.add_argument("--metadata", choices=["fp16", "fp8"], default=DEFAULT_METADATA, help="dtype of scales and zeros")
-    p.add_argument("--pre-rope-keys", action="store_true", help="quantize keys before RoPE")
+    p.add_argument("--pre-rope-keys", action="store_true", help="quantize keys before RoPE (SVDq keys always are)")
+    p.add_argument("--svdq-basis", choices=["calibration", "prompt"], default="calibration",
+                   help="SVDq keys: the calibration's basis, or each prompt's own (default: calibration when present)")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
@@ -81,7 +83,7 @@ def read_prompt(path: Path) -> str:
 def main(args):
     import torch
 
-    from engine.cache import QuantizedCache, make_cache
+    from engine.cache import QuantizedCache, SvdqCache, make_cache
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, UserError
@@ -110,11 +112,14 @@ def main(args):
     calibration = load_calibration(args.model)
     cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype, n_sink=args.sinks,
                        window=args.window, group_size=args.group_size, keys_pre_rope=args.pre_rope_keys,
-                       meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping)
+                       meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping,
+                       svdq_basis=args.svdq_basis)
     if isinstance(cache, QuantizedCache) and not cache.calibrated:
         print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs with "
               "equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)",
               file=sys.stderr)
+    if isinstance(cache, SvdqCache) and cache.bases is None and args.svdq_basis == "calibration":
+        print(f"note: no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis", file=sys.stderr)
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)

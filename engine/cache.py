@@ -10,12 +10,13 @@ import math
 
 import torch
 
-from kernels.decode_attention import Segment, Stored, decode_attention
+from kernels.decode_attention import LatentKeys, Segment, Stored, decode_attention
 from kernels.quantize import quantize_tokens
 from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
 from quant import kivi
 from quant.packing import pack, packed_size, unpack
 from quant.skvq import TokenQuantizer, equal_groups
+from quant.svdq import SCHEDULES, KeyCovariance, SvdqKeyQuantizer
 from quant.uniform import META_DTYPES, dequantize_groups, quantize_groups
 
 
@@ -93,6 +94,15 @@ class KVCache(Cache):
         return 8 * self.k.element_size()
 
 
+def kernel_tables(quantizer, device):
+    """What the kernels read of a TokenQuantizer: its group table [Hkv, D] int32 and smoothing
+    factors [Hkv, D] fp32 (ones for none), on the device."""
+    smoothing = quantizer.smoothing if quantizer.smoothing is not None else torch.ones(quantizer.n_heads,
+                                                                                     quantizer.head_dim)
+    return (quantizer.groups.group_index.to(device, torch.int32).contiguous(),
+            smoothing.to(device, torch.float32).contiguous())
+
+
 class QuantizedCache(Cache):
     """SKVQ's sliding-window cache (DESIGN section 4), per layer and sequence:
 
@@ -100,41 +110,44 @@ class QuantizedCache(Cache):
 
     A token is quantized exactly once, when it leaves the window: each decode step writes the new
     token into the ring slot of the token W positions older and moves that one into history.
-    Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
-    Storage is head-major ([layers, B, Hkv, tokens, ...]) so that the decode kernel's program for
-    one KV head reads one contiguous run per token; channel groups never span heads
-    (quant/skvq.py). With `use_kernels`, decode attention is kernels/decode_attention.py over
-    three segments (sinks, window, history) and eviction kernels/quantize.py, with no host sync;
-    otherwise it dequantizes the history in plain torch and calls `attention`, the reference.
+    (Subclasses whose keys are quantized in blocks of `block` tokens move a whole block once its
+    last token has left the window, so W to W + block - 1 recent tokens stay exact in a ring of
+    W + block - 1 slots.) Everything is preallocated to max_context: no torch.cat, no
+    reallocation during decode. Storage is head-major ([layers, B, Hkv, tokens, ...]) so that the
+    decode kernel's program for one KV head reads one contiguous run per token; channel groups
+    never span heads (quant/skvq.py). With `use_kernels`, decode attention is
+    kernels/decode_attention.py over three segments (sinks, window, history) and eviction
+    kernels/quantize.py, with no host sync; otherwise it dequantizes the history in plain torch
+    and calls `attention`, the reference.
     """
 
     calibrated = False  # whether the quantizers came from a calibration file (make_cache sets it)
     group_size = None   # channels per group, as make_cache chose them
+    block = 1           # tokens that enter the history together
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  key_quantizers, value_quantizers, n_sink: int = 5, window: int = 128,
                  keys_pre_rope: bool = False, use_kernels: bool | None = None):
         super().__init__(batch_size, max_context, device, use_kernels)
         L, B, Hkv, D = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim
-        self.n_sink, self.window = n_sink, window
+        self.n_sink, self.window, self.ring = n_sink, window, window + self.block - 1
         self.keys_pre_rope = keys_pre_rope
         self.inv_freq = rope_inv_freq(cfg).to(device)
         self.key_quantizers, self.value_quantizers = key_quantizers, value_quantizers
         self.sink_k = torch.zeros(L, B, Hkv, n_sink, D, device=device, dtype=dtype)  # (layers, B, Hkv, n_sink, D)
         self.sink_v = torch.zeros_like(self.sink_k)
-        # Ring: the token at position p >= n_sink lives in slot (p - n_sink) % window while it is recent.
-        self.window_k = torch.zeros(L, B, Hkv, window, D, device=device, dtype=dtype)  # (layers, B, Hkv, W, D)
+        # Ring: the token at position p >= n_sink lives in slot (p - n_sink) % ring while it is recent.
+        self.window_k = torch.zeros(L, B, Hkv, self.ring, D, device=device, dtype=dtype)  # (layers, B, Hkv, ring, D)
         self.window_v = torch.zeros_like(self.window_k)
         # History row of position p is p - n_sink; rows fill in order as tokens leave the window.
-        n_history = max(max_context - n_sink - window, 0)
-        self.history_k = self._history(key_quantizers[0], L, B, n_history, device)
+        n_history = max(max_context - n_sink - window, 0) // self.block * self.block
+        self.history_k = self._allocate_key_history(L, B, n_history, device)
         self.history_v = self._history(value_quantizers[0], L, B, n_history, device)
-        # What the kernels read of each layer's quantizers: group tables and smoothing, on the device.
-        as_tables = lambda qz: (qz.groups.group_index.to(device, torch.int32).contiguous(),
-                                torch.ones(Hkv, D, device=device) if qz.smoothing is None
-                                else qz.smoothing.to(device, torch.float32).contiguous())
-        self.key_tables = [as_tables(qz) for qz in key_quantizers]
-        self.value_tables = [as_tables(qz) for qz in value_quantizers]
+        self.value_tables = [kernel_tables(qz, device) for qz in value_quantizers]
+
+    def _allocate_key_history(self, L, B, T, device):
+        self.key_tables = [kernel_tables(qz, device) for qz in self.key_quantizers]
+        return self._history(self.key_quantizers[0], L, B, T, device)
 
     @staticmethod
     def _history(quantizer, L, B, T, device):
@@ -163,30 +176,40 @@ class QuantizedCache(Cache):
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
+    def _history_length(self, n):
+        """Tokens in the history of a sequence of n tokens: whole blocks out of the window."""
+        return (n - self.n_sink - self.window) // self.block * self.block if n > self.n_sink + self.window else 0
+
     def _store_prompt(self, layer, k, v):
         """k, v [B, Hkv, T, D]: right-padded prompts; sequence b's first n_new[b] tokens are real."""
-        S, W = self.n_sink, self.window
-        evicted = []  # (b, prompt token, history row) of every token that goes straight to history
+        S = self.n_sink
+        entries = []  # (b, prompt token, history row) of every token that goes straight to history
         for b, n in enumerate(self.n_new.tolist()):
             self.sink_k[layer, b, :, :min(n, S)] = k[b, :, :min(n, S)]
             self.sink_v[layer, b, :, :min(n, S)] = v[b, :, :min(n, S)]
-            first_recent = min(n, max(S, n - W))
-            evicted += [(b, t, t - S) for t in range(S, first_recent)]
-            slots = (torch.arange(first_recent, n, device=k.device) - S) % W
+            first_recent = S + self._history_length(n)
+            entries += [(b, t, t - S) for t in range(S, first_recent)]
+            slots = (torch.arange(first_recent, n, device=k.device) - S) % self.ring
             self.window_k[layer, b, :, slots] = k[b, :, first_recent:n]
             self.window_v[layer, b, :, slots] = v[b, :, first_recent:n]
-        if evicted:
-            batch, token, row = torch.tensor(evicted, device=k.device).T
+        if entries:
+            batch, token, row = torch.tensor(entries, device=k.device).T
             self._write_history(layer, k, v, batch, token, row)
 
     def _append(self, layer, k, v, p):
         """k, v [B, Hkv, D]: one new token per sequence at positions p [B]."""
-        S, W = self.n_sink, self.window
+        S, W, G = self.n_sink, self.window, self.block
         b = torch.arange(k.shape[0], device=k.device)
-        slot = (p - S).clamp_min(0) % W
-        # The slot holds the token of position p - W, which now leaves the window: history row p - W - S.
-        row = torch.where(p - S >= W, p - W - S, -1)
-        self._write_history(layer, self.window_k[layer], self.window_v[layer], b, slot, row)
+        slot = (p - S).clamp_min(0) % self.ring
+        # With p, the block of positions p + 1 - W - G ... p - W has left the window when p + 1 - S - W
+        # is a positive multiple of G; its first token sits in the slot p takes: move it first.
+        done = p + 1 - S - W
+        completes = (done > 0) & (done % G == 0)
+        first = p + 1 - W - G                                                         # (B,)
+        positions = first[:, None] + torch.arange(G, device=k.device)                 # (B, G)
+        rows = torch.where(completes[:, None], positions - S, -1)
+        self._write_history(layer, self.window_k[layer], self.window_v[layer], b.repeat_interleave(G),
+                            ((positions - S) % self.ring).flatten(), rows.flatten())
         # Then the new token takes its place, in the sinks or the window; static shapes, no host sync.
         if S:
             sink = p.clamp_max(S - 1)
@@ -214,42 +237,47 @@ class QuantizedCache(Cache):
         positions = super().reserve(n_new, T)
         # Per sequence, how many tokens each segment holds, where its ring starts and the position
         # of its first token: the same for every layer, so computed once per forward.
-        S, W, n = self.n_sink, self.window, self.lengths
-        first_recent = (n - W).clamp_min(S).clamp_max(n)  # first position in the window
-        self.spans = dict(window=(n - first_recent, (first_recent - S) % W, first_recent),
+        S, W, G, n = self.n_sink, self.window, self.block, self.lengths
+        n_hist = (n - S - W).clamp_min(0) // G * G
+        first_recent = (S + n_hist).clamp_max(n)  # first position in the window
+        self.spans = dict(window=(n - first_recent, n_hist % self.ring, first_recent),
                           sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
-                          history=((n - S - W).clamp_min(0), None, torch.full_like(n, S)))
+                          history=(n_hist, None, torch.full_like(n, S)))
         return positions
 
     def _segments(self, layer) -> list[Segment]:
         """The layer's window, sinks and history as the decode kernel reads them."""
-        packed = lambda history, quantizer, tables: Stored(
-            history["codes"][layer], quantizer.bits, history["scale"][layer], history["low"][layer], *tables)
         segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), *self.spans["window"])]
         if self.n_sink:
             segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), *self.spans["sinks"]))
-        if self.history_k["codes"].shape[3]:
-            segments.append(Segment(packed(self.history_k, self.key_quantizers[layer], self.key_tables[layer]),
-                                    packed(self.history_v, self.value_quantizers[layer], self.value_tables[layer]),
-                                    *self.spans["history"]))
+        if self.history_v["codes"].shape[3]:
+            values = self._packed(self.history_v, self.value_quantizers[layer], self.value_tables[layer], layer)
+            segments.append(Segment(self._kernel_keys(layer), values, *self.spans["history"]))
         return segments
+
+    def _kernel_keys(self, layer):
+        return self._packed(self.history_k, self.key_quantizers[layer], self.key_tables[layer], layer)
+
+    @staticmethod
+    def _packed(history, quantizer, tables, layer) -> Stored:
+        return Stored(history["codes"][layer], quantizer.bits, history["scale"][layer], history["low"][layer], *tables)
 
     def _materialize(self, layer, n):
         """Full-precision K, V [B, Hkv, T, D] in position order, T = max(n); sequence b holds
         n[b] tokens (later positions are garbage, masked by attention's causality)."""
-        S, W = self.n_sink, self.window
+        S = self.n_sink
         T = int(n.max())
         pos = torch.arange(T, device=n.device)
-        n_hist = int((n - S - W).clamp_min(0).max())
+        n_hist = torch.tensor([self._history_length(int(m)) for m in n], device=n.device)  # (B,)
+        longest = int(n_hist.max())
         out = []
-        for history, quantizers, sink, ring in [(self.history_k, self.key_quantizers, self.sink_k, self.window_k),
-                                               (self.history_v, self.value_quantizers, self.sink_v, self.window_v)]:
-            x = ring[layer][:, :, (pos - S).clamp_min(0) % W]                      # (B, Hkv, T, D) window candidates
-            if n_hist:
-                rows = [history[key][layer, :, :, :n_hist].transpose(1, 2) for key in ("codes", "scale", "low")]
-                hist = quantizers[layer].dequantize(*rows).transpose(1, 2).to(x.dtype)  # (B, Hkv, n_hist, D)
-                hist_at = hist[:, :, (pos - S).clamp(0, n_hist - 1)]                 # (B, Hkv, T, D)
-                in_history = (pos >= S) & (pos < (n - W)[:, None])                   # (B, T)
+        for dequantize, sink, ring in [(self._dequantize_keys, self.sink_k, self.window_k),
+                                       (self._dequantize_values, self.sink_v, self.window_v)]:
+            x = ring[layer][:, :, (pos - S).clamp_min(0) % self.ring]                  # (B, Hkv, T, D) window candidates
+            if longest:
+                hist = dequantize(layer, longest).to(x.dtype)                          # (B, Hkv, longest, D)
+                hist_at = hist[:, :, (pos - S).clamp(0, longest - 1)]                   # (B, Hkv, T, D)
+                in_history = (pos >= S) & (pos < S + n_hist[:, None])                  # (B, T)
                 x = torch.where(in_history[:, None, :, None], hist_at, x)
             x[:, :, :min(S, T)] = sink[layer, :, :, :min(S, T)]
             out.append(x)
@@ -257,6 +285,18 @@ class QuantizedCache(Cache):
         if self.keys_pre_rope:
             keys = self._rope(keys, pos.expand(n.shape[0], T))
         return keys, values
+
+    def _dequantize_keys(self, layer, n_rows):
+        return self._dequantize_rows(self.history_k, self.key_quantizers[layer], layer, n_rows)
+
+    def _dequantize_values(self, layer, n_rows):
+        return self._dequantize_rows(self.history_v, self.value_quantizers[layer], layer, n_rows)
+
+    @staticmethod
+    def _dequantize_rows(history, quantizer, layer, n_rows):
+        """The first n_rows history rows of every sequence, dequantized: [B, Hkv, n_rows, D]."""
+        rows = [history[key][layer, :, :, :n_rows].transpose(1, 2) for key in ("codes", "scale", "low")]
+        return quantizer.dequantize(*rows).transpose(1, 2)
 
     def _rope(self, k, positions):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
@@ -270,6 +310,105 @@ class QuantizedCache(Cache):
         buffers = [self.sink_k, self.sink_v, self.window_k, self.window_v,
                    *self.history_k.values(), *self.history_v.values()]
         return sum(t.nbytes for t in buffers)
+
+
+class SvdqCache(QuantizedCache):
+    """SVDq keys with SKVQ values (`--kv svdq-k1.25v1.5`), the same layout as QuantizedCache:
+
+        [ sinks, full precision | history: keys as SVDq latent codes, values packed per token | window ]
+
+    Keys are kept pre-RoPE and quantized in blocks of the key quantizer's token_group tokens
+    (quant/svdq.py): tokens enter the history a block at a time, values with them. The basis is
+    the calibration's, one for all sequences, or (bases=None) each sequence's own, from its
+    prompt's keys after the sinks at prefill (streamed covariance). Blocks are quantized in plain
+    torch on every device; the decode kernel reads the latent codes directly.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype, key_quantizer,
+                 bases, value_quantizers, n_sink: int = 5, window: int = 128, use_kernels: bool | None = None):
+        self.block, self.bases = key_quantizer.token_group, bases
+        super().__init__(cfg, batch_size, max_context, device, dtype, [key_quantizer] * cfg.num_hidden_layers,
+                         value_quantizers, n_sink, window, keys_pre_rope=True, use_kernels=use_kernels)
+
+    def _allocate_key_history(self, L, B, T, device):
+        """codes [layers, B, Hkv, T, row_bytes] uint8: each token's latent codes (quant/svdq.py);
+        scale, low [layers, B, Hkv, T / token_group, R]: per latent channel and block;
+        basis_t [layers, 1 or B, Hkv, R, D] fp32: the basis, transposed; mean [layers, 1 or B, Hkv, D]."""
+        quantizer = self.key_quantizers[0]
+        Hkv, D, R = self.sink_k.shape[2], quantizer.head_dim, quantizer.rank
+        meta = (L, B, Hkv, T // quantizer.token_group, R)
+        history = dict(codes=torch.zeros(L, B, Hkv, T, quantizer.row_bytes, dtype=torch.uint8, device=device),
+                       scale=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device),
+                       low=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device))
+        if self.bases is None:  # filled per sequence at prefill
+            history["basis_t"] = torch.zeros(L, B, Hkv, R, D, device=device)
+            history["mean"] = torch.zeros(L, B, Hkv, D, device=device)
+        else:
+            history["basis_t"] = torch.stack([basis[None, :, :, :R].transpose(-1, -2) for basis, _ in self.bases]).to(device)
+            history["mean"] = torch.stack([mean[None] for _, mean in self.bases]).to(device)
+        self.bit_layout = quantizer.bit_layout.to(device)
+        return history
+
+    def _store_prompt(self, layer, k, v):
+        if self.bases is None:
+            for b, n in enumerate(self.n_new.tolist()):
+                covariance = KeyCovariance()
+                for start in range(self.n_sink, n, 1 << 16):  # chunks keep the [N, D, D] products small
+                    covariance.add(k[b, :, start:min(n, start + (1 << 16))].transpose(0, 1))
+                if covariance.count:
+                    basis, mean = covariance.basis()
+                    self.history_k["basis_t"][layer, b] = basis[:, :, :self.key_quantizers[0].rank].transpose(-1, -2)
+                    self.history_k["mean"][layer, b] = mean
+        super()._store_prompt(layer, k, v)
+
+    def _basis(self, layer, b):
+        """basis [Hkv, D, R] and mean [Hkv, D] of sequence b."""
+        h = self.history_k
+        i = b if h["basis_t"].shape[1] > 1 else 0
+        return h["basis_t"][layer, i].transpose(-1, -2), h["mean"][layer, i]
+
+    def _write_history(self, layer, k, v, batch, token, row):
+        """Values token by token; keys a block at a time: the entries of a sequence come as whole
+        blocks of consecutive rows (QuantizedCache._store_prompt and _append write them so)."""
+        quantizer, G, h = self.key_quantizers[0], self.block, self.history_k
+        keep = row >= 0
+        batch, token, row = batch[keep], token[keep], row[keep]
+        for b in batch.unique().tolist():
+            mine = batch == b
+            rows = row[mine]
+            first, n_blocks = int(rows[0]) // G, len(rows) // G
+            blocks = k[b, :, token[mine]].transpose(0, 1).unflatten(0, (n_blocks, G))   # (blocks, G, Hkv, D)
+            codes, scale, low = quantizer.quantize(blocks, *self._basis(layer, b))
+            h["codes"][layer, b, :, first * G:(first + n_blocks) * G] = codes.flatten(0, 1).transpose(0, 1)
+            h["scale"][layer, b, :, first:first + n_blocks] = scale.transpose(0, 1)
+            h["low"][layer, b, :, first:first + n_blocks] = low.transpose(0, 1)
+        values, tables = self.value_quantizers[layer], self.value_tables[layer]
+        history = [self.history_v[key][layer] for key in ("codes", "scale", "low")]
+        if self.use_kernels:
+            quantize_tokens(v, batch, token, row, *history, *tables, values.bits, values.clip)
+        else:
+            at = batch, slice(None), row
+            history[0][at], history[1][at], history[2][at] = values.quantize(v[batch, :, token])
+
+    def _kernel_keys(self, layer):
+        h = self.history_k
+        return LatentKeys(h["codes"][layer], h["scale"][layer], h["low"][layer], h["basis_t"][layer],
+                          h["mean"][layer], self.bit_layout, self.block)
+
+    def _dequantize_keys(self, layer, n_rows):
+        """[B, Hkv, n_rows, D] pre-RoPE keys rebuilt from the first n_rows (whole blocks) of each sequence."""
+        h, G = self.history_k, self.block
+        codes = h["codes"][layer, :, :, :n_rows].transpose(1, 2).unflatten(1, (n_rows // G, G))  # (B, blocks, G, Hkv, bytes)
+        scale, low = (h[key][layer, :, :, :n_rows // G].transpose(1, 2) for key in ("scale", "low"))
+        basis = h["basis_t"][layer].transpose(-1, -2)[:, None]                         # (1 or B, 1, Hkv, D, R)
+        mean = h["mean"][layer][:, None]
+        keys = self.key_quantizers[0].dequantize(codes, scale, low, basis, mean)        # (B, blocks, G, Hkv, D)
+        return keys.flatten(1, 2).transpose(1, 2)
+
+    def bits_per_element(self) -> float:
+        """Of the history, metadata included; a per-sequence basis spread over max_context tokens."""
+        keys = self.key_quantizers[0].bits_per_element(context=self.max_context if self.bases is None else None)
+        return (keys + self.value_quantizers[0].bits_per_element()) / 2
 
 
 class KiviCache(Cache):
@@ -366,12 +505,13 @@ class KiviCache(Cache):
 # shipped model, and of the one-group-per-head settings the one that copes with outlier channels
 # (k-means groups of 64 do better still, at 2.06 bits).
 DEFAULT_KV, DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_METADATA = "skvq-k2v1.5", 128, "smooth", "fp8"
+DEFAULT_TOKEN_GROUP = 128  # SVDq: tokens per (scale, low) of a latent channel, 0.125 bits of fp16 metadata
 KV_BITS = {1, 2, 3, 4, 8}
 VALUE_BITS = KV_BITS | {1.5}
 
 
 def parse_kv(name: str):
-    """'fp16' -> None; 'skvq-k2v1.5' -> ('skvq', 2, 1.5)."""
+    """'fp16' -> None; 'skvq-k2v1.5' -> ('skvq', 2, 1.5); 'svdq-k1.25v1.5' -> ('svdq', 1.25, 1.5)."""
     if name == "fp16":
         return None
     method, _, bits = name.partition("-")
@@ -380,9 +520,11 @@ def parse_kv(name: str):
         k_bits, v_bits = float(k_bits), float(v_bits)
     except ValueError:
         k_bits = v_bits = None
-    if method not in ("skvq", "kivi") or k_bits not in KV_BITS or v_bits not in VALUE_BITS or not bits.startswith("k"):
+    key_widths = set(SCHEDULES) if method == "svdq" else KV_BITS
+    if (method not in ("skvq", "kivi", "svdq") or k_bits not in key_widths or v_bits not in VALUE_BITS
+            or not bits.startswith("k")):
         raise UserError(f"unknown --kv {name!r} (fp16, or skvq-kKvV / kivi-kKvV with K in 1,2,3,4,8 and V "
-                        "in 1,1.5,2,3,4,8 bits, e.g. skvq-k2v1.5)")
+                        "in 1,1.5,2,3,4,8 bits, e.g. skvq-k2v1.5, or svdq-kKvV with K in 1.25,2: SVDq keys)")
     as_width = lambda b: int(b) if b == int(b) else b
     return method, as_width(k_bits), as_width(v_bits)
 
@@ -390,10 +532,13 @@ def parse_kv(name: str):
 def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                n_sink: int = 5, window: int = 128, group_size: int | None = None, keys_pre_rope: bool = False,
                meta_dtype=META_DTYPES[DEFAULT_METADATA], calibration=None, grouping: str = DEFAULT_GROUPING,
-               use_kernels: bool | None = None):
+               use_kernels: bool | None = None, svdq_basis: str = "calibration",
+               token_group: int = DEFAULT_TOKEN_GROUP):
     """The cache `name` names (see parse_kv). A quantized cache takes its channel groups and clip
     factors from `calibration` (quant/calibrate.py) when it has them for group_size; otherwise
-    its groups are equal runs of channels with no reordering or clipping (`cache.calibrated`)."""
+    its groups are equal runs of channels with no reordering or clipping (`cache.calibrated`).
+    SVDq keys (blocks of token_group tokens) take their basis from the calibration, or with
+    svdq_basis="prompt" (or no calibration) from each prompt's keys (`cache.bases is None`)."""
     spec = parse_kv(name)
     if spec is None:
         return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels)
@@ -406,16 +551,26 @@ def make_cache(name: str, cfg: LlamaConfig, batch_size: int, max_context: int, d
         raise UserError(f"--group-size {group_size} must divide head_dim {cfg.head_dim}")
     if n_sink < 0 or window <= 0:
         raise UserError(f"--sinks must be >= 0 and --window > 0 (got {n_sink}, {window})")
+    if method == "svdq" and cfg.head_dim % 16:
+        raise UserError(f"SVDq keys need head_dim divisible by 16, the model has {cfg.head_dim}")
     calibrated = calibration is not None and group_size in calibration.settings["group_sizes"]
+    groups = equal_groups(cfg.num_key_value_heads, cfg.head_dim, group_size)
     if calibrated:
-        key_kind = "k_pre" if keys_pre_rope else "k_post"
-        keys = calibration.quantizers(grouping, group_size, key_kind, k_bits, meta_dtype)
         values = calibration.quantizers(grouping, group_size, "v", v_bits, meta_dtype)
     else:
-        groups = equal_groups(cfg.num_key_value_heads, cfg.head_dim, group_size)
-        keys = [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
         values = [TokenQuantizer(v_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
-    cache = QuantizedCache(cfg, batch_size, max_context, device, dtype, keys, values, n_sink, window, keys_pre_rope,
-                           use_kernels)
+    if method == "svdq":
+        bases = calibration.svdq_bases() if calibration is not None and svdq_basis == "calibration" else None
+        key_quantizer = SvdqKeyQuantizer(SCHEDULES[k_bits], cfg.head_dim, token_group)
+        cache = SvdqCache(cfg, batch_size, max_context, device, dtype, key_quantizer, bases, values, n_sink, window,
+                          use_kernels)
+    else:
+        if calibrated:
+            keys = calibration.quantizers(grouping, group_size, "k_pre" if keys_pre_rope else "k_post", k_bits,
+                                          meta_dtype)
+        else:
+            keys = [TokenQuantizer(k_bits, groups, meta_dtype=meta_dtype) for _ in range(cfg.num_hidden_layers)]
+        cache = QuantizedCache(cfg, batch_size, max_context, device, dtype, keys, values, n_sink, window,
+                               keys_pre_rope, use_kernels)
     cache.calibrated, cache.group_size = calibrated, group_size
     return cache

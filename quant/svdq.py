@@ -74,7 +74,7 @@ class SvdqKeyQuantizer:
         self.schedule, self.token_group, self.meta_dtype = tuple(schedule), token_group, meta_dtype
         self.widths = latent_widths(schedule, head_dim)                          # (R,)
         self.head_dim, self.rank = head_dim, len(self.widths)
-        self.row_bytes = int(self.widths.sum()) // 8
+        self.row_bytes = -(-int(self.widths.sum()) // 8)  # whole bytes
 
     @property
     def bit_layout(self) -> torch.Tensor:
@@ -92,7 +92,7 @@ class SvdqKeyQuantizer:
 
     def project(self, keys, basis, mean):
         """keys [..., Hkv, D] -> latent [..., Hkv, R] fp32."""
-        return ((keys.float() - mean)[..., None, :] @ basis[..., :self.rank]).squeeze(-2)
+        return torch.einsum("...hd,...hdr->...hr", keys.float() - mean, basis[..., :self.rank])
 
     def quantize(self, keys, basis, mean):
         """keys [..., G, Hkv, D] -> codes [..., G, Hkv, row_bytes], scale, low [..., Hkv, R]."""
@@ -113,7 +113,7 @@ class SvdqKeyQuantizer:
         latent = dequantize_groups(codes, scale[..., None], low[..., None], torch.zeros(codes.shape[-1], dtype=torch.long))
         latent = latent.movedim(-1, -3)                                           # (..., G, Hkv, R)
         basis, mean = basis[..., None, :, :, :self.rank], mean[..., None, :, :]
-        return (latent[..., None, :] @ basis.transpose(-1, -2)).squeeze(-2) + mean
+        return torch.einsum("...hr,...hdr->...hd", latent, basis) + mean
 
     def fake_quantize(self, keys, basis, mean):
         """keys [..., T, Hkv, D]: every complete block of token_group tokens quantized and
@@ -143,14 +143,15 @@ def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink:
     """The SVDq cache as a whole-sequence simulation (quant/methods.py): pre-RoPE keys in blocks,
     values per token, both entering the history when a key block leaves the window.
     bases: per layer (basis [Hkv, D, D], mean [Hkv, D]) from calibration; or None: each sequence's
-    basis from its own first prompt_tokens keys, as a prompt's would be at prefill.
+    basis from its own first prompt_tokens keys after the sinks, as engine/cache.py's SvdqCache
+    takes a prompt's at prefill.
     value_quantizers: per layer TokenQuantizer, or None to keep values exact (a keys-only row)."""
     from quant.methods import SimulatedCache
 
     def fake_keys(layer, k):                                                      # k (B, Hkv, T, D)
         x = k.transpose(1, 2)                                                     # (B, T, Hkv, D)
         if bases is None:
-            basis, mean = (torch.stack(t) for t in zip(*[basis_from_keys(xb[:prompt_tokens]) for xb in x]))
+            basis, mean = (torch.stack(t) for t in zip(*[basis_from_keys(xb[n_sink:prompt_tokens]) for xb in x]))
         else:
             basis, mean = (t.to(k.device) for t in bases[layer])
         x_hat = x.clone()

@@ -134,6 +134,8 @@ def test_bad_prompt(checkpoint, tmp_path, content, message):
     (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["--top-k", "0"], "--top-k: must be positive"),
     (["--kv", "int3"], "unknown --kv 'int3'"),
+    (["--kv", "svdq-k3v2"], "unknown --kv 'svdq-k3v2'"),
+    (["--svdq-basis", "random"], "invalid choice"),
     (["--dtype", "float8"], "invalid choice"),
 ])
 def test_bad_flags(checkpoint, prompt, flags, message):
@@ -151,10 +153,13 @@ def test_quantized_cache_through_the_cli(checkpoint, prompt):
               "--device", "cpu", "--dtype", "float32"]
     fp16 = run_cli(*common, "--kv", "fp16")
     # A window holding prompt and continuation quantizes nothing: the text is the fp16 cache's.
-    for kv in ("skvq-k2v1.5", "kivi-k2v2"):
+    for kv in ("skvq-k2v1.5", "kivi-k2v2", "svdq-k1.25v1.5"):
         wide = run_cli(*common, "--kv", kv, "--group-size", 8)
         assert wide.returncode == 0 and wide.stdout == fp16.stdout, (kv, wide.stderr)
     narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
     assert narrow.returncode == 0, narrow.stderr
     assert "no kv_calibration.safetensors" in narrow.stderr and "bits/element" in narrow.stderr
     assert len(narrow.stdout) > 0
+    svdq = run_cli(*common, "--kv", "svdq-k1.25v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
+    assert svdq.returncode == 0, svdq.stderr
+    assert "SVDq keys take the prompt's own basis" in svdq.stderr and len(svdq.stdout) > 0

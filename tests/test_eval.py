@@ -125,3 +125,31 @@ def test_kivi_cache_batch_equals_each_sequence_alone():
         batched = run(seqs, lengths)
         for b in range(2):
             torch.testing.assert_close(batched[b], run(seqs[b:b + 1], [lengths[b]])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("basis", ["calibration", "prompt"])
+@pytest.mark.parametrize("bits", [1.25, 2])
+def test_svdq_simulation_equals_token_by_token_decoding(basis, bits):
+    """The SVDq cache (keys in blocks of G, values with them) decodes as its simulation scores.
+    The prompt fits in sinks + window, so the prefill's exact attention is what the simulation
+    sees too, and is longer than head_dim, so a prompt basis is well determined."""
+    from engine.cache import SvdqCache
+    from quant.svdq import SCHEDULES, SvdqKeyQuantizer, basis_from_keys, svdq_cache
+
+    model = random_model()
+    cfg, S, W, G, T = model.config, 3, 30, 4, 80
+    prompt = S + W
+    keys = SvdqKeyQuantizer(SCHEDULES[bits], cfg.head_dim, token_group=G)
+    x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
+    bases = None if basis == "prompt" else [basis_from_keys(x[i::2]) for i in range(2)]
+    values = [TokenQuantizer(1.5, equal_groups(2, 16, 8)) for _ in range(2)]
+    tokens = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        simulated = model(tokens, torch.arange(T)[None], svdq_cache(keys, bases, values, S, W, model.inv_freq, prompt))
+        cache = SvdqCache(cfg, 1, T, "cpu", torch.float32, keys, bases, values, S, W, use_kernels=False)
+        decoded = [prefill(model, tokens[:, :prompt], torch.tensor([prompt]), cache)]
+        for t in range(prompt, T):
+            decoded.append(decode_one_token(model, tokens[:, t], cache))
+    decoded = torch.stack(decoded, 1)
+    torch.testing.assert_close(simulated[:, prompt - 1:], decoded, rtol=1e-4, atol=1e-4)
+    assert (simulated - model(tokens)).abs().max() > 1e-3  # quantization did change something

@@ -156,17 +156,18 @@ def random_model(n_kv_heads, head_dim):
 
 @pytest.mark.parametrize("kv, pre_rope, n_kv_heads, head_dim",
                          [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
-                          ("skvq-k3v2", True, 1, 128)])
+                          ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64)])
 def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
     """A batch of prompts of different lengths, decoded past the window: the kernel path (fused
-    eviction, three segments, stage 2) gives the logits of the plain-torch path."""
+    eviction, three segments, stage 2) gives the logits of the plain-torch path. SVDq keys here
+    take each prompt's basis (no calibration) in blocks of 16 tokens."""
     model = random_model(n_kv_heads, head_dim)
     cfg, lengths, n_decode = model.config, torch.tensor([23, 9]), 20
     tokens = torch.randint(0, 64, (2, 23 + n_decode), device=DEVICE)
 
     def run(use_kernels):
         cache = make_cache(kv, cfg, 2, 23 + n_decode, DEVICE, DTYPE, n_sink=3, window=8, group_size=32,
-                           keys_pre_rope=pre_rope, use_kernels=use_kernels)
+                           keys_pre_rope=pre_rope, use_kernels=use_kernels, token_group=16)
         logits = [prefill(model, tokens[:, :23], lengths.to(DEVICE), cache)]
         for _ in range(n_decode):
             next_token = tokens[torch.arange(2), cache.lengths]
