@@ -29,14 +29,17 @@ sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
 
-from engine.cache import attention, parse_kv  # noqa: E402
-from kernels.decode_attention import SPLIT_TOKENS, Segment, Stored, decode_attention  # noqa: E402
+from engine.cache import DEFAULT_TOKEN_GROUP, attention, parse_kv  # noqa: E402
+from kernels.decode_attention import SPLIT_TOKENS, LatentKeys, Segment, Stored, decode_attention  # noqa: E402
 from kernels.quantize import quantize_tokens  # noqa: E402
+from model import apply_rope, rope_cos_sin  # noqa: E402
 from quant.skvq import TokenQuantizer, equal_groups  # noqa: E402
+from quant.svdq import SCHEDULES, SvdqKeyQuantizer  # noqa: E402
 
 SHAPES = {"llama2-7b": dict(n_heads=32, n_kv_heads=32, head_dim=128),
           "llama3-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128)}
-SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5-pre-rope", "skvq-k2v1.5-g32"]
+SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5-pre-rope", "skvq-k2v1.5-g32",
+            "svdq-k1.25v1.5", "svdq-k2v1.5"]
 N_SINK, WINDOW = 5, 128
 REFERENCE_TOKENS = 8192  # contexts up to this are checked against the plain-torch reference
 
@@ -77,53 +80,79 @@ def make_inputs(setting, B, T, shape, device, dtype, generator):
             call = lambda: decode_attention(q, [Segment(Stored(k), Stored(v), lengths)])
         return call, 2 * k.nbytes, reference
     # A quantized cache of T tokens: sinks and window in fp16, the rest packed, as engine/cache.py holds it.
-    pre_rope, group_size = setting.endswith("pre-rope"), 32 if setting.endswith("g32") else D
+    svdq = setting.startswith("svdq")
+    pre_rope, group_size = svdq or setting.endswith("pre-rope"), 32 if setting.endswith("g32") else D
     _, k_bits, v_bits = parse_kv(setting.removesuffix("-pre-rope").removesuffix("-g32"))
-    n_hist = T - N_SINK - WINDOW
+    block = DEFAULT_TOKEN_GROUP if svdq else 1  # SVDq keys enter the history in blocks
+    n_hist = (T - N_SINK - WINDOW) // block * block
     segments, bytes_read, dequantized = [], 0, []
-    for n, first in [(N_SINK, 0), (WINDOW, N_SINK)]:
+    for n, first in [(N_SINK, 0), (T - N_SINK - n_hist, N_SINK)]:
         k, v = (torch.randn(B, Hkv, n, D, device=device, dtype=dtype, generator=generator) for _ in range(2))
         segments.append(Segment(Stored(k), Stored(v), torch.full((B,), n, device=device), None,
                                 torch.full((B,), first, device=device)))
         bytes_read += 2 * k.nbytes
         dequantized.append((k, v))
-    packed = []
-    for bits in (k_bits, v_bits):
-        quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=torch.float8_e4m3fn)
-        codes = torch.empty(B, Hkv, n_hist, quantizer.code_bytes, dtype=torch.uint8, device=device)
-        scale = torch.empty(B, Hkv, n_hist, quantizer.groups.n_groups, dtype=torch.float8_e4m3fn, device=device)
-        low = torch.empty_like(scale)
-        # Real codes of random tokens, quantized in chunks by the fused kernel (bulk quantization).
-        group_index = quantizer.groups.group_index.to(device, torch.int32)
-        smoothing = torch.ones(Hkv, D, device=device)
-        chunk = 1 << 14
-        for start in range(0, n_hist, chunk):
-            x = torch.randn(B, Hkv, min(chunk, n_hist - start), D, device=device, dtype=dtype, generator=generator)
-            n = x.shape[2]
-            batch = torch.arange(B, device=device).repeat_interleave(n)
-            source = torch.arange(n, device=device).repeat(B)
-            quantize_tokens(x, batch, source, source + start, codes, scale, low, group_index, smoothing, bits,
-                            quantizer.clip)
-        packed.append(Stored(codes, bits, scale, low, group_index, smoothing))
-        bytes_read += codes.nbytes + scale.nbytes + low.nbytes
-        if T <= REFERENCE_TOKENS:  # small enough to dequantize for the reference
-            x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2))
-            dequantized.append(x_hat.transpose(1, 2).to(dtype))
-    segments.append(Segment(*packed, torch.full((B,), n_hist, device=device), None,
-                            torch.full((B,), N_SINK + WINDOW, device=device)))
-    head_dim = D
-    inv_freq = 1.0 / 10000 ** (torch.arange(head_dim // 2, device=device) / (head_dim // 2)) if pre_rope else None
+    check = T <= REFERENCE_TOKENS  # small enough to dequantize for the reference
+    packed = [latent_keys(k_bits, B, Hkv, D, n_hist, device, generator, check) if svdq else
+              packed_tokens(k_bits, B, Hkv, D, group_size, n_hist, device, dtype, generator, check),
+              packed_tokens(v_bits, B, Hkv, D, group_size, n_hist, device, dtype, generator, check)]
+    bytes_read += sum(nbytes for _, nbytes, _ in packed)
+    segments.append(Segment(packed[0][0], packed[1][0], torch.full((B,), n_hist, device=device), None,
+                            torch.full((B,), T - n_hist, device=device)))
+    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=device) / (D // 2)) if pre_rope else None
     call = lambda: decode_attention(q, segments, inv_freq)
     reference = None
-    if T <= REFERENCE_TOKENS:
-        (sink_k, sink_v), (window_k, window_v), hist_k, hist_v = dequantized
-        # Position order: sinks, window (positions 5..132), then the history (positions 133...).
-        keys, values = torch.cat([sink_k, window_k, hist_k], 2), torch.cat([sink_v, window_v, hist_v], 2)
+    if check:
+        (sink_k, sink_v), (window_k, window_v) = dequantized
+        # Position order: sinks, window, then the history.
+        keys = torch.cat([sink_k, window_k, packed[0][2].to(dtype)], 2)
+        values = torch.cat([sink_v, window_v, packed[1][2].to(dtype)], 2)
         if pre_rope:
-            from model import apply_rope, rope_cos_sin
             keys = apply_rope(keys, *rope_cos_sin(torch.arange(T, device=device).expand(B, T), inv_freq))
         reference = lambda: attention(q[:, :, None], keys, values, torch.full((B, 1), T - 1, device=device))[:, :, 0]
     return call, bytes_read, reference
+
+
+def packed_tokens(bits, B, Hkv, D, group_size, n, device, dtype, generator, dequantize):
+    """n random tokens per sequence quantized per token (SKVQ) by the fused kernel, in chunks:
+    (Stored, bytes, dequantized [B, Hkv, n, D] or None)."""
+    quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=torch.float8_e4m3fn)
+    codes = torch.empty(B, Hkv, n, quantizer.code_bytes, dtype=torch.uint8, device=device)
+    scale = torch.empty(B, Hkv, n, quantizer.groups.n_groups, dtype=torch.float8_e4m3fn, device=device)
+    low = torch.empty_like(scale)
+    group_index = quantizer.groups.group_index.to(device, torch.int32)
+    smoothing = torch.ones(Hkv, D, device=device)
+    chunk = 1 << 14
+    for start in range(0, n, chunk):
+        x = torch.randn(B, Hkv, min(chunk, n - start), D, device=device, dtype=dtype, generator=generator)
+        batch = torch.arange(B, device=device).repeat_interleave(x.shape[2])
+        source = torch.arange(x.shape[2], device=device).repeat(B)
+        quantize_tokens(x, batch, source, source + start, codes, scale, low, group_index, smoothing, bits, quantizer.clip)
+    x_hat = None
+    if dequantize:
+        x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2)).transpose(1, 2)
+    return Stored(codes, bits, scale, low, group_index, smoothing), codes.nbytes + scale.nbytes + low.nbytes, x_hat
+
+
+def latent_keys(bits, B, Hkv, D, n, device, generator, dequantize):
+    """n SVDq keys per sequence (random codes and metadata, one random orthonormal basis):
+    (LatentKeys, bytes, dequantized pre-RoPE keys [B, Hkv, n, D] or None)."""
+    quantizer = SvdqKeyQuantizer(SCHEDULES[bits], D, DEFAULT_TOKEN_GROUP)
+    G, R = quantizer.token_group, quantizer.rank
+    codes = torch.randint(256, (B, Hkv, n, quantizer.row_bytes), device=device, dtype=torch.uint8, generator=generator)
+    scale = (torch.rand(B, Hkv, n // G, R, device=device, generator=generator) * 0.1).half()
+    low = (torch.randn(B, Hkv, n // G, R, device=device, generator=generator) * 0.1).half()
+    basis = torch.linalg.qr(torch.randn(Hkv, D, D, device=device, generator=generator))[0][None]  # (1, Hkv, D, D)
+    mean = torch.randn(1, Hkv, D, device=device, generator=generator) * 0.1
+    keys = LatentKeys(codes, scale, low, basis[..., :R].transpose(-1, -2).contiguous(), mean,
+                      quantizer.bit_layout.to(device), G)
+    x_hat = None
+    if dequantize:
+        blocks = codes.transpose(1, 2).unflatten(1, (n // G, G))                     # (B, blocks, G, Hkv, bytes)
+        x_hat = quantizer.dequantize(blocks, scale.transpose(1, 2), low.transpose(1, 2), basis[:, None], mean[:, None])
+        x_hat = x_hat.flatten(1, 2).transpose(1, 2)
+    nbytes = codes.nbytes + scale.nbytes + low.nbytes + keys.basis_t.nbytes + mean.nbytes
+    return keys, nbytes, x_hat
 
 
 def run(args):
