@@ -39,9 +39,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: to
 
 class Cache:
     """What every cache shares: per-sequence lengths and the reserve step of the protocol.
-    `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch."""
+    `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch.
+    `chunked_prefill`: a prompt may arrive in several forwards (engine/runner.py prefill)."""
 
     keys_pre_rope = False
+    chunked_prefill = False
 
     def __init__(self, batch_size: int, max_context: int, device, use_kernels: bool | None = None):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
@@ -65,6 +67,8 @@ class Cache:
 class KVCache(Cache):
     """The unquantized cache (`--kv fp16`): K/V of every position, stored in the model's dtype
     (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
+
+    chunked_prefill = True
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  use_kernels: bool | None = None):
@@ -124,6 +128,7 @@ class QuantizedCache(Cache):
     calibrated = False  # whether the quantizers came from a calibration file (make_cache sets it)
     group_size = None   # channels per group, as make_cache chose them
     block = 1           # tokens that enter the history together
+    chunked_prefill = True
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  key_quantizers, value_quantizers, n_sink: int = 5, window: int = 128,
@@ -163,12 +168,10 @@ class QuantizedCache(Cache):
 
     def attend(self, layer: int, q, k, v, positions):
         T = k.shape[2]
-        if T > 1:
-            assert bool((positions[:, 0] == 0).all()), "prefill into a non-empty cache is not supported"
-            self._store_prompt(layer, k, v)
-            # The prompt attends to itself in full precision, as an fp16 cache would.
-            keys = self._rope(k, positions) if self.keys_pre_rope else k
-            return attention(q, keys, v, positions)
+        if T > 1:  # a prompt, or the next chunk of one: it attends to the cache so far and to itself exactly
+            keys, values = self._with_chunk(layer, k, v, positions)
+            self._store_chunk(layer, k, v)
+            return attention(q, keys, values, positions)
         self._append(layer, k[:, :, 0], v[:, :, 0], positions[:, 0])
         if self.use_kernels:
             inv_freq = self.inv_freq if self.keys_pre_rope else None
@@ -180,21 +183,48 @@ class QuantizedCache(Cache):
         """Tokens in the history of a sequence of n tokens: whole blocks out of the window."""
         return (n - self.n_sink - self.window) // self.block * self.block if n > self.n_sink + self.window else 0
 
-    def _store_prompt(self, layer, k, v):
-        """k, v [B, Hkv, T, D]: right-padded prompts; sequence b's first n_new[b] tokens are real."""
+    def _with_chunk(self, layer, k, v, positions):
+        """Full-precision K, V [B, Hkv, n0 + T, D] that a chunk's queries read: what the cache holds
+        of the first n0 = lengths - n_new positions (history dequantized), then the chunk's own
+        K/V at its positions (later positions of a shorter sequence are masked by causality)."""
+        old = self.lengths - self.n_new
+        if self.keys_pre_rope:
+            k = self._rope(k, positions)
+        if int(old.max()) == 0:  # a whole prompt: it sees only itself
+            return k, v
+        keys, values = self._materialize(layer, old)
+        B, Hkv, T, D = k.shape
+        index = positions[:, None, :, None].expand(B, Hkv, T, D)
+        out = []
+        for held, new in [(keys, k), (values, v)]:
+            x = torch.cat([held, torch.zeros_like(new)], 2)
+            out.append(x.scatter(2, index, new.to(x.dtype)))
+        return out
+
+    def _store_chunk(self, layer, k, v):
+        """k, v [B, Hkv, T, D]: the next tokens of each sequence, right-padded: sequence b's first
+        n_new[b] are real and follow the n0 = lengths - n_new it holds. Positions that are now past
+        the sinks and out of the window go to history, from the ring where they were recent, else
+        straight from the chunk; the chunk's other tokens go to the sinks or the ring."""
         S = self.n_sink
-        entries = []  # (b, prompt token, history row) of every token that goes straight to history
-        for b, n in enumerate(self.n_new.tolist()):
-            self.sink_k[layer, b, :, :min(n, S)] = k[b, :, :min(n, S)]
-            self.sink_v[layer, b, :, :min(n, S)] = v[b, :, :min(n, S)]
-            first_recent = S + self._history_length(n)
-            entries += [(b, t, t - S) for t in range(S, first_recent)]
-            slots = (torch.arange(first_recent, n, device=k.device) - S) % self.ring
-            self.window_k[layer, b, :, slots] = k[b, :, first_recent:n]
-            self.window_v[layer, b, :, slots] = v[b, :, first_recent:n]
-        if entries:
+        moving_k = torch.cat([self.window_k[layer], k], 2)  # token i < ring: ring slot i; else chunk token i - ring
+        moving_v = torch.cat([self.window_v[layer], v], 2)
+        entries, recent = [], []  # (b, token in moving_*, history row); (b, chunk token, ring slot)
+        for b, (n0, n) in enumerate(zip((self.lengths - self.n_new).tolist(), self.n_new.tolist())):
+            n1 = n0 + n
+            if n0 < min(n1, S):
+                self.sink_k[layer, b, :, n0:min(n1, S)] = k[b, :, :min(n1, S) - n0]
+                self.sink_v[layer, b, :, n0:min(n1, S)] = v[b, :, :min(n1, S) - n0]
+            for p in range(S + self._history_length(n0), S + self._history_length(n1)):
+                entries.append((b, (p - S) % self.ring if p < n0 else self.ring + p - n0, p - S))
+            recent += [(b, p - n0, (p - S) % self.ring) for p in range(max(n0, S + self._history_length(n1)), n1)]
+        if entries:  # before the ring takes the chunk's tokens into the slots these leave
             batch, token, row = torch.tensor(entries, device=k.device).T
-            self._write_history(layer, k, v, batch, token, row)
+            self._write_history(layer, moving_k, moving_v, batch, token, row)
+        if recent:
+            batch, token, slot = torch.tensor(recent, device=k.device).T
+            self.window_k[layer, batch, :, slot] = k[batch, :, token]
+            self.window_v[layer, batch, :, slot] = v[batch, :, token]
 
     def _append(self, layer, k, v, p):
         """k, v [B, Hkv, D]: one new token per sequence at positions p [B]."""
@@ -319,8 +349,8 @@ class SvdqCache(QuantizedCache):
 
     Keys are kept pre-RoPE and quantized in blocks of the key quantizer's token_group tokens
     (quant/svdq.py): tokens enter the history a block at a time, values with them. The basis is
-    the calibration's, one for all sequences, or (bases=None) each sequence's own, from its
-    prompt's keys after the sinks at prefill (streamed covariance). Blocks are quantized in plain
+    the calibration's, one for all sequences, or (bases=None) each sequence's own, from the keys
+    after the sinks of its prompt's first prefill chunk (streamed covariance). Blocks are quantized in plain
     torch on every device; the decode kernel reads the latent codes directly.
     """
 
@@ -349,9 +379,11 @@ class SvdqCache(QuantizedCache):
         self.bit_layout = quantizer.bit_layout.to(device)
         return history
 
-    def _store_prompt(self, layer, k, v):
-        if self.bases is None:
-            for b, n in enumerate(self.n_new.tolist()):
+    def _store_chunk(self, layer, k, v):
+        if self.bases is None:  # a prompt's basis: from its first chunk, before any of it is quantized
+            for b, (n0, n) in enumerate(zip((self.lengths - self.n_new).tolist(), self.n_new.tolist())):
+                if n0:
+                    continue
                 covariance = KeyCovariance()
                 for start in range(self.n_sink, n, 1 << 16):  # chunks keep the [N, D, D] products small
                     covariance.add(k[b, :, start:min(n, start + (1 << 16))].transpose(0, 1))
@@ -359,7 +391,7 @@ class SvdqCache(QuantizedCache):
                     basis, mean = covariance.basis()
                     self.history_k["basis_t"][layer, b] = basis[:, :, :self.key_quantizers[0].rank].transpose(-1, -2)
                     self.history_k["mean"][layer, b] = mean
-        super()._store_prompt(layer, k, v)
+        super()._store_chunk(layer, k, v)
 
     def _basis(self, layer, b):
         """basis [Hkv, D, R] and mean [Hkv, D] of sequence b."""
@@ -369,7 +401,7 @@ class SvdqCache(QuantizedCache):
 
     def _write_history(self, layer, k, v, batch, token, row):
         """Values token by token; keys a block at a time: the entries of a sequence come as whole
-        blocks of consecutive rows (QuantizedCache._store_prompt and _append write them so)."""
+        blocks of consecutive rows (QuantizedCache._store_chunk and _append write them so)."""
         quantizer, G, h = self.key_quantizers[0], self.block, self.history_k
         keep = row >= 0
         batch, token, row = batch[keep], token[keep], row[keep]

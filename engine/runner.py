@@ -1,14 +1,37 @@
 """Prefill and decode loop, in the gpt-fast way: free functions over a model and a cache."""
+import sys
+
 import torch
+from tqdm import tqdm
 
 from engine.sampling import sample
 
 
+PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activations and the chunk's fp16 K/V
+
+
 @torch.no_grad()
-def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache) -> torch.Tensor:
-    """tokens [B, T] right-padded prompts of prompt_lengths [B] -> logits [B, vocab] at each last token."""
-    positions = cache.reserve(prompt_lengths, tokens.shape[1])  # (B, T)
-    return model(tokens, positions, cache, logits_index=prompt_lengths - 1)[:, 0]
+def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache,
+            chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+    """tokens [B, T] right-padded prompts of prompt_lengths [B] -> logits [B, vocab] at each last token.
+
+    A prompt longer than chunk_size goes in chunks (into caches that take them): each chunk
+    attends to what the cache holds so far (a quantized cache's history as stored) and exactly to
+    itself, and memory is bounded by the chunk, not the prompt. A shorter prompt is one exact forward."""
+    T = tokens.shape[1]
+    if T <= chunk_size or not cache.chunked_prefill:
+        positions = cache.reserve(prompt_lengths, T)  # (B, T)
+        return model(tokens, positions, cache, logits_index=prompt_lengths - 1)[:, 0]
+    logits = None
+    starts = range(0, T, chunk_size)
+    for start in tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr, disable=len(starts) < 8):
+        chunk = tokens[:, start:start + chunk_size]                                 # (B, C)
+        positions = cache.reserve((prompt_lengths - start).clamp(0, chunk.shape[1]), chunk.shape[1])
+        last = prompt_lengths - 1 - start                                          # each last token, in this chunk?
+        out = model(chunk, positions, cache, logits_index=last.clamp(0, chunk.shape[1] - 1))[:, 0]
+        here = ((last >= 0) & (last < chunk.shape[1]))[:, None]
+        logits = out if logits is None else torch.where(here, out, logits)
+    return logits
 
 
 @torch.no_grad()

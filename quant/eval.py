@@ -133,6 +133,27 @@ def svdq_settings(calibration: Calibration, head_dim: int, n_sink: int, window: 
     return rows
 
 
+def chunked_settings(calibration: Calibration, head_dim: int, n_sink: int, window: int, inv_freq):
+    """(name, bits, cache factory): the default SKVQ cache and SVDq-1.25 with its values, scored
+    as a prompt prefilled whole (every token exact: fp16's perplexity), in chunks of 512, 256 and
+    128 tokens, and token by token (decoding)."""
+    meta = META_DTYPES[DEFAULT_METADATA]
+    keys = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "k_post", 2, meta)
+    values = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "v", 1.5, meta)
+    svdq_keys = SvdqKeyQuantizer(SCHEDULES[1.25], head_dim)
+    skvq_bits = (keys[0].bits_per_element() + values[0].bits_per_element()) / 2
+    svdq_bits = (svdq_keys.bits_per_element() + values[0].bits_per_element()) / 2
+    rows = [("whole prompt in one forward (exact, as fp16)", 16.0, None)]
+    for chunk in (512, 256, 128, None):
+        how = f"chunks of {chunk}" if chunk else "token by token (decoding)"
+        rows.append((f"skvq-k2v1.5 (default), {how}", skvq_bits,
+                     lambda c=chunk: skvq_cache(keys, values, n_sink, window, False, inv_freq, c)))
+        rows.append((f"svdq-k1.25v1.5, calibration basis, {how}", svdq_bits,
+                     lambda c=chunk: svdq_cache(svdq_keys, calibration.svdq_bases(), values, n_sink, window,
+                                                inv_freq, prefill_chunk=c)))
+    return rows
+
+
 def key_errors(cache, captured: list, n_sink: int, window: int):
     """Mean over layers of three relative errors against full precision, over what decoding reads
     from the history: the keys themselves (in the space each method quantizes: pre-RoPE for SVDq,
@@ -226,7 +247,7 @@ def main(argv=None):
     p.add_argument("--sinks", type=int, default=5)
     p.add_argument("--tables", default="main", type=lambda t: t.split(","),
                    help="comma-separated: main (every cache setting), synthetic (outlier keys), "
-                        "svdq (SVDq keys against per-channel and SKVQ keys)")
+                        "svdq (SVDq keys against per-channel and SKVQ keys), chunked (prefill in chunks)")
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
     args = p.parse_args(argv)
@@ -244,9 +265,11 @@ def main(argv=None):
     if calibration is None:
         print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
               file=sys.stderr)
-    unknown = set(args.tables) - {"main", "synthetic", "svdq"}
+    unknown = set(args.tables) - {"main", "synthetic", "svdq", "chunked"}
     if unknown:
-        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} (main, synthetic, svdq)")
+        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} (main, synthetic, svdq, chunked)")
+    if calibration is None and {"svdq", "chunked"} & set(args.tables):
+        raise UserError(f"--tables svdq and chunked need {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
     captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
     cfg = model.config
     n_scored = min(len(ids), max(1, len(ids) // seq_len) * seq_len)
@@ -270,8 +293,6 @@ def main(argv=None):
     if "synthetic" in args.tables:
         print_synthetic(args.sinks, args.window)
     if "svdq" in args.tables:
-        if calibration is None:
-            raise UserError(f"--tables svdq needs {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
         rows = []
         for name, bits, factory in tqdm(svdq_settings(calibration, cfg.head_dim, args.sinks, args.window,
                                                       model.inv_freq, seq_len), desc="svdq", file=sys.stderr):
@@ -280,6 +301,13 @@ def main(argv=None):
             rows.append((name, bits, f"{ppl:.3f}", *(f"{e:.4f}" for e in errors)))
         print(f"\nSVDq keys against per-channel and SKVQ keys. {heading}:\n")
         print(table(rows, ["perplexity", "key rel. error", "score rel. error", "attention rel. error"]))
+    if "chunked" in args.tables:
+        rows = []
+        for name, bits, factory in tqdm(chunked_settings(calibration, cfg.head_dim, args.sinks, args.window,
+                                                         model.inv_freq), desc="chunked", file=sys.stderr):
+            rows.append((name, bits, f"{perplexity(model, ids, seq_len, factory):.3f}"))
+        print(f"\nPrefill in chunks: each chunk reads the history as stored and itself exactly. {heading}:\n")
+        print(table(rows, ["perplexity"]))
 
 
 def print_synthetic(n_sink, window):

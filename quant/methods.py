@@ -61,8 +61,23 @@ def sliding_window_mask(n_sink: int, window: int):
     return mask
 
 
-def skvq_cache(key_quantizers, value_quantizers, n_sink, window, keys_pre_rope, inv_freq):
+def chunked_prefill_mask(n_sink: int, window: int, block: int, chunk: int):
+    """A prompt prefilled in chunks of `chunk` tokens (engine/runner.py): query p sees key j from
+    the history iff j was there when p's chunk began, at c = p // chunk * chunk: the history then
+    held the whole blocks of `block` tokens past the sinks that had left the window."""
+    def mask(T):
+        p, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        start = p // chunk * chunk
+        history = (start - n_sink - window).clamp_min(0) // block * block
+        return (j >= n_sink) & (j < n_sink + history)
+    return mask
+
+
+def skvq_cache(key_quantizers, value_quantizers, n_sink, window, keys_pre_rope, inv_freq, prefill_chunk=None):
+    """prefill_chunk None: every token scored as decoding scores it; else as a prompt prefilled in
+    chunks of that many tokens."""
     # x [B, Hkv, T, D]; the quantizers take tokens [..., Hkv, D].
     per_token = lambda quantizers: lambda layer, x: quantizers[layer].fake_quantize(x.transpose(1, 2)).transpose(1, 2)
     return SimulatedCache(per_token(key_quantizers), per_token(value_quantizers),
-                          sliding_window_mask(n_sink, window), keys_pre_rope, inv_freq)
+                          sliding_window_mask(n_sink, window) if prefill_chunk is None else
+                          chunked_prefill_mask(n_sink, window, 1, prefill_chunk), keys_pre_rope, inv_freq)

@@ -139,14 +139,15 @@ def block_mask(n_sink: int, window: int, token_group: int):
 
 
 def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink: int, window: int, inv_freq,
-               prompt_tokens: int = 512):
+               prompt_tokens: int = 512, prefill_chunk: int | None = None):
     """The SVDq cache as a whole-sequence simulation (quant/methods.py): pre-RoPE keys in blocks,
     values per token, both entering the history when a key block leaves the window.
     bases: per layer (basis [Hkv, D, D], mean [Hkv, D]) from calibration; or None: each sequence's
     basis from its own first prompt_tokens keys after the sinks, as engine/cache.py's SvdqCache
     takes a prompt's at prefill.
-    value_quantizers: per layer TokenQuantizer, or None to keep values exact (a keys-only row)."""
-    from quant.methods import SimulatedCache
+    value_quantizers: per layer TokenQuantizer, or None to keep values exact (a keys-only row).
+    prefill_chunk: None scores every token as decoding would; else as a prompt prefilled in chunks."""
+    from quant.methods import SimulatedCache, chunked_prefill_mask
 
     def fake_keys(layer, k):                                                      # k (B, Hkv, T, D)
         x = k.transpose(1, 2)                                                     # (B, T, Hkv, D)
@@ -163,5 +164,7 @@ def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink:
             return v
         return value_quantizers[layer].fake_quantize(v.transpose(1, 2)).transpose(1, 2)
 
-    return SimulatedCache(fake_keys, fake_values, block_mask(n_sink, window, key_quantizer.token_group),
-                          keys_pre_rope=True, inv_freq=inv_freq)
+    G = key_quantizer.token_group
+    mask = block_mask(n_sink, window, G) if prefill_chunk is None else chunked_prefill_mask(n_sink, window, G,
+                                                                                           prefill_chunk)
+    return SimulatedCache(fake_keys, fake_values, mask, keys_pre_rope=True, inv_freq=inv_freq)
