@@ -1,6 +1,9 @@
 """Generate text with a Llama checkpoint: python generate.py --model DIR --prompt-file FILE
 
-stdout receives exactly the continuation, streamed; statistics go to stderr.
+stdout receives exactly the continuation, streamed; statistics go to stderr. `--prompt-tokens N`
+uses N random tokens instead of a prompt file (for benchmarks), `--max-context N|auto` sizes the
+cache (auto: the longest context that fits); a request that cannot fit is refused before any
+allocation, with the numbers.
 """
 import argparse
 import sys
@@ -28,11 +31,20 @@ def positive_int(s):
     return n
 
 
+def context_size(s):
+    return s if s == "auto" else positive_int(s)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="checkpoint directory: config.json, *.safetensors, tokenizer.model (default: the shipped kjv-tiny)")
-    p.add_argument("--prompt-file", type=Path, required=True)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-file", type=Path)
+    prompt.add_argument("--prompt-tokens", type=positive_int, help="a synthetic prompt of N random tokens")
+    p.add_argument("--max-context", type=context_size, default=None,
+                   help="tokens the cache holds per sequence, or auto: the longest that fits "
+                        "(default: prompt + new tokens, within the model's context)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -84,6 +96,7 @@ def main(args):
     import torch
 
     from engine.cache import QuantizedCache, SvdqCache, make_cache
+    from engine.planner import largest_context, plan
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, UserError
@@ -92,7 +105,7 @@ def main(args):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    prompt = read_prompt(args.prompt_file)
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else None
     if not args.model.is_dir():
         raise UserError(f"{args.model}: model directory not found")
     tokenizer = Tokenizer(args.model / "tokenizer.model")
@@ -101,19 +114,38 @@ def main(args):
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{args.model}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
 
-    prompt_ids = tokenizer.encode(prompt)
-    context = cfg.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise UserError(f"prompt is {len(prompt_ids)} tokens; the model's context is {context}")
-    max_new = min(args.max_new_tokens, context - len(prompt_ids))
-    if max_new < args.max_new_tokens:
-        print(f"note: generating at most {max_new} tokens, the rest of the model's {context}-token context",
-              file=sys.stderr)
+    if prompt is None:  # random ids past the special ones, reproducible with --seed
+        generator = torch.Generator().manual_seed(args.seed or 0)
+        prompt_ids = [cfg.bos_token_id] + torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens - 1,),
+                                                        generator=generator).tolist()
+    else:
+        prompt_ids = tokenizer.encode(prompt)
     calibration = load_calibration(args.model)
-    cache = make_cache(args.kv, cfg, 1, len(prompt_ids) + max_new, device, dtype, n_sink=args.sinks,
-                       window=args.window, group_size=args.group_size, keys_pre_rope=args.pre_rope_keys,
-                       meta_dtype=META_DTYPES[args.metadata], calibration=calibration, grouping=args.grouping,
-                       svdq_basis=args.svdq_basis)
+    make = lambda context, on: make_cache(
+        args.kv, cfg, 1, context, on, dtype, n_sink=args.sinks, window=args.window, group_size=args.group_size,
+        keys_pre_rope=args.pre_rope_keys, meta_dtype=META_DTYPES[args.metadata], calibration=calibration,
+        grouping=args.grouping, svdq_basis=args.svdq_basis)
+    context = args.max_context
+    if context is None:  # as much as the request needs, within the model's context
+        if len(prompt_ids) >= cfg.max_position_embeddings:
+            raise UserError(f"prompt is {len(prompt_ids)} tokens; the model's context is {cfg.max_position_embeddings}")
+        context = min(cfg.max_position_embeddings, len(prompt_ids) + args.max_new_tokens)
+    memory = plan(make, cfg, 1, len(prompt_ids), context, device, dtype)
+    if memory.context <= len(prompt_ids):
+        raise UserError(f"--max-context {memory.context} leaves no room after the {len(prompt_ids)}-token prompt"
+                        + (f" ({memory.explain()})" if context == "auto" else ""))
+    if not memory.fits:
+        longest = largest_context(make, memory.free - memory.working)
+        raise UserError(f"cannot allocate the KV cache on {device}: {memory.explain()}; "
+                        f"at most {longest} tokens fit")
+    max_new = min(args.max_new_tokens, memory.context - len(prompt_ids))
+    if max_new < args.max_new_tokens:
+        print(f"note: generating at most {max_new} tokens, the rest of the {memory.context}-token context",
+              file=sys.stderr)
+    if memory.context > cfg.max_position_embeddings:
+        print(f"note: a {memory.context}-token context is past the model's trained {cfg.max_position_embeddings}",
+              file=sys.stderr)
+    cache = make(memory.context, device)
     if isinstance(cache, QuantizedCache) and not cache.calibrated:
         print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs with "
               "equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)",
@@ -150,7 +182,7 @@ def main(args):
     # stdout holds exactly the continuation, so the line break before the stats goes to stderr.
     print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
           f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
-          f"KV cache ({args.kv}): {cache.nbytes() / 2**20:.2f} MiB allocated, "
+          f"KV cache ({args.kv}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
           f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element"
           + (" in the quantized history, metadata included" if args.kv != "fp16" else ""), file=sys.stderr)
 

@@ -135,6 +135,10 @@ def test_bad_prompt(checkpoint, tmp_path, content, message):
     (["--top-k", "0"], "--top-k: must be positive"),
     (["--kv", "int3"], "unknown --kv 'int3'"),
     (["--kv", "svdq-k3v2"], "unknown --kv 'svdq-k3v2'"),
+    (["--max-context", "big"], "--max-context: 'big' is not an integer"),
+    (["--max-context", "5"], "--max-context 5 leaves no room after the"),
+    (["--max-context", str(1 << 50)], "cannot allocate the KV cache on cpu: a 1125899906842624-token context needs"),
+    (["--prompt-tokens", "10"], "not allowed with argument --prompt-file"),
     (["--svdq-basis", "random"], "invalid choice"),
     (["--dtype", "float8"], "invalid choice"),
 ])
@@ -163,3 +167,14 @@ def test_quantized_cache_through_the_cli(checkpoint, prompt):
     svdq = run_cli(*common, "--kv", "svdq-k1.25v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
     assert svdq.returncode == 0, svdq.stderr
     assert "SVDq keys take the prompt's own basis" in svdq.stderr and len(svdq.stdout) > 0
+
+
+def test_synthetic_prompt_and_explicit_context(checkpoint):
+    path, _ = checkpoint(num_key_value_heads=2)
+    r = run_cli("--model", path, "--prompt-tokens", 40, "--max-new-tokens", 5, "--max-context", 200,
+                "--temperature", 0, "--device", "cpu", "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    assert "prompt tokens: 40, new tokens: 5" in r.stderr and "KV cache (skvq-k2v1.5): 200 tokens" in r.stderr
+    again = run_cli("--model", path, "--prompt-tokens", 40, "--max-new-tokens", 5, "--temperature", 0,
+                    "--device", "cpu", "--seed", 1)
+    assert again.stdout == r.stdout  # the same synthetic prompt for the same seed

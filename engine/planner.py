@@ -1,0 +1,81 @@
+"""Memory planning: how long a context fits beside the weights, decided before anything is allocated.
+
+A cache is priced by building it on the meta device: the same code that allocates it, so there is
+no second formula to drift from it. The working memory of a forward is priced from the shapes
+engine/runner.py and engine/cache.py use (a prefill chunk's activations and, for a quantized
+cache, its plain-torch chunk attention over the held context).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.runner import PREFILL_CHUNK
+
+GiB = 2 ** 30
+HEADROOM = 0.9  # of the free memory, what a plan may use: the allocator's fragmentation, the CUDA context
+
+
+def cache_bytes(make_cache, context: int) -> int:
+    """Bytes that `make_cache(max_context, device)` allocates for `context` tokens, priced on meta."""
+    return make_cache(context, "meta").nbytes()
+
+
+def free_bytes(device) -> int:
+    """Memory that can still be allocated: free GPU memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def working_bytes(cfg, batch: int, prompt_tokens: int, dtype) -> int:
+    """Peak transient memory of the largest forward: one prefill chunk's MLP and logits, and its
+    attention, which materializes in fp32 the K/V it reads [B, Hkv, prompt, D] and the scores
+    [B, H, chunk, prompt] (plain torch, layer by layer)."""
+    chunk = min(prompt_tokens, PREFILL_CHUNK)
+    size = torch.finfo(dtype).bits // 8
+    mlp = batch * chunk * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * size
+    attention = 4 * batch * prompt_tokens * (2 * cfg.num_key_value_heads * cfg.head_dim + cfg.num_attention_heads * chunk)
+    return mlp + attention + 4 * batch * cfg.vocab_size
+
+
+@dataclass
+class Plan:
+    context: int          # tokens per sequence the cache is allocated for
+    cache: int            # its bytes
+    working: int          # transient bytes of the largest forward
+    free: int             # bytes a plan may use: HEADROOM of what is free, weights already loaded
+
+    @property
+    def fits(self) -> bool:
+        return self.cache + self.working <= self.free
+
+    def explain(self) -> str:
+        return (f"a {self.context}-token context needs {self.cache / GiB:.2f} GiB of KV cache "
+                f"({self.cache / self.context:.0f} bytes/token) + {self.working / GiB:.2f} GiB of working memory, "
+                f"and {self.free / GiB:.2f} GiB may be used ({HEADROOM:.0%} of what is free)")
+
+
+def largest_context(make_cache, budget: int, limit: int = 1 << 26) -> int:
+    """The longest context (<= limit) whose cache fits in `budget` bytes; 0 if none does.
+    Cache bytes grow with the context, so a binary search over meta-priced caches finds it."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cache_bytes(make_cache, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan(make_cache, cfg, batch: int, prompt_tokens: int, context: int | str, device, dtype) -> Plan:
+    """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits."""
+    free, working = int(HEADROOM * free_bytes(device)), working_bytes(cfg, batch, prompt_tokens, dtype)
+    if context == "auto":
+        context = largest_context(make_cache, free - working)
+    return Plan(context, cache_bytes(make_cache, context), working, free)
