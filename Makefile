@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench-attention tiny-model clean
+.PHONY: setup test demo bench-attention bench-decode bench-memory tiny-model clean
 
 setup: $(VENV)/.installed
 
@@ -20,9 +20,15 @@ demo: setup
 	$(PY) generate.py --prompt-file prompts/genesis.txt --max-new-tokens 120 --seed 0
 	$(PY) generate.py --prompt-file prompts/psalm.txt --max-new-tokens 120 --seed 0
 
-# Decode attention, fp16 against packed history, on a GPU; results into bench/results/.
+# Benchmarks, on a GPU; results into bench/results/ (bench/RESULTS.md says what each measures).
 bench-attention: setup
 	$(PY) bench/attention.py
+
+bench-decode: setup
+	$(PY) bench/decode.py
+
+bench-memory: setup
+	$(PY) bench/memory.py
 
 # Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
 tiny-model: setup

@@ -61,12 +61,17 @@ class Plan:
 
 
 def largest_context(make_cache, budget: int, limit: int = 1 << 26) -> int:
-    """The longest context (<= limit) whose cache fits in `budget` bytes; 0 if none does.
-    Cache bytes grow with the context, so a binary search over meta-priced caches finds it."""
+    """The longest context (<= limit) whose cache fits in `budget` bytes; 0 if none does."""
+    return longest(lambda context: cache_bytes(make_cache, context) <= budget, limit)
+
+
+def longest(fits, limit: int) -> int:
+    """The largest n <= limit with fits(n), 0 if none: a binary search, as what fits shrinks
+    with n (a cache grows with its context)."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if cache_bytes(make_cache, mid) <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1

@@ -1,0 +1,279 @@
+"""End-to-end decode speed against context and batch: python bench/decode.py
+
+Llama-2-7B and Llama-3-8B shapes with RANDOM weights (speed does not depend on weight values; no
+accuracy is claimed from these runs), every layer through engine/cache.py and the kernels as
+generate.py runs them. The history is filled SYNTHETICALLY with random K/V, codes and metadata, so
+that a 1M-token decode can be timed without a 1M-token prefill; `--prefill N` also times one real
+chunked prefill of N tokens. Reports, per (model, cache, context, batch): decode tokens/s, step
+time (median over CUDA events), bytes read per step (weights + the cache's K/V as the kernels read
+them), the fraction of the bandwidth ceiling (those bytes at the copy bandwidth measured in the
+same process), peak memory; "max" as a batch is the largest that fits at that context (the memory
+planner). Steps run eager and, where the step can be captured, as a CUDA graph. Writes JSON to
+bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against context.
+
+    python bench/decode.py                                  # the sweep, on a GPU
+    python bench/decode.py --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
+    python bench/decode.py --smoke                          # tiny shapes on any device
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.attention import copy_bandwidth, device_name, git_commit  # noqa: E402
+from engine.cache import KVCache, QuantizedCache, SvdqCache, make_cache  # noqa: E402
+from engine.planner import GiB, HEADROOM, cache_bytes, free_bytes, longest, working_bytes  # noqa: E402
+from engine.runner import decode_one_token, prefill  # noqa: E402
+from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
+
+CONFIGS = {
+    "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                             max_position_embeddings=4096),
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
+}
+KV = ["fp16", "skvq-k2v1.5", "skvq-k4v4", "svdq-k1.25v1.5"]
+
+
+def random_model(cfg: LlamaConfig, device, dtype) -> Llama:
+    """Random weights, drawn on the device (a 7B model in seconds)."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def fill_synthetic(cache, context: int):
+    """Random contents for every buffer and `context` tokens held per sequence: random K/V in
+    the fp16 parts, random codes and metadata in the packed ones."""
+    with torch.no_grad():
+        for name, t in vars(cache).items():
+            if isinstance(t, dict):
+                for key, x in t.items():
+                    fill_random(x)
+            elif isinstance(t, torch.Tensor) and t.dim() >= 4:
+                fill_random(t)
+    cache.lengths.fill_(context)
+
+
+def fill_random(x: torch.Tensor):
+    if x.dtype == torch.uint8:
+        x.random_(0, 243)  # < 3^5: valid for ternary bytes too
+    else:
+        x.copy_(torch.randn(x.shape, device=x.device).mul_(0.1).to(x.dtype))
+
+
+def weight_bytes(model) -> int:
+    """What a decode step reads of the weights: all but the embedding table (one row per token)."""
+    return sum(p.nbytes for name, p in model.named_parameters() if "embed_tokens" not in name) + \
+        (model.lm_head.weight.nbytes if model.lm_head.weight is model.model.embed_tokens.weight else 0)
+
+
+def kv_bytes_read(cache, context: int, batch: int) -> int:
+    """Bytes of K/V the attention of one step reads, all layers: the held tokens, not the capacity."""
+    if isinstance(cache, KVCache):
+        return cache.k[:, :, :, :context].nbytes * 2
+    per_token = 0
+    for history in (cache.history_k, cache.history_v):
+        capacity = history["codes"].shape[3]
+        per_token += sum(x.nbytes for key, x in history.items() if key in ("codes", "scale", "low")) / max(capacity, 1)
+    recent = cache.sink_k.nbytes + cache.window_k.nbytes  # per K or V, all layers and sequences
+    history_tokens = max(context - cache.n_sink - cache.window, 0)
+    return int(per_token * history_tokens + 2 * recent * min(context, cache.n_sink + cache.ring) /
+               (cache.n_sink + cache.ring))
+
+
+def largest_batch(make, context: int, budget: int, limit: int = 4096) -> int:
+    return longest(lambda batch: cache_bytes(lambda n, on: make(n, on, batch), context) <= budget, limit)
+
+
+def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> float:
+    """Median seconds per decode step (eager, or replays of one captured step)."""
+    token = torch.zeros(batch, dtype=torch.long, device=device)
+    step = lambda: decode_one_token(model, token, cache)
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile the kernels outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        step = captured.replay
+    times = []
+    for i in range(steps + 3):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            step()
+            seconds = time.perf_counter() - begin
+        if i >= 3:  # warm-up steps compile kernels
+            times.append(seconds)
+    return sorted(times)[len(times) // 2]
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device, args.copy_bytes)
+    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    rows = []
+    for name in args.models:
+        cfg = CONFIGS[name]
+        model = random_model(cfg, device, dtype)
+        weights = weight_bytes(model)
+        for kv in args.kv:
+            make = lambda n, on, batch: make_cache(kv, cfg, batch, n, on, dtype, token_group=args.token_group)
+            for context in args.contexts:
+                budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, 1, 1, dtype)
+                for batch_spec in args.batches:
+                    batch = largest_batch(make, context + args.steps + 3, budget) if batch_spec == "max" else int(batch_spec)
+                    row = dict(model=name, kv=kv, context=context, batch=batch, batch_asked=batch_spec,
+                               weights="random", history="synthetic")
+                    needed = batch and cache_bytes(lambda n, on: make(n, on, batch), context + args.steps + 3)
+                    if batch == 0 or needed > budget:
+                        rows.append({**row, "note": f"does not fit in {budget / GiB:.1f} GiB"})
+                        print(format_row(rows[-1]), file=sys.stderr)
+                        continue
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    cache = make(context + args.steps + 3, device, batch)
+                    fill_synthetic(cache, context)
+                    per_step = weights + kv_bytes_read(cache, context, batch)
+                    for graph in ([False, True] if device.type == "cuda" else [False]):
+                        try:
+                            seconds = time_steps(model, cache, batch, args.steps, graph, device)
+                        except RuntimeError as e:  # a step with a host sync cannot be captured
+                            rows.append({**row, "cuda_graph": graph, "note": f"not capturable: {e}"[:200]})
+                            continue
+                        finally:
+                            cache.lengths.fill_(context)
+                        rows.append({**row, "cuda_graph": graph, "step_ms": seconds * 1e3,
+                                     "tokens_per_s": batch / seconds, "bytes_per_step": per_step,
+                                     "of_bandwidth_ceiling": per_step / seconds / bandwidth,
+                                     "cache_gib": cache.nbytes() / GiB,
+                                     "peak_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                                                  else weights + cache.nbytes()) / GiB})
+                        print(format_row(rows[-1]), file=sys.stderr)
+                    del cache
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if args.prefill:
+                rows.append(real_prefill(model, name, kv, args, device, dtype))
+        del model
+    return dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=" ".join(sys.argv),
+                copy_bandwidth_gb_per_s=bandwidth / 1e9, weights="random", history="synthetic (random)", rows=rows)
+
+
+def real_prefill(model, name, kv, args, device, dtype) -> dict:
+    """One real chunked prefill of args.prefill random tokens, then the decode speed after it."""
+    n, cfg = args.prefill, model.config
+    cache = make_cache(kv, cfg, 1, n + args.steps + 3, device, dtype, token_group=args.token_group)
+    tokens = torch.randint(3, cfg.vocab_size, (1, n), device=device)
+    begin = time.perf_counter()
+    prefill(model, tokens, torch.tensor([n], device=device), cache, chunk_size=args.prefill_chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - begin
+    step = time_steps(model, cache, 1, args.steps, False, device)
+    row = dict(model=name, kv=kv, context=n, batch=1, weights="random", history="real prefill", cuda_graph=False,
+               prefill_s=seconds, prefill_tokens_per_s=n / seconds, step_ms=step * 1e3, tokens_per_s=1 / step)
+    print(f"real prefill of {n} tokens ({name}, {kv}): {seconds:.1f} s, {n / seconds:.0f} tokens/s", file=sys.stderr)
+    return row
+
+
+def format_row(r) -> str:
+    head = f"| {r['model']} | {r['kv']} | {r['context']} | {r['batch']} |"
+    if "step_ms" not in r:
+        return f"{head} {'graph' if r.get('cuda_graph') else ''} | {r['note']} | | | |"
+    if "prefill_s" in r:
+        return f"{head} real prefill {r['prefill_s']:.1f} s | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | | |"
+    return (f"{head} {'graph' if r['cuda_graph'] else 'eager'} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+            f"{100 * r['of_bandwidth_ceiling']:.0f}% | {r['peak_gib']:.1f} |")
+
+
+def plot(result, out: Path):
+    """tokens/s and peak memory against context, batch 1, one line per model and cache."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib here: no plots", file=sys.stderr)
+        return
+    rows = [r for r in result["rows"] if "tokens_per_s" in r and r["batch"] == 1 and not r.get("cuda_graph")
+            and r.get("history") == "synthetic"]
+    for key, label, name in [("tokens_per_s", "decode tokens/s (batch 1)", "decode-tokens-per-s.png"),
+                             ("peak_gib", "peak memory, GiB", "decode-memory.png")]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model, kv in sorted({(r["model"], r["kv"]) for r in rows}):
+            points = sorted((r["context"], r[key]) for r in rows if r["model"] == model and r["kv"] == kv)
+            ax.plot(*zip(*points), marker="o", label=f"{model} {kv}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{result['device']}, random weights, synthetic history")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+
+
+def main(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",")]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
+    p.add_argument("--kv", type=lambda s: s.split(","), default=KV)
+    p.add_argument("--contexts", type=ints, default=[4096, 32768, 131072, 524288, 1048576])
+    p.add_argument("--batches", type=lambda s: s.split(","), default=["1", "max"],
+                   help="batch sizes; max: the largest that fits at each context")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per row")
+    p.add_argument("--prefill", type=int, default=0, help="also time a real prefill of this many tokens")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--token-group", type=int, default=128, help="SVDq keys: tokens per block")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--copy-bytes", type=int, default=1 << 30)
+    p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.contexts, args.batches, args.steps = ["tiny"], [300], ["2"], 3
+        args.copy_bytes, args.token_group = 1 << 20, 32
+    unknown = [m for m in args.models if m not in CONFIGS] + [b for b in args.batches if b != "max" and not b.isdigit()]
+    if unknown:
+        p.error(f"unknown model or batch: {', '.join(unknown)} (models: {', '.join(CONFIGS)}; batches: N or max)")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "decode-smoke" if args.smoke else f"decode-{result['device'].replace(' ', '_')}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("| model | cache | context | batch | step | tokens/s | ms/step | of bandwidth ceiling | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(format_row(r))
+    if not args.smoke:
+        plot(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
