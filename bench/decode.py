@@ -147,7 +147,7 @@ def run(args):
         for kv in args.kv:
             make = lambda n, on, batch: make_cache(kv, cfg, batch, n, on, dtype, token_group=args.token_group)
             for context in args.contexts:
-                budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, 1, 1, dtype)
+                budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, 1, 1, dtype, device.type == "cuda")
                 for batch_spec in args.batches:
                     batch = largest_batch(make, context + args.steps + 3, budget) if batch_spec == "max" else int(batch_spec)
                     row = dict(model=name, kv=kv, context=context, batch=batch, batch_asked=batch_spec,

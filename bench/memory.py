@@ -59,7 +59,7 @@ def main(argv=None):
         model = random_model(cfg, device, torch.float16)
         for kv in args.kv:
             make = lambda n, on: make_cache(kv, cfg, args.batch, n, on, torch.float16)
-            budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, args.batch, 1, torch.float16)
+            budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, args.batch, 1, torch.float16, True)
             predicted = largest_context(make, budget)
             found = longest(allocates(make, device), limit=2 * predicted + 1024)
             bytes_per_token = make(1 << 20, "meta").nbytes() / (1 << 20) / args.batch

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kernels.decode_attention import LatentKeys, Segment, Stored, decode_attention
+from kernels.decode_attention import LatentKeys, Segment, Stored, attend, decode_attention
 from kernels.quantize import quantize_tokens
 from model import LlamaConfig, UserError, apply_rope, rope_cos_sin, rope_inv_freq
 from quant import kivi
@@ -84,9 +84,10 @@ class KVCache(Cache):
         index = positions[:, None, :, None].expand(B, Hkv, T, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
-        if T == 1 and self.use_kernels:
-            segment = Segment(Stored(self.k[layer]), Stored(self.v[layer]), self.lengths)
-            return decode_attention(q[:, :, 0], [segment])[:, :, None]
+        if self.use_kernels:  # causal over the held tokens; the queries are at positions[:, 0] on
+            segment = Segment(Stored(self.k[layer]), Stored(self.v[layer]), self.lengths, None,
+                              torch.zeros_like(self.lengths), causal=True)
+            return attend(q.transpose(1, 2), [segment], positions[:, 0]).transpose(1, 2)
         # Attend over the stored prefix only, never over the whole preallocated capacity.
         S = int(positions.max()) + 1
         return attention(q, self.k[layer, :, :, :S], self.v[layer, :, :, :S], positions)
@@ -168,14 +169,20 @@ class QuantizedCache(Cache):
 
     def attend(self, layer: int, q, k, v, positions):
         T = k.shape[2]
+        inv_freq = self.inv_freq if self.keys_pre_rope else None
         if T > 1:  # a prompt, or the next chunk of one: it attends to the cache so far and to itself exactly
-            keys, values = self._with_chunk(layer, k, v, positions)
+            old = self.lengths - self.n_new
+            if self.use_kernels:
+                chunk = Segment(Stored(k), Stored(v), self.n_new, None, old, causal=True)
+                segments = self._segments(layer, self._spans(old)) + [chunk]
+                out = attend(q.transpose(1, 2), segments, old, inv_freq).transpose(1, 2)
+            else:
+                out = attention(q, *self._with_chunk(layer, k, v, positions), positions)
             self._store_chunk(layer, k, v)
-            return attention(q, keys, values, positions)
+            return out
         self._append(layer, k[:, :, 0], v[:, :, 0], positions[:, 0])
         if self.use_kernels:
-            inv_freq = self.inv_freq if self.keys_pre_rope else None
-            return decode_attention(q[:, :, 0], self._segments(layer), inv_freq)[:, :, None]
+            return decode_attention(q[:, :, 0], self._segments(layer, self.spans), inv_freq)[:, :, None]
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
@@ -265,24 +272,27 @@ class QuantizedCache(Cache):
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         positions = super().reserve(n_new, T)
-        # Per sequence, how many tokens each segment holds, where its ring starts and the position
-        # of its first token: the same for every layer, so computed once per forward.
-        S, W, G, n = self.n_sink, self.window, self.block, self.lengths
-        n_hist = (n - S - W).clamp_min(0) // G * G
-        first_recent = (S + n_hist).clamp_max(n)  # first position in the window
-        self.spans = dict(window=(n - first_recent, n_hist % self.ring, first_recent),
-                          sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
-                          history=(n_hist, None, torch.full_like(n, S)))
+        self.spans = self._spans(self.lengths)  # the same for every layer: computed once per forward
         return positions
 
-    def _segments(self, layer) -> list[Segment]:
-        """The layer's window, sinks and history as the decode kernel reads them."""
-        segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), *self.spans["window"])]
+    def _spans(self, n):
+        """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
+        starts and the position of its first token."""
+        S, W, G = self.n_sink, self.window, self.block
+        n_hist = (n - S - W).clamp_min(0) // G * G
+        first_recent = (S + n_hist).clamp_max(n)  # first position in the window
+        return dict(window=(n - first_recent, n_hist % self.ring, first_recent),
+                    sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
+                    history=(n_hist, None, torch.full_like(n, S)))
+
+    def _segments(self, layer, spans) -> list[Segment]:
+        """The layer's window, sinks and history as the attention kernel reads them."""
+        segments = [Segment(Stored(self.window_k[layer]), Stored(self.window_v[layer]), *spans["window"])]
         if self.n_sink:
-            segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), *self.spans["sinks"]))
+            segments.append(Segment(Stored(self.sink_k[layer]), Stored(self.sink_v[layer]), *spans["sinks"]))
         if self.history_v["codes"].shape[3]:
             values = self._packed(self.history_v, self.value_quantizers[layer], self.value_tables[layer], layer)
-            segments.append(Segment(self._kernel_keys(layer), values, *self.spans["history"]))
+            segments.append(Segment(self._kernel_keys(layer), values, *spans["history"]))
         return segments
 
     def _kernel_keys(self, layer):

@@ -2,8 +2,8 @@
 
 A cache is priced by building it on the meta device: the same code that allocates it, so there is
 no second formula to drift from it. The working memory of a forward is priced from the shapes
-engine/runner.py and engine/cache.py use (a prefill chunk's activations and, for a quantized
-cache, its plain-torch chunk attention over the held context).
+engine/runner.py, engine/cache.py and the kernels use (a prefill chunk's activations and its
+attention).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +32,18 @@ def free_bytes(device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def working_bytes(cfg, batch: int, prompt_tokens: int, dtype) -> int:
+def working_bytes(cfg, batch: int, prompt_tokens: int, dtype, kernels: bool) -> int:
     """Peak transient memory of the largest forward: one prefill chunk's MLP and logits, and its
-    attention, which materializes in fp32 the K/V it reads [B, Hkv, prompt, D] and the scores
-    [B, H, chunk, prompt] (plain torch, layer by layer)."""
+    attention: with the kernels, fp32 partial outputs per segment [B, chunk, H, 4, D]; in plain
+    torch, the K/V it reads [B, Hkv, prompt, D] and the scores [B, H, chunk, prompt] in fp32."""
     chunk = min(prompt_tokens, PREFILL_CHUNK)
     size = torch.finfo(dtype).bits // 8
     mlp = batch * chunk * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * size
-    attention = 4 * batch * prompt_tokens * (2 * cfg.num_key_value_heads * cfg.head_dim + cfg.num_attention_heads * chunk)
+    if kernels:
+        attention = 4 * batch * chunk * cfg.num_attention_heads * 4 * (cfg.head_dim + 1)
+    else:
+        attention = 4 * batch * prompt_tokens * (2 * cfg.num_key_value_heads * cfg.head_dim
+                                                 + cfg.num_attention_heads * chunk)
     return mlp + attention + 4 * batch * cfg.vocab_size
 
 
@@ -80,7 +84,8 @@ def longest(fits, limit: int) -> int:
 
 def plan(make_cache, cfg, batch: int, prompt_tokens: int, context: int | str, device, dtype) -> Plan:
     """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits."""
-    free, working = int(HEADROOM * free_bytes(device)), working_bytes(cfg, batch, prompt_tokens, dtype)
+    kernels = torch.device(device).type == "cuda"  # as the caches decide (engine/cache.py)
+    free, working = int(HEADROOM * free_bytes(device)), working_bytes(cfg, batch, prompt_tokens, dtype, kernels)
     if context == "auto":
         context = largest_context(make_cache, free - working)
     return Plan(context, cache_bytes(make_cache, context), working, free)

@@ -90,7 +90,8 @@ class Segment:
     values: Stored
     count: torch.Tensor                         # [B] int
     first_slot: torch.Tensor | None = None      # [B] int, for a ring buffer
-    first_position: torch.Tensor | None = None  # [B] int, for pre-RoPE keys
+    first_position: torch.Tensor | None = None  # [B] int, for pre-RoPE keys and causal segments
+    causal: bool = False                        # a query sees only tokens at or before its position
 
 
 @triton.jit
@@ -135,26 +136,31 @@ def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
 
 
 @triton.jit
-def _decode_stage1(
+def _attend_stage1(
         q_ptr, k_ptr, k_scale_ptr, k_low_ptr, k_group_ptr, k_smoothing_ptr,
         v_ptr, v_scale_ptr, v_low_ptr, v_group_ptr, v_smoothing_ptr, k_basis_ptr, k_mean_ptr, k_bits_ptr,
-        count_ptr, first_slot_ptr, first_position_ptr, inv_freq_ptr, out_ptr, lse_ptr,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_kmb, stride_kmh, stride_kmt,
+        count_ptr, first_slot_ptr, first_position_ptr, q_position_ptr, inv_freq_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qq, stride_qh, stride_kb, stride_kh, stride_kt, stride_kmb, stride_kmh, stride_kmt,
         stride_vb, stride_vh, stride_vt, stride_vmb, stride_vmh, stride_vmt,
         stride_kbb, stride_kbh, stride_kub, stride_kuh,
-        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, first_split, ring, sm_scale,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        RING: tl.constexpr, ROPE: tl.constexpr, K_SVD: tl.constexpr, K_RANK: tl.constexpr, K_TOKEN_GROUP: tl.constexpr,
+        stride_ob, stride_oq, stride_oh, stride_os, stride_lb, stride_lq, stride_lh,
+        n_queries, q_blocks, first_split, ring, sm_scale,
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, RING: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, K_SVD: tl.constexpr, K_RANK: tl.constexpr, K_TOKEN_GROUP: tl.constexpr,
         K_FULL: tl.constexpr, K_GROUPS: tl.constexpr, K_RADIX: tl.constexpr, K_PER_WORD: tl.constexpr,
         K_WORD_BYTES: tl.constexpr, K_ROW_BYTES: tl.constexpr, K_WORDS_PAD: tl.constexpr, K_PER_WORD_PAD: tl.constexpr,
         V_FULL: tl.constexpr, V_GROUPS: tl.constexpr, V_RADIX: tl.constexpr, V_PER_WORD: tl.constexpr,
         V_WORD_BYTES: tl.constexpr, V_ROW_BYTES: tl.constexpr, V_WORDS_PAD: tl.constexpr, V_PER_WORD_PAD: tl.constexpr):
-    b, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    pid, kv_head, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, count)
-    rows = tl.arange(0, G_PAD)                                  # query heads of this KV head, padded
-    heads = kv_head * G + rows
+    # Tile rows: Q_BLOCK queries x the G query heads of this KV head, padded to M_PAD.
+    rows = tl.arange(0, M_PAD)
+    query = q_block * Q_BLOCK + rows // G
+    heads = kv_head * G + rows % G
+    real_row = (rows < Q_BLOCK * G) & (query < n_queries)
     k_channel, k_real = _channels(D, K_FULL, K_PER_WORD, K_WORDS_PAD, K_PER_WORD_PAD)
     v_channel, v_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_PER_WORD_PAD)
     k_group = k_channel  # each channel's group: only packed rows with several groups use it
@@ -163,18 +169,21 @@ def _decode_stage1(
     v_group = v_channel
     if not V_FULL:
         v_group = tl.load(v_group_ptr + kv_head * D + v_channel, mask=v_real, other=-1)
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    if ROPE:  # keys are rotated per token below: q stays in the two RoPE halves [G_PAD, D/2]
+    q_rows = q_ptr + b * stride_qb + query[:, None] * stride_qq + heads[:, None] * stride_qh
+    if ROPE or CAUSAL:
+        first_position = tl.load(first_position_ptr + b)
+    if CAUSAL:  # this segment's token i at first_position + i is visible to queries at or after it
+        q_position = tl.load(q_position_ptr + b) + query
+    if ROPE:  # keys are rotated per token below: q stays in the two RoPE halves [M_PAD, D/2]
         half = tl.arange(0, D // 2)
-        q_lo = tl.load(q_rows + half[None, :], mask=rows[:, None] < G, other=0.0)
-        q_hi = tl.load(q_rows + D // 2 + half[None, :], mask=rows[:, None] < G, other=0.0)
+        q_lo = tl.load(q_rows + half[None, :], mask=real_row[:, None], other=0.0)
+        q_hi = tl.load(q_rows + D // 2 + half[None, :], mask=real_row[:, None], other=0.0)
         if not K_FULL:
             q_lo = (q_lo * tl.load(k_smoothing_ptr + kv_head * D + half)[None, :]).to(q_ptr.dtype.element_ty)
             q_hi = (q_hi * tl.load(k_smoothing_ptr + kv_head * D + D // 2 + half)[None, :]).to(q_ptr.dtype.element_ty)
         inv_freq = tl.load(inv_freq_ptr + half)
-        first_position = tl.load(first_position_ptr + b)
     else:
-        q = tl.load(q_rows + k_channel[None, :], mask=(rows[:, None] < G) & k_real[None, :], other=0.0)
+        q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
             k_smoothing = tl.load(k_smoothing_ptr + kv_head * D + k_channel, mask=k_real, other=0.0)
             q = (q * k_smoothing[None, :]).to(q_ptr.dtype.element_ty)
@@ -192,9 +201,9 @@ def _decode_stage1(
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     k_meta = b * stride_kmb + kv_head * stride_kmh
     v_meta = b * stride_vmb + kv_head * stride_vmh
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, v_channel.shape[0]], tl.float32)
+    m = tl.full([M_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, v_channel.shape[0]], tl.float32)
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         valid = tokens < end
@@ -219,11 +228,15 @@ def _decode_stage1(
             s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
         else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (G_PAD, BLOCK_N) fp32
-        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
+        visible = valid[None, :]
+        if CAUSAL:
+            visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
+        s = tl.where(visible, s * sm_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, v_scale_ptr, v_low_ptr, slots * stride_vt, v_meta + slots * stride_vmt, valid,
                        v_channel, v_group, V_FULL, V_GROUPS, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
@@ -236,10 +249,10 @@ def _decode_stage1(
     if not V_FULL:
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + split_column * stride_os + v_channel[None, :],
-             out, mask=(rows[:, None] < G) & v_real[None, :])
+    out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
+    tl.store(out_rows + split_column * stride_os + v_channel[None, :], out, mask=real_row[:, None] & v_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split_column, lse, mask=rows < G)
+    tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
 
 
 @triton.jit
@@ -269,39 +282,54 @@ def _decode_stage2(partial_ptr, lse_ptr, out_ptr, n_splits,
     tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
 
 
-def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
-                     split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
-    """q [B, H, D], one query per sequence, attends to every token of every segment. inv_freq
+def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
+           inv_freq: torch.Tensor | None = None, split_tokens: int | None = None) -> torch.Tensor:
+    """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
+    every token of every segment (a causal segment: to its tokens at or before them). inv_freq
     [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
-    Returns [B, H, D] in q's dtype."""
-    B, H, D = q.shape
+    split_tokens: tokens per split; by default SPLIT_TOKENS for one query per sequence (decode:
+    splits fill the GPU) and whole segments for more (prefill: query blocks fill it, and partial
+    outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype."""
+    B, Q, H, D = q.shape
     assert q.stride(-1) == 1
-    n_splits = [triton.cdiv(s.keys.data.shape[2], split_tokens) for s in segments]
-    partial_out = torch.empty(B, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, H, sum(n_splits), device=q.device, dtype=torch.float32)
+    capacities = [s.keys.data.shape[2] for s in segments]
+    if split_tokens is None:
+        split_tokens = SPLIT_TOKENS if Q == 1 else max(BLOCK_N, *(triton.next_power_of_2(c) for c in capacities))
+    n_splits = [triton.cdiv(c, split_tokens) for c in capacities]
+    partial_out = torch.empty(B, Q, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Q, H, sum(n_splits), device=q.device, dtype=torch.float32)
     first_split = 0
-    for segment, splits in zip(segments, n_splits):
-        Hkv, capacity = segment.keys.data.shape[1], segment.keys.data.shape[2]
+    for segment, capacity, splits in zip(segments, capacities, n_splits):
+        Hkv = segment.keys.data.shape[1]
         assert inv_freq is None or getattr(segment.keys, "bits", 16) != 1.5, "pre-RoPE keys cannot be ternary"
+        assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
+        q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
         k_pointers, k_strides, k_constexprs, (svd_pointers, svd_strides, svd_constexprs) = segment.keys.kernel_args(D, "K")
         v_pointers, v_strides, v_constexprs, _ = segment.values.kernel_args(D, "V")
         count = segment.count.contiguous()
-        _decode_stage1[(B, Hkv, splits)](
+        position = count if segment.first_position is None else segment.first_position.contiguous()
+        _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits)](
             q, *k_pointers, *v_pointers, *svd_pointers, count,
-            count if segment.first_slot is None else segment.first_slot.contiguous(),
-            count if segment.first_position is None else segment.first_position.contiguous(),
+            count if segment.first_slot is None else segment.first_slot.contiguous(), position,
+            position if q_position is None else q_position.contiguous(),
             q if inv_freq is None else inv_freq, partial_out, lse,
-            q.stride(0), q.stride(1), *k_strides, *v_strides, *svd_strides,
-            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), lse.stride(0), lse.stride(1),
-            first_split, capacity, D ** -0.5,
-            G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, SPLIT=split_tokens,
+            q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, *svd_strides,
+            *partial_out.stride()[:4], *lse.stride()[:3],
+            Q, triton.cdiv(Q, q_block), first_split, capacity, D ** -0.5,
+            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
             BLOCK_N=min(BLOCK_N, split_tokens), RING=segment.first_slot is not None,
-            ROPE=inv_freq is not None and segment.first_position is not None,
+            ROPE=inv_freq is not None and segment.first_position is not None, CAUSAL=segment.causal,
             **{f"K_{name}": value for name, value in svd_constexprs.items()}, **k_constexprs, **v_constexprs)
         first_split += splits
-    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    _decode_stage2[(B, H)](partial_out, lse, out, first_split, partial_out.stride(0), partial_out.stride(1),
-                           partial_out.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                           D=D, BLOCK_S=32)
+    out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
+    partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
+    _decode_stage2[(B * Q, H)](partial_out, lse, merged, first_split, *partial_out.stride()[:3], *lse.stride()[:2],
+                               *merged.stride()[:2], D=D, BLOCK_S=32)
     return out
+
+
+def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
+                     split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
+    """q [B, H, D], one query per sequence, after every token of every segment -> [B, H, D]."""
+    return attend(q[:, None], segments, None, inv_freq, split_tokens)[:, 0]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from engine.cache import attention, make_cache
+from engine.cache import SvdqCache, attention, make_cache
 from engine.runner import decode_one_token, prefill
-from kernels.decode_attention import LatentKeys, Segment, Stored, decode_attention
+from kernels.decode_attention import LatentKeys, Segment, Stored, attend, decode_attention
 from kernels.quantize import quantize_tokens
 from model import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from quant.packing import WIDTHS
@@ -158,17 +158,26 @@ def random_model(n_kv_heads, head_dim):
                          [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
                           ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64)])
 def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
-    """A batch of prompts of different lengths, decoded past the window: the kernel path (fused
-    eviction, three segments, stage 2) gives the logits of the plain-torch path. SVDq keys here
-    take each prompt's basis (no calibration) in blocks of 16 tokens."""
+    """A batch of prompts of different lengths, prefilled in chunks of 8 and decoded past the
+    window: the kernel path (prefill attention over the held segments plus the causal chunk,
+    fused eviction, decode over three segments, stage 2) gives the logits of the plain-torch
+    path. SVDq keys here in blocks of 16 tokens."""
     model = random_model(n_kv_heads, head_dim)
     cfg, lengths, n_decode = model.config, torch.tensor([23, 9]), 20
     tokens = torch.randint(0, 64, (2, 23 + n_decode), device=DEVICE)
 
+    # SVDq keys in a fixed random basis: a prompt's own basis from an 8-token chunk is degenerate,
+    # and its arbitrary null-space directions would differ between two float paths.
+    bases = [(torch.linalg.qr(torch.randn(n_kv_heads, head_dim, head_dim))[0], torch.randn(n_kv_heads, head_dim))
+             for _ in range(cfg.num_hidden_layers)]
+
     def run(use_kernels):
         cache = make_cache(kv, cfg, 2, 23 + n_decode, DEVICE, DTYPE, n_sink=3, window=8, group_size=32,
                            keys_pre_rope=pre_rope, use_kernels=use_kernels, token_group=16)
-        logits = [prefill(model, tokens[:, :23], lengths.to(DEVICE), cache)]
+        if kv.startswith("svdq"):
+            cache = SvdqCache(cfg, 2, 23 + n_decode, DEVICE, DTYPE, cache.key_quantizers[0], bases,
+                              cache.value_quantizers, 3, 8, use_kernels)
+        logits = [prefill(model, tokens[:, :23], lengths.to(DEVICE), cache, chunk_size=8)]
         for _ in range(n_decode):
             next_token = tokens[torch.arange(2), cache.lengths]
             logits.append(decode_one_token(model, next_token, cache))
@@ -213,3 +222,39 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
         k_rot = rope(k_hat[b, :n].transpose(0, 1).to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
         expected = attention(q[b:b + 1, :, None], k_rot[None], v_hat[b:b + 1, :, :n], torch.tensor([[n]], device=DEVICE))
         torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
+
+
+@pytest.mark.parametrize("group, D, pre_rope", [(1, 64, False), (4, 128, True), (8, 64, True), (4, 64, False)])
+def test_prefill_attention_matches_reference(group, D, pre_rope):
+    """A chunk of queries (37 per sequence: not a whole number of query blocks; the second
+    sequence's chunk shorter) over packed history, a ring window and itself, causally, against
+    attention over the dequantized history, the window and the chunk's earlier tokens."""
+    B, Hkv, capacity, W, Q = 2, 2, 70, 16, 37
+    history_count, window_count, chunk_count = torch.tensor([70, 0]), torch.tensor([16, 5]), torch.tensor([37, 20])
+    first_slot = torch.randint(W, (B,))
+    history_start = torch.tensor([4, 4])
+    window_start = history_start + history_count
+    chunk_start = window_start + window_count                                   # the queries' positions
+    q = torch.randn(B, Q, Hkv * group, D, device=DEVICE, dtype=DTYPE)
+    stored_k, k_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 2, 4, torch.float8_e4m3fn,
+                             smooth=pre_rope)
+    stored_v, v_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 1.5, 1, torch.float16,
+                             smooth=False)
+    window_k, window_v, chunk_k, chunk_v = (torch.randn(B, Hkv, n, D, device=DEVICE, dtype=DTYPE) for n in (W, W, Q, Q))
+    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
+    to = lambda t: t.to(DEVICE)
+    segments = [Segment(stored_k, stored_v, to(history_count), None, to(history_start)),
+                Segment(Stored(window_k), Stored(window_v), to(window_count), to(first_slot), to(window_start)),
+                Segment(Stored(chunk_k), Stored(chunk_v), to(chunk_count), None, to(chunk_start), causal=True)]
+    got = attend(q, segments, to(chunk_start), inv_freq)                         # (B, Q, H, D)
+    for b in range(B):
+        h, w, c = int(history_count[b]), int(window_count[b]), int(chunk_count[b])
+        slots = (first_slot[b] + torch.arange(w)) % W
+        keys = torch.cat([k_hat[b, :, :h], window_k[b, :, slots], chunk_k[b, :, :c]], 1)     # (Hkv, h + w + c, D)
+        values = torch.cat([v_hat[b, :, :h], window_v[b, :, slots], chunk_v[b, :, :c]], 1)
+        if pre_rope:
+            keys = rope(keys, history_start[b] + torch.arange(h + w + c, device=DEVICE), inv_freq)
+        # Key j (in this order) is at position history_start + j: the chunk's query i sees keys up to h + w + i.
+        expected = attention(q[b:b + 1, :c].transpose(1, 2), keys[None], values[None],
+                             (h + w + torch.arange(c, device=DEVICE))[None])              # (1, H, c, D)
+        torch.testing.assert_close(got[b, :c], expected[0].transpose(0, 1), **TOLERANCE[DTYPE])

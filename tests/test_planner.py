@@ -31,7 +31,7 @@ def test_plan_refuses_what_does_not_fit():
     make = lambda n, device: make_cache("fp16", CFG, 1, n, device, torch.float32)
     small = plan(make, CFG, 1, 100, 1000, "cpu", torch.float32)
     assert small.fits and small.cache == make(1000, "cpu").nbytes()
-    assert small.working == working_bytes(CFG, 1, 100, torch.float32)
+    assert small.working == working_bytes(CFG, 1, 100, torch.float32, False)
     huge = plan(make, CFG, 1, 100, 1 << 40, "cpu", torch.float32)
     assert not huge.fits and "GiB of KV cache" in huge.explain()
     auto = plan(make, CFG, 1, 100, "auto", "cpu", torch.float32)
