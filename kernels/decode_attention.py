@@ -1,15 +1,19 @@
-"""Split-K decode attention (Flash-Decoding) straight over packed history and fp16 K/V, in Triton.
+"""Split-K attention straight over packed history and fp16 K/V, in Triton: decode and prefill.
 
 A cache is read as segments (`Segment`): the fp16 cache is one; the quantized cache is three
-(sinks and ring window in full precision, the packed history). Stage 1, grid (batch, KV head,
-split) per segment: the G query heads that share a KV head form one tile [G padded to 16, D], so
-the score and output products run on tensor cores (tl.dot); the split's tokens stream through in
+(sinks and ring window in full precision, the packed history), and a prefill chunk adds itself as
+a causal fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of
+queries times the G query heads that share a KV head form one tile (at least 16 rows), so the
+score and output products run on tensor cores (tl.dot); the split's tokens stream through in
 BLOCK_N blocks: packed codes are loaded, unpacked with shifts and masks (base-3 arithmetic for
-ternary), dequantized in registers with each channel's group (scale, low), pre-RoPE keys rotated
-at their positions, then an fp32 online softmax; each split writes its partial output and
-log-sum-exp. Stage 2, grid (batch, query head), merges every split of every segment, weighting
-each by its share of the softmax mass. Splits have a fixed token length, so one sequence of 1M
-tokens still fills every SM; only each sequence's valid tokens are read, never the capacity.
+ternary), dequantized in registers with each channel's group (scale, low), or, for SVDq keys,
+rebuilt from latent codes with a tl.dot against the basis; pre-RoPE keys are rotated at their
+positions; then an fp32 online softmax; each split writes its partial output and log-sum-exp.
+Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
+by its share of the softmax mass. Decode (one query per sequence) splits segments by a fixed
+token length, so one sequence of 1M tokens still fills every SM; prefill (a chunk of queries)
+fills it with query blocks and reads each segment once per block, flash-attention style. Only
+each sequence's valid tokens are read, never the capacity.
 
 Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
 too, as the factors are equal within each RoPE pair), the values' scale the output. The
@@ -256,7 +260,7 @@ def _attend_stage1(
 
 
 @triton.jit
-def _decode_stage2(partial_ptr, lse_ptr, out_ptr, n_splits,
+def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
                    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                    D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (batch, query head): out = sum over splits of softmax(lse)[s] * partial[s]; splits
@@ -324,7 +328,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
-    _decode_stage2[(B * Q, H)](partial_out, lse, merged, first_split, *partial_out.stride()[:3], *lse.stride()[:2],
+    _merge_splits[(B * Q, H)](partial_out, lse, merged, first_split, *partial_out.stride()[:3], *lse.stride()[:2],
                                *merged.stride()[:2], D=D, BLOCK_S=32)
     return out
 
