@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.attention import copy_bandwidth, device_name, git_commit  # noqa: E402
 from engine.cache import KVCache, QuantizedCache, SvdqCache, make_cache  # noqa: E402
-from engine.planner import GiB, HEADROOM, cache_bytes, free_bytes, longest, working_bytes  # noqa: E402
+from engine.planner import GiB, cache_bytes, longest, usable_bytes, working_bytes  # noqa: E402
 from engine.runner import decode_one_token, prefill  # noqa: E402
 from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
 
@@ -147,7 +147,7 @@ def run(args):
         for kv in args.kv:
             make = lambda n, on, batch: make_cache(kv, cfg, batch, n, on, dtype, token_group=args.token_group)
             for context in args.contexts:
-                budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, 1, 1, dtype, device.type == "cuda")
+                budget = usable_bytes(device) - working_bytes(cfg, 1, 1, dtype, device.type == "cuda")
                 for batch_spec in args.batches:
                     batch = largest_batch(make, context + args.steps + 3, budget) if batch_spec == "max" else int(batch_spec)
                     row = dict(model=name, kv=kv, context=context, batch=batch, batch_asked=batch_spec,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench.attention import device_name, git_commit  # noqa: E402
 from bench.decode import CONFIGS, random_model  # noqa: E402
 from engine.cache import make_cache  # noqa: E402
-from engine.planner import GiB, HEADROOM, free_bytes, largest_context, longest, working_bytes  # noqa: E402
+from engine.planner import HEADROOM, GiB, largest_context, longest, usable_bytes, working_bytes  # noqa: E402
 
 KV = ["fp16", "skvq-k4v4", "skvq-k2v2", "skvq-k2v1.5", "svdq-k1.25v1.5"]
 
@@ -59,7 +59,7 @@ def main(argv=None):
         model = random_model(cfg, device, torch.float16)
         for kv in args.kv:
             make = lambda n, on: make_cache(kv, cfg, args.batch, n, on, torch.float16)
-            budget = int(HEADROOM * free_bytes(device)) - working_bytes(cfg, args.batch, 1, torch.float16, True)
+            budget = usable_bytes(device) - working_bytes(cfg, args.batch, 1, torch.float16, True)
             predicted = largest_context(make, budget)
             found = longest(allocates(make, device), limit=2 * predicted + 1024)
             bytes_per_token = make(1 << 20, "meta").nbytes() / (1 << 20) / args.batch

@@ -13,12 +13,17 @@ import torch
 from engine.runner import PREFILL_CHUNK
 
 GiB = 2 ** 30
-HEADROOM = 0.9  # of the free memory, what a plan may use: the allocator's fragmentation, the CUDA context
+HEADROOM = GiB  # of the free memory, kept back: the allocator's rounding, kernels' compilation, small tensors
 
 
 def cache_bytes(make_cache, context: int) -> int:
     """Bytes that `make_cache(max_context, device)` allocates for `context` tokens, priced on meta."""
     return make_cache(context, "meta").nbytes()
+
+
+def usable_bytes(device) -> int:
+    """What a plan may use: the free memory less HEADROOM."""
+    return free_bytes(device) - HEADROOM
 
 
 def free_bytes(device) -> int:
@@ -52,7 +57,7 @@ class Plan:
     context: int          # tokens per sequence the cache is allocated for
     cache: int            # its bytes
     working: int          # transient bytes of the largest forward
-    free: int             # bytes a plan may use: HEADROOM of what is free, weights already loaded
+    free: int             # bytes a plan may use: what is free less HEADROOM, weights already loaded
 
     @property
     def fits(self) -> bool:
@@ -61,7 +66,7 @@ class Plan:
     def explain(self) -> str:
         return (f"a {self.context}-token context needs {self.cache / GiB:.2f} GiB of KV cache "
                 f"({self.cache / self.context:.0f} bytes/token) + {self.working / GiB:.2f} GiB of working memory, "
-                f"and {self.free / GiB:.2f} GiB may be used ({HEADROOM:.0%} of what is free)")
+                f"and {self.free / GiB:.2f} GiB are free (after {HEADROOM / GiB:.0f} GiB of headroom)")
 
 
 def largest_context(make_cache, budget: int, limit: int = 1 << 26) -> int:
@@ -85,7 +90,7 @@ def longest(fits, limit: int) -> int:
 def plan(make_cache, cfg, batch: int, prompt_tokens: int, context: int | str, device, dtype) -> Plan:
     """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits."""
     kernels = torch.device(device).type == "cuda"  # as the caches decide (engine/cache.py)
-    free, working = int(HEADROOM * free_bytes(device)), working_bytes(cfg, batch, prompt_tokens, dtype, kernels)
+    free, working = usable_bytes(device), working_bytes(cfg, batch, prompt_tokens, dtype, kernels)
     if context == "auto":
         context = largest_context(make_cache, free - working)
     return Plan(context, cache_bytes(make_cache, context), working, free)
