@@ -120,10 +120,10 @@ class QuantizedCache(Cache):
     W + block - 1 slots.) Everything is preallocated to max_context: no torch.cat, no
     reallocation during decode. Storage is head-major ([layers, B, Hkv, tokens, ...]) so that the
     decode kernel's program for one KV head reads one contiguous run per token; channel groups
-    never span heads (quant/skvq.py). With `use_kernels`, decode attention is
-    kernels/decode_attention.py over three segments (sinks, window, history) and eviction
-    kernels/quantize.py, with no host sync; otherwise it dequantizes the history in plain torch
-    and calls `attention`, the reference.
+    never span heads (quant/skvq.py). With `use_kernels`, attention is kernels/decode_attention.py
+    over three segments (sinks, window, history; a prefill chunk adds itself, causally) and
+    eviction kernels/quantize.py, a decode step with no host sync; otherwise the history is
+    dequantized in plain torch for `attention`, the reference.
     """
 
     calibrated = False  # whether the quantizers came from a calibration file (make_cache sets it)
@@ -186,9 +186,9 @@ class QuantizedCache(Cache):
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
-    def _history_length(self, n):
-        """Tokens in the history of a sequence of n tokens: whole blocks out of the window."""
-        return (n - self.n_sink - self.window) // self.block * self.block if n > self.n_sink + self.window else 0
+    def _history_length(self, n: torch.Tensor) -> torch.Tensor:
+        """Tokens in the history of sequences of n [B] tokens: whole blocks out of the window."""
+        return (n - self.n_sink - self.window).clamp_min(0) // self.block * self.block
 
     def _with_chunk(self, layer, k, v, positions):
         """Full-precision K, V [B, Hkv, n0 + T, D] that a chunk's queries read: what the cache holds
@@ -217,14 +217,16 @@ class QuantizedCache(Cache):
         moving_k = torch.cat([self.window_k[layer], k], 2)  # token i < ring: ring slot i; else chunk token i - ring
         moving_v = torch.cat([self.window_v[layer], v], 2)
         entries, recent = [], []  # (b, token in moving_*, history row); (b, chunk token, ring slot)
-        for b, (n0, n) in enumerate(zip((self.lengths - self.n_new).tolist(), self.n_new.tolist())):
-            n1 = n0 + n
+        old = self.lengths - self.n_new
+        spans = zip(old.tolist(), self.lengths.tolist(), (S + self._history_length(old)).tolist(),
+                    (S + self._history_length(self.lengths)).tolist())
+        for b, (n0, n1, history_end0, history_end1) in enumerate(spans):
             if n0 < min(n1, S):
                 self.sink_k[layer, b, :, n0:min(n1, S)] = k[b, :, :min(n1, S) - n0]
                 self.sink_v[layer, b, :, n0:min(n1, S)] = v[b, :, :min(n1, S) - n0]
-            for p in range(S + self._history_length(n0), S + self._history_length(n1)):
+            for p in range(history_end0, history_end1):
                 entries.append((b, (p - S) % self.ring if p < n0 else self.ring + p - n0, p - S))
-            recent += [(b, p - n0, (p - S) % self.ring) for p in range(max(n0, S + self._history_length(n1)), n1)]
+            recent += [(b, p - n0, (p - S) % self.ring) for p in range(max(n0, history_end1), n1)]
         if entries:  # before the ring takes the chunk's tokens into the slots these leave
             batch, token, row = torch.tensor(entries, device=k.device).T
             self._write_history(layer, moving_k, moving_v, batch, token, row)
@@ -278,8 +280,8 @@ class QuantizedCache(Cache):
     def _spans(self, n):
         """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
         starts and the position of its first token."""
-        S, W, G = self.n_sink, self.window, self.block
-        n_hist = (n - S - W).clamp_min(0) // G * G
+        S = self.n_sink
+        n_hist = self._history_length(n)
         first_recent = (S + n_hist).clamp_max(n)  # first position in the window
         return dict(window=(n - first_recent, n_hist % self.ring, first_recent),
                     sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
@@ -308,7 +310,7 @@ class QuantizedCache(Cache):
         S = self.n_sink
         T = int(n.max())
         pos = torch.arange(T, device=n.device)
-        n_hist = torch.tensor([self._history_length(int(m)) for m in n], device=n.device)  # (B,)
+        n_hist = self._history_length(n)                                             # (B,)
         longest = int(n_hist.max())
         out = []
         for dequantize, sink, ring in [(self._dequantize_keys, self.sink_k, self.window_k),

@@ -13,6 +13,15 @@ from quant.methods import skvq_cache
 from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups
 
 
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    """Each test here compares two computations of the same function (a whole-sequence forward and
+    token-by-token decoding), whose keys differ in the last float bits; a key within that distance
+    of a rounding boundary quantizes to the next code in one of them. On fresh random inputs that
+    happened here once in about ten runs of this file, so these tests draw from a fixed seed."""
+    torch.manual_seed(0)
+
+
 def random_model():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
