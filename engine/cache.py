@@ -375,7 +375,8 @@ class SvdqCache(QuantizedCache):
     def _allocate_key_history(self, L, B, T, device):
         """codes [layers, B, Hkv, T, row_bytes] uint8: each token's latent codes (quant/svdq.py);
         scale, low [layers, B, Hkv, T / token_group, R]: per latent channel and block;
-        basis_t [layers, 1 or B, Hkv, R, D] fp32: the basis, transposed; mean [layers, 1 or B, Hkv, D]."""
+        basis_t [layers, 1 or B, Hkv, R, D]: the basis, transposed; mean [layers, 1 or B, Hkv, D], both
+        in the quantizer's basis_dtype."""
         quantizer = self.key_quantizers[0]
         Hkv, D, R = self.sink_k.shape[2], quantizer.head_dim, quantizer.rank
         meta = (L, B, Hkv, T // quantizer.token_group, R)
@@ -383,11 +384,13 @@ class SvdqCache(QuantizedCache):
                        scale=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device),
                        low=torch.zeros(meta, dtype=quantizer.meta_dtype, device=device))
         if self.bases is None:  # filled per sequence at prefill
-            history["basis_t"] = torch.zeros(L, B, Hkv, R, D, device=device)
-            history["mean"] = torch.zeros(L, B, Hkv, D, device=device)
+            history["basis_t"] = torch.zeros(L, B, Hkv, R, D, device=device, dtype=quantizer.basis_dtype)
+            history["mean"] = torch.zeros(L, B, Hkv, D, device=device, dtype=quantizer.basis_dtype)
         else:
-            history["basis_t"] = torch.stack([basis[None, :, :, :R].transpose(-1, -2) for basis, _ in self.bases]).to(device)
-            history["mean"] = torch.stack([mean[None] for _, mean in self.bases]).to(device)
+            history["basis_t"] = torch.stack([basis[None, :, :, :R].transpose(-1, -2) for basis, _ in self.bases])
+            history["mean"] = torch.stack([mean[None] for _, mean in self.bases])
+            for key in ("basis_t", "mean"):
+                history[key] = history[key].to(device, quantizer.basis_dtype)
         self.bit_layout = quantizer.bit_layout.to(device)
         return history
 
@@ -409,7 +412,7 @@ class SvdqCache(QuantizedCache):
         """basis [Hkv, D, R] and mean [Hkv, D] of sequence b."""
         h = self.history_k
         i = b if h["basis_t"].shape[1] > 1 else 0
-        return h["basis_t"][layer, i].transpose(-1, -2), h["mean"][layer, i]
+        return h["basis_t"][layer, i].transpose(-1, -2).float(), h["mean"][layer, i].float()
 
     def _write_history(self, layer, k, v, batch, token, row):
         """Values token by token; keys a block at a time: the entries of a sequence come as whole
@@ -444,8 +447,8 @@ class SvdqCache(QuantizedCache):
         h, G = self.history_k, self.block
         codes = h["codes"][layer, :, :, :n_rows].transpose(1, 2).unflatten(1, (n_rows // G, G))  # (B, blocks, G, Hkv, bytes)
         scale, low = (h[key][layer, :, :, :n_rows // G].transpose(1, 2) for key in ("scale", "low"))
-        basis = h["basis_t"][layer].transpose(-1, -2)[:, None]                         # (1 or B, 1, Hkv, D, R)
-        mean = h["mean"][layer][:, None]
+        basis = h["basis_t"][layer].transpose(-1, -2).float()[:, None]                 # (1 or B, 1, Hkv, D, R)
+        mean = h["mean"][layer].float()[:, None]
         keys = self.key_quantizers[0].dequantize(codes, scale, low, basis, mean)        # (B, blocks, G, Hkv, D)
         return keys.flatten(1, 2).transpose(1, 2)
 

@@ -62,7 +62,7 @@ class LatentKeys:
     """SVDq keys (quant/svdq.py) as stage 1 reads them: `data` codes [B, Hkv, T, row_bytes] uint8,
     each token's latent codes as one bit stream; `scale`, `low` [B, Hkv, T / token_group, R], one
     pair per latent channel and block of token_group tokens; `basis_t` [B or 1, Hkv, R, D] (the
-    basis transposed; 1: one basis for every sequence) and `mean` [B or 1, Hkv, D] fp32; `bit_layout`
+    basis transposed; 1: one basis for every sequence) and `mean` [B or 1, Hkv, D]; `bit_layout`
     [2, R] int32: each latent channel's bit offset in the row, and its width. The kernel rebuilds
     each key as latent @ basis_t + mean with tl.dot, in registers."""
     data: torch.Tensor
@@ -198,7 +198,7 @@ def _attend_stage1(
         latent = tl.arange(0, K_RANK)
         basis_t = tl.load(k_basis_ptr + b * stride_kbb + kv_head * stride_kbh + latent[:, None] * D + k_channel[None, :])
         basis_t = basis_t.to(q_ptr.dtype.element_ty)
-        k_mean = tl.load(k_mean_ptr + b * stride_kub + kv_head * stride_kuh + k_channel)
+        k_mean = tl.load(k_mean_ptr + b * stride_kub + kv_head * stride_kuh + k_channel).to(tl.float32)
         bit_offset = tl.load(k_bits_ptr + latent)
         bit_mask = (1 << tl.load(k_bits_ptr + K_RANK + latent)) - 1
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh

@@ -66,15 +66,21 @@ class SvdqKeyQuantizer:
     basis [..., Hkv, D, >= R] and mean [..., Hkv, D] broadcast against the blocks' leading dims
     (one calibration basis for all, or one per sequence). Stored per block:
       codes uint8 [..., G, Hkv, row_bytes]: each token's R latent codes, widths as the schedule
-          says, packed as one bit stream (quant/packing.py pack_mixed), row_bytes = sum(widths) / 8;
+          says, packed as one bit stream (quant/packing.py pack_mixed), row_bytes = ceil(sum(widths) / 8);
       scale, low [..., Hkv, R] in meta_dtype: one pair per latent channel for the block's G tokens.
     """
 
+    basis_dtype = torch.float16  # how caches store a basis and mean (one per model, or per sequence)
+
     def __init__(self, schedule, head_dim: int, token_group: int = 128, meta_dtype=torch.float16):
-        self.schedule, self.token_group, self.meta_dtype = tuple(schedule), token_group, meta_dtype
+        self.token_group, self.meta_dtype = token_group, meta_dtype
         self.widths = latent_widths(schedule, head_dim)                          # (R,)
         self.head_dim, self.rank = head_dim, len(self.widths)
         self.row_bytes = -(-int(self.widths.sum()) // 8)  # whole bytes
+
+    def as_stored(self, basis, mean):
+        """basis and mean rounded as a cache stores them, in fp32."""
+        return basis.to(self.basis_dtype).float(), mean.to(self.basis_dtype).float()
 
     @property
     def bit_layout(self) -> torch.Tensor:
@@ -82,12 +88,13 @@ class SvdqKeyQuantizer:
         return torch.stack([self.widths.cumsum(0) - self.widths, self.widths]).int()
 
     def bits_per_element(self, context: int | None = None) -> float:
-        """Codes and per-block metadata per key element; with `context`, also one fp16 basis
-        [D, R] and mean [D] per head spread over that many tokens (a per-sequence basis)."""
+        """Codes and per-block metadata per key element; with `context`, also one basis [D, R] and
+        mean [D] per head spread over that many tokens (a per-sequence basis)."""
         meta = 2 * self.rank * torch.finfo(self.meta_dtype).bits / self.token_group
         bits = (8 * self.row_bytes + meta) / self.head_dim
         if context:
-            bits += 16 * (self.head_dim * self.rank + self.head_dim) / (context * self.head_dim)
+            bits += (torch.finfo(self.basis_dtype).bits * (self.head_dim * self.rank + self.head_dim)
+                     / (context * self.head_dim))
         return bits
 
     def project(self, keys, basis, mean):
@@ -155,6 +162,7 @@ def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink:
             basis, mean = (torch.stack(t) for t in zip(*[basis_from_keys(xb[n_sink:prompt_tokens]) for xb in x]))
         else:
             basis, mean = (t.to(k.device) for t in bases[layer])
+        basis, mean = key_quantizer.as_stored(basis, mean)
         x_hat = x.clone()
         x_hat[:, n_sink:] = key_quantizer.fake_quantize(x[:, n_sink:], basis, mean)
         return x_hat.transpose(1, 2)
