@@ -162,15 +162,18 @@ def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads
     window: the kernel path (prefill attention over the held segments plus the causal chunk,
     fused eviction, decode over three segments, stage 2) gives the logits of the plain-torch
     path. SVDq keys here in blocks of 16 tokens."""
+    # The two paths' K/V differ in the last float bits, so now and then a value at a rounding
+    # boundary (of a code, or of an fp8 scale) quantizes differently and the logits move by ~1e-2
+    # (seen once in about a dozen draws). The kernels' own tests above are exact on shared inputs;
+    # this one checks the plumbing, from a fixed seed.
+    torch.manual_seed(0)
     model = random_model(n_kv_heads, head_dim)
     cfg, lengths, n_decode = model.config, torch.tensor([23, 9]), 20
     tokens = torch.randint(0, 64, (2, 23 + n_decode), device=DEVICE)
 
     # SVDq keys in a fixed random basis: a prompt's own basis from an 8-token chunk is degenerate,
-    # and its arbitrary null-space directions would differ between two float paths. And no 8- or
-    # 4-bit latent channels: the two paths' keys differ in the last bits, and with 256 levels a key
-    # that close to a rounding boundary is common (one run in four here) and takes the next code.
-    svdq_keys = SvdqKeyQuantizer((2, 2, 2, 2, 1, 1, 1, 1), head_dim, token_group=16)
+    # and its arbitrary null-space directions would differ between two float paths.
+    svdq_keys = SvdqKeyQuantizer(SCHEDULES[1.25], head_dim, token_group=16)
     bases = [(torch.linalg.qr(torch.randn(n_kv_heads, head_dim, head_dim))[0], torch.randn(n_kv_heads, head_dim))
              for _ in range(cfg.num_hidden_layers)]
 
