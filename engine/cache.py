@@ -174,7 +174,7 @@ class QuantizedCache(Cache):
             old = self.lengths - self.n_new
             if self.use_kernels:
                 chunk = Segment(Stored(k), Stored(v), self.n_new, None, old, causal=True)
-                segments = self._segments(layer, self._spans(old)) + [chunk]
+                segments = self._segments(layer, self.held_spans) + [chunk]
                 out = attend(q.transpose(1, 2), segments, old, inv_freq).transpose(1, 2)
             else:
                 out = attention(q, *self._with_chunk(layer, k, v, positions), positions)
@@ -274,7 +274,10 @@ class QuantizedCache(Cache):
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         positions = super().reserve(n_new, T)
-        self.spans = self._spans(self.lengths)  # the same for every layer: computed once per forward
+        # The same for every layer, so computed once per forward: what the cache holds after these
+        # tokens (decode reads it), and before them (a prefill chunk reads that, then itself).
+        self.spans = self._spans(self.lengths)
+        self.held_spans = self._spans(self.lengths - n_new) if T > 1 else None
         return positions
 
     def _spans(self, n):
