@@ -22,18 +22,18 @@ demo: setup
 
 # Benchmarks, on a GPU; results into bench/results/ (bench/RESULTS.md says what each measures).
 bench-attention: setup
-	$(PY) bench/attention.py
+	$(PY) -m bench.attention
 
 bench-decode: setup
-	$(PY) bench/decode.py
+	$(PY) -m bench.decode
 
 bench-memory: setup
-	$(PY) bench/memory.py
+	$(PY) -m bench.memory
 
 # Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
 tiny-model: setup
 	@command -v bible >/dev/null || { echo "error: needs the corpus: apt-get install bible-kjv bible-kjv-text" >&2; exit 1; }
-	$(PY) weights/train_tiny.py --minutes 40
+	$(PY) -m weights.train_tiny --minutes 40
 
 clean:
 	rm -rf $(VENV)

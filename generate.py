@@ -10,29 +10,29 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cache import DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_KV, DEFAULT_METADATA
+from cli import ArgumentParser, UserError, positive_int, run_cli
+from quant import kvspec
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "kjv-tiny"
 DTYPES = {"float32", "float16", "bfloat16"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(s):
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
-    return n
+# The flags that change one setting of --kv (quant/kvspec.py): flag -> KvSpec field.
+KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
 
 def context_size(s):
     return s if s == "auto" else positive_int(s)
+
+
+def engine_spec(text: str) -> kvspec.KvSpec:
+    """--kv: a cache the engine runs (quant/kvspec.py)."""
+    try:
+        spec = kvspec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    if spec.method == "kivi":
+        raise argparse.ArgumentTypeError("kivi is the evaluation baseline, simulated by python -m quant.eval; "
+                                         "generate.py runs fp16, skvq and svdq caches")
+    return spec
 
 
 def parse_args(argv=None):
@@ -53,32 +53,41 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
-    p.add_argument("--kv", default=DEFAULT_KV,
-                   help="KV cache: fp16, or skvq-kKvV / kivi-kKvV with K, V bits (V may be 1.5: ternary), or "
-                        f"svdq-k1.25vV / svdq-k2vV (SVDq keys, SKVQ values); default {DEFAULT_KV}")
-    p.add_argument("--window", type=positive_int, default=128, help="recent tokens kept in full precision")
-    p.add_argument("--sinks", type=int, default=5, help="first tokens kept in full precision")
-    p.add_argument("--group-size", type=positive_int, default=None,
-                   help=f"channels per quantization group (default {DEFAULT_GROUP_SIZE}, or head_dim if smaller)")
-    p.add_argument("--grouping", choices=["kmeans", "head_pairs", "smooth", "equal"], default=DEFAULT_GROUPING,
-                   help="SKVQ channel grouping from the calibration file (quant/skvq.py)")
-    p.add_argument("--metadata", choices=["fp16", "fp8"], default=DEFAULT_METADATA, help="dtype of scales and zeros")
-    p.add_argument("--pre-rope-keys", action="store_true", help="quantize keys before RoPE (SVDq keys always are)")
-    p.add_argument("--svdq-basis", choices=["calibration", "prompt"], default="calibration",
-                   help="SVDq keys: the calibration's basis, or each prompt's own (default: calibration when present)")
+    kv = p.add_argument_group("KV cache", "--kv names the cache, settings included (quant/kvspec.py: "
+                              "METHOD-kKvV[:SETTING=VALUE]...); each flag below changes one setting")
+    kv.add_argument("--kv", type=engine_spec, default=kvspec.DEFAULT,
+                    help=f"fp16, skvq-kKvV (K in 1,2,3,4,8, V also 1.5: ternary) or svdq-kKvV (K in 1.25, 2: "
+                         f"SVDq keys); default {kvspec.DEFAULT}")
+    kv.add_argument("--sinks", type=int, help=f"first tokens kept in full precision (default {kvspec.DEFAULT.sinks})")
+    kv.add_argument("--window", type=positive_int,
+                    help=f"recent tokens kept in full precision (default {kvspec.DEFAULT.window})")
+    kv.add_argument("--group-size", type=positive_int,
+                    help=f"channels per quantization group (default {kvspec.DEFAULT_GROUP_SIZE}, or head_dim if "
+                         "that does not divide it)")
+    kv.add_argument("--grouping", choices=kvspec.GROUPINGS,
+                    help=f"channel grouping from the calibration file (default {kvspec.DEFAULT.grouping})")
+    kv.add_argument("--metadata", choices=["fp8", "fp16"],
+                    help=f"dtype of scales and zeros (default {kvspec.DEFAULT.metadata})")
+    kv.add_argument("--pre-rope-keys", action="store_true", default=None, help="skvq: quantize keys before RoPE")
+    kv.add_argument("--svdq-basis", choices=["calibration", "prompt"],
+                    help="svdq: the calibration's basis (default, where there is one) or each prompt's own")
+    kv.add_argument("--token-group", type=positive_int,
+                    help=f"svdq: tokens per key block (default {kvspec.DEFAULT.token_group})")
     args = p.parse_args(argv)
     if not args.temperature >= 0:
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
-    if args.sinks < 0:
-        p.error(f"argument --sinks: must be >= 0, got {args.sinks}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    given = {field: getattr(args, field) for field in KV_FLAGS.values() if getattr(args, field) is not None}
+    try:
+        args.kv = args.kv.with_settings(**given)
+    except ValueError as e:
+        flags = " ".join(flag for flag, field in KV_FLAGS.items() if field in given)
+        p.error(f"--kv {args.kv} with {flags}: {e}")
     return args
 
 
 def read_prompt(path: Path) -> str:
-    from model import UserError
-
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -95,19 +104,23 @@ def read_prompt(path: Path) -> str:
 def main(args):
     import torch
 
-    from engine.cache import QuantizedCache, SvdqCache, make_cache
-    from engine.planner import largest_context, plan
+    from engine.cache import make_cache
+    from engine.planner import Request, largest_context, plan
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
-    from model import Llama, UserError
-    from quant.calibrate import CALIBRATION_FILE, load_calibration
-    from quant.uniform import META_DTYPES
+    from model import Llama, LlamaConfig
+    from quant.calibrate import CALIBRATION_FILE, calibrated, load_calibration
 
+    spec = args.kv
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     prompt = read_prompt(args.prompt_file) if args.prompt_file else None
     if not args.model.is_dir():
         raise UserError(f"{args.model}: model directory not found")
+    try:  # before the weights load: a --kv the model cannot take is an error at once
+        spec.check(LlamaConfig.from_json(args.model / "config.json").head_dim)
+    except ValueError as e:
+        raise UserError(f"--kv {spec}: {e}")
     tokenizer = Tokenizer(args.model / "tokenizer.model")
     model = Llama.from_pretrained(args.model, args.device, args.dtype and getattr(torch, args.dtype))
     device, dtype, cfg = model.lm_head.weight.device, model.lm_head.weight.dtype, model.config
@@ -120,22 +133,19 @@ def main(args):
                                                         generator=generator).tolist()
     else:
         prompt_ids = tokenizer.encode(prompt)
-    calibration = load_calibration(args.model)
-    make = lambda context, on: make_cache(
-        args.kv, cfg, 1, context, on, dtype, n_sink=args.sinks, window=args.window, group_size=args.group_size,
-        keys_pre_rope=args.pre_rope_keys, meta_dtype=META_DTYPES[args.metadata], calibration=calibration,
-        grouping=args.grouping, svdq_basis=args.svdq_basis)
+    calibration = load_calibration(args.model) if spec.quantized else None
+    request = Request(spec, cfg, 1, dtype, calibration)
     context = args.max_context
     if context is None:  # as much as the request needs, within the model's context
         if len(prompt_ids) >= cfg.max_position_embeddings:
             raise UserError(f"prompt is {len(prompt_ids)} tokens; the model's context is {cfg.max_position_embeddings}")
         context = min(cfg.max_position_embeddings, len(prompt_ids) + args.max_new_tokens)
-    memory = plan(make, cfg, 1, len(prompt_ids), context, device, dtype)
+    memory = plan(request, len(prompt_ids), context, device)
     if memory.context <= len(prompt_ids):
         raise UserError(f"--max-context {memory.context} leaves no room after the {len(prompt_ids)}-token prompt"
                         + (f" ({memory.explain()})" if context == "auto" else ""))
     if not memory.fits:
-        longest = largest_context(make, memory.free - memory.working)
+        longest = largest_context(request, memory.free - memory.working)
         raise UserError(f"cannot allocate the KV cache on {device}: {memory.explain()}; "
                         f"at most {longest} tokens fit")
     max_new = min(args.max_new_tokens, memory.context - len(prompt_ids))
@@ -145,13 +155,13 @@ def main(args):
     if memory.context > cfg.max_position_embeddings:
         print(f"note: a {memory.context}-token context is past the model's trained {cfg.max_position_embeddings}",
               file=sys.stderr)
-    cache = make(memory.context, device)
-    if isinstance(cache, QuantizedCache) and not cache.calibrated:
-        print(f"note: no {CALIBRATION_FILE} for group size {cache.group_size} in {args.model}: SKVQ runs with "
-              "equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)",
+    if spec.quantized and not calibrated(spec, cfg.head_dim, calibration):
+        print(f"note: no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)} in {args.model}: "
+              "SKVQ runs with equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)",
               file=sys.stderr)
-    if isinstance(cache, SvdqCache) and cache.bases is None and args.svdq_basis == "calibration":
+    if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         print(f"note: no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis", file=sys.stderr)
+    cache = make_cache(spec, cfg, 1, memory.context, device, dtype, calibration)
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -182,13 +192,11 @@ def main(args):
     # stdout holds exactly the continuation, so the line break before the stats goes to stderr.
     print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
           f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
-          f"KV cache ({args.kv}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
+          f"KV cache ({spec}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
           f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element"
-          + (" in the quantized history, metadata included" if args.kv != "fp16" else ""), file=sys.stderr)
+          + (" in the quantized history, metadata included" if spec.quantized else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":
-    from model import run_cli
-
     args = parse_args()
     run_cli(lambda: main(args))

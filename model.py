@@ -6,7 +6,6 @@ knows nothing of bits or kernels.
 """
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad checkpoint, prompt or flag); the CLI prints it as one line."""
-
-
-def run_cli(main):
-    """Run a command-line entry point: a UserError becomes one `error:` line and exit status 1."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+from cli import UserError
 
 
 @dataclass

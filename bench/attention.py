@@ -8,8 +8,8 @@ decoding (torch SDPA and our fp16 kernel) at the same context, side by side. The
 (speed does not depend on their values); each setting is first checked against the plain-torch
 reference on its smallest context. Prints a markdown table and writes JSON to bench/results/.
 
-    python bench/attention.py                      # the whole sweep, on a GPU (a few minutes)
-    python bench/attention.py --smoke              # tiny shapes on any device: checks the harness
+    python -m bench.attention                      # the whole sweep, on a GPU (a few minutes)
+    python -m bench.attention --smoke              # tiny shapes on any device: checks the harness
 """
 import argparse
 import datetime
@@ -23,24 +23,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+
+from engine.stores import LatentStore, TokenStore
+from kernels.decode_attention import SPLIT_TOKENS, Segment, decode_attention
+from kernels.quantize import quantize_tokens
+from kernels.reference import attention
+from model import apply_rope, rope_cos_sin
+from quant.kvspec import parse
+from quant.skvq import TokenQuantizer, equal_groups
+from quant.svdq import svdq_keys
+from quant.uniform import META_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import triton  # noqa: E402
-
-from engine.cache import DEFAULT_TOKEN_GROUP, attention, parse_kv  # noqa: E402
-from kernels.decode_attention import SPLIT_TOKENS, LatentKeys, Segment, Stored, decode_attention  # noqa: E402
-from kernels.quantize import quantize_tokens  # noqa: E402
-from model import apply_rope, rope_cos_sin  # noqa: E402
-from quant.skvq import TokenQuantizer, equal_groups  # noqa: E402
-from quant.svdq import SCHEDULES, SvdqKeyQuantizer  # noqa: E402
-
 SHAPES = {"llama2-7b": dict(n_heads=32, n_kv_heads=32, head_dim=128),
           "llama3-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128)}
-SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5-pre-rope", "skvq-k2v1.5-g32",
-            "svdq-k1.25v1.5", "svdq-k2v1.5"]
-N_SINK, WINDOW = 5, 128
+# sdpa-fp16: torch's SDPA over an fp16 cache; the rest are caches as quant/kvspec.py names them.
+SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5:pre-rope-keys",
+            "skvq-k2v1.5:group-size=32", "svdq-k1.25v1.5", "svdq-k2v1.5"]
 REFERENCE_TOKENS = 8192  # contexts up to this are checked against the plain-torch reference
 
 
@@ -77,82 +77,62 @@ def make_inputs(setting, B, T, shape, device, dtype, generator):
         if setting == "sdpa-fp16":
             call = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
         else:
-            call = lambda: decode_attention(q, [Segment(Stored(k), Stored(v), lengths)])
+            call = lambda: decode_attention(q, [Segment(k, v, lengths)])
         return call, 2 * k.nbytes, reference
     # A quantized cache of T tokens: sinks and window in fp16, the rest packed, as engine/cache.py holds it.
-    svdq = setting.startswith("svdq")
-    pre_rope, group_size = svdq or setting.endswith("pre-rope"), 32 if setting.endswith("g32") else D
-    _, k_bits, v_bits = parse_kv(setting.removesuffix("-pre-rope").removesuffix("-g32"))
-    block = DEFAULT_TOKEN_GROUP if svdq else 1  # SVDq keys enter the history in blocks
-    n_hist = (T - N_SINK - WINDOW) // block * block
+    spec = parse(setting)
+    schedule, meta = spec.key_schedule, META_DTYPES[spec.metadata]
+    n_hist = schedule.history_length(T)
     segments, bytes_read, dequantized = [], 0, []
-    for n, first in [(N_SINK, 0), (T - N_SINK - n_hist, N_SINK)]:
+    for n, first in [(schedule.sinks, 0), (T - schedule.sinks - n_hist, schedule.sinks)]:
         k, v = (torch.randn(B, Hkv, n, D, device=device, dtype=dtype, generator=generator) for _ in range(2))
-        segments.append(Segment(Stored(k), Stored(v), torch.full((B,), n, device=device), None,
-                                torch.full((B,), first, device=device)))
+        segments.append(Segment(k, v, torch.full((B,), n, device=device), None, torch.full((B,), first, device=device)))
         bytes_read += 2 * k.nbytes
         dequantized.append((k, v))
     check = T <= REFERENCE_TOKENS  # small enough to dequantize for the reference
-    packed = [latent_keys(k_bits, B, Hkv, D, n_hist, device, generator, check) if svdq else
-              packed_tokens(k_bits, B, Hkv, D, group_size, n_hist, device, dtype, generator, check),
-              packed_tokens(v_bits, B, Hkv, D, group_size, n_hist, device, dtype, generator, check)]
-    bytes_read += sum(nbytes for _, nbytes, _ in packed)
-    segments.append(Segment(packed[0][0], packed[1][0], torch.full((B,), n_hist, device=device), None,
+    group_size = spec.channel_group(D)
+    stores = [latent_keys(spec, B, Hkv, D, n_hist, device, generator) if spec.method == "svdq" else
+              packed_tokens(spec.key_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator),
+              packed_tokens(spec.value_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator)]
+    bytes_read += sum(t.nbytes for store in stores for t in store.buffers())
+    segments.append(Segment(*stores, torch.full((B,), n_hist, device=device), None,
                             torch.full((B,), T - n_hist, device=device)))
-    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=device) / (D // 2)) if pre_rope else None
+    inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=device) / (D // 2)) if spec.keys_pre_rope else None
     call = lambda: decode_attention(q, segments, inv_freq)
     reference = None
     if check:
         (sink_k, sink_v), (window_k, window_v) = dequantized
         # Position order: sinks, window, then the history.
-        keys = torch.cat([sink_k, window_k, packed[0][2].to(dtype)], 2)
-        values = torch.cat([sink_v, window_v, packed[1][2].to(dtype)], 2)
-        if pre_rope:
+        keys = torch.cat([sink_k, window_k, stores[0].read(n_hist).to(dtype)], 2)
+        values = torch.cat([sink_v, window_v, stores[1].read(n_hist).to(dtype)], 2)
+        if spec.keys_pre_rope:
             keys = apply_rope(keys, *rope_cos_sin(torch.arange(T, device=device).expand(B, T), inv_freq))
         reference = lambda: attention(q[:, :, None], keys, values, torch.full((B, 1), T - 1, device=device))[:, :, 0]
     return call, bytes_read, reference
 
 
-def packed_tokens(bits, B, Hkv, D, group_size, n, device, dtype, generator, dequantize):
-    """n random tokens per sequence quantized per token (SKVQ) by the fused kernel, in chunks:
-    (Stored, bytes, dequantized [B, Hkv, n, D] or None)."""
-    quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=torch.float8_e4m3fn)
-    codes = torch.empty(B, Hkv, n, quantizer.code_bytes, dtype=torch.uint8, device=device)
-    scale = torch.empty(B, Hkv, n, quantizer.groups.n_groups, dtype=torch.float8_e4m3fn, device=device)
-    low = torch.empty_like(scale)
-    group_index = quantizer.groups.group_index.to(device, torch.int32)
-    smoothing = torch.ones(Hkv, D, device=device)
+def packed_tokens(bits, B, Hkv, D, group_size, meta_dtype, n, device, dtype, generator) -> TokenStore:
+    """n random tokens per sequence quantized per token (SKVQ) by the fused kernel, in chunks."""
+    quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=meta_dtype)
+    store = TokenStore(quantizer, B, n, device)
     chunk = 1 << 14
     for start in range(0, n, chunk):
         x = torch.randn(B, Hkv, min(chunk, n - start), D, device=device, dtype=dtype, generator=generator)
         batch = torch.arange(B, device=device).repeat_interleave(x.shape[2])
         source = torch.arange(x.shape[2], device=device).repeat(B)
-        quantize_tokens(x, batch, source, source + start, codes, scale, low, group_index, smoothing, bits, quantizer.clip)
-    x_hat = None
-    if dequantize:
-        x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2)).transpose(1, 2)
-    return Stored(codes, bits, scale, low, group_index, smoothing), codes.nbytes + scale.nbytes + low.nbytes, x_hat
+        quantize_tokens(x, batch, source, source + start, store)
+    return store
 
 
-def latent_keys(bits, B, Hkv, D, n, device, generator, dequantize):
-    """n SVDq keys per sequence (random codes and metadata, one random orthonormal basis):
-    (LatentKeys, bytes, dequantized pre-RoPE keys [B, Hkv, n, D] or None)."""
-    quantizer = SvdqKeyQuantizer(SCHEDULES[bits], D, DEFAULT_TOKEN_GROUP)
-    G, R = quantizer.token_group, quantizer.rank
-    codes = torch.randint(256, (B, Hkv, n, quantizer.row_bytes), device=device, dtype=torch.uint8, generator=generator)
-    scale = (torch.rand(B, Hkv, n // G, R, device=device, generator=generator) * 0.1).half()
-    low = (torch.randn(B, Hkv, n // G, R, device=device, generator=generator) * 0.1).half()
-    basis = torch.linalg.qr(torch.randn(Hkv, D, D, device=device, generator=generator))[0][None]  # (1, Hkv, D, D)
-    mean = torch.randn(1, Hkv, D, device=device, generator=generator) * 0.1
-    keys = LatentKeys(codes, scale, low, basis[..., :R].transpose(-1, -2).contiguous(), mean,
-                      quantizer.bit_layout.to(device), G)
-    x_hat = None
-    if dequantize:
-        blocks = codes.transpose(1, 2).unflatten(1, (n // G, G))                     # (B, blocks, G, Hkv, bytes)
-        x_hat = quantizer.dequantize(blocks, scale.transpose(1, 2), low.transpose(1, 2), basis[:, None], mean[:, None])
-        x_hat = x_hat.flatten(1, 2).transpose(1, 2)
-    nbytes = codes.nbytes + scale.nbytes + low.nbytes + keys.basis_t.nbytes + mean.nbytes
-    return keys, nbytes, x_hat
+def latent_keys(spec, B, Hkv, D, n, device, generator) -> LatentStore:
+    """n SVDq keys per sequence: random codes and metadata in one random orthonormal basis."""
+    basis = torch.linalg.qr(torch.randn(Hkv, D, D, device=device, generator=generator))[0]
+    mean = torch.randn(Hkv, D, device=device, generator=generator) * 0.1
+    store = LatentStore(svdq_keys(spec.key_bits, Hkv, D, spec.token_group, basis, mean), B, n, device)
+    store.codes.random_(256, generator=generator)
+    store.scale.copy_(torch.rand(store.scale.shape, device=device, generator=generator) * 0.1)
+    store.low.copy_(torch.randn(store.low.shape, device=device, generator=generator) * 0.1)
+    return store
 
 
 def run(args):
@@ -199,7 +179,7 @@ def run(args):
     return dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), commit=git_commit(), command=" ".join(sys.argv),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                copy_bandwidth_gb_per_s=bandwidth / 1e9, split_tokens=SPLIT_TOKENS, n_sink=N_SINK, window=WINDOW,
+                copy_bandwidth_gb_per_s=bandwidth / 1e9, split_tokens=SPLIT_TOKENS,
                 kv_values="random (speed does not depend on values)", rows=rows)
 
 
@@ -246,10 +226,15 @@ def main(argv=None):
         SHAPES["tiny-gqa"] = dict(n_heads=4, n_kv_heads=2, head_dim=64)
         args.models, args.contexts, args.batches = ["tiny-gqa"], [400], [2]
         args.rotate_bytes, args.copy_bytes = 0, 1 << 20
-    unknown = [m for m in args.models if m not in SHAPES] + [s for s in args.settings if s not in SETTINGS]
+    unknown = [m for m in args.models if m not in SHAPES]
     if unknown:
-        p.error(f"unknown model or setting: {', '.join(unknown)} (models: {', '.join(SHAPES)}; "
-                f"settings: {', '.join(SETTINGS)})")
+        p.error(f"unknown model {', '.join(unknown)} (models: {', '.join(SHAPES)})")
+    for setting in args.settings:
+        try:
+            if setting != "sdpa-fp16" and parse(setting).method == "kivi":
+                p.error("kivi is simulated only (python -m quant.eval): it has no kernel")
+        except ValueError as e:
+            p.error(f"--settings {setting}: {e}")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "attention-smoke" if args.smoke else f"attention-{result['device'].replace(' ', '_')}"

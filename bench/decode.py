@@ -11,9 +11,9 @@ same process), peak memory; "max" as a batch is the largest that fits at that co
 planner). Steps run eager and, where the step can be captured, as a CUDA graph. Writes JSON to
 bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against context.
 
-    python bench/decode.py                                  # the sweep, on a GPU
-    python bench/decode.py --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
-    python bench/decode.py --smoke                          # tiny shapes on any device
+    python -m bench.decode                                  # the sweep, on a GPU
+    python -m bench.decode --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
+    python -m bench.decode --smoke                          # tiny shapes on any device
 """
 import argparse
 import json
@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.attention import copy_bandwidth, device_name, git_commit  # noqa: E402
-from engine.cache import KVCache, QuantizedCache, SvdqCache, make_cache  # noqa: E402
-from engine.planner import GiB, cache_bytes, longest, usable_bytes, working_bytes  # noqa: E402
-from engine.runner import decode_one_token, prefill  # noqa: E402
-from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
+from bench.attention import ROOT, copy_bandwidth, device_name, git_commit
+from engine.cache import KVCache, make_cache
+from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
+from engine.runner import decode_one_token, prefill
+from model import Llama, LlamaConfig, rope_inv_freq
+from quant.kvspec import parse
 
 CONFIGS = {
     "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -60,13 +58,14 @@ def random_model(cfg: LlamaConfig, device, dtype) -> Llama:
 def fill_synthetic(cache, context: int):
     """Random contents for every buffer and `context` tokens held per sequence: random K/V in
     the fp16 parts, random codes and metadata in the packed ones."""
+    if isinstance(cache, KVCache):
+        buffers = [cache.k, cache.v]
+    else:
+        buffers = [cache.sink_k, cache.sink_v, cache.window_k, cache.window_v]
+        buffers += [t for store in cache.key_stores + cache.value_stores for t in store.buffers()]
     with torch.no_grad():
-        for name, t in vars(cache).items():
-            if isinstance(t, dict):
-                for key, x in t.items():
-                    fill_random(x)
-            elif isinstance(t, torch.Tensor) and t.dim() >= 4:
-                fill_random(t)
+        for x in buffers:
+            fill_random(x)
     cache.lengths.fill_(context)
 
 
@@ -83,22 +82,23 @@ def weight_bytes(model) -> int:
         (model.lm_head.weight.nbytes if model.lm_head.weight is model.model.embed_tokens.weight else 0)
 
 
-def kv_bytes_read(cache, context: int, batch: int) -> int:
+def kv_bytes_read(cache, context: int) -> int:
     """Bytes of K/V the attention of one step reads, all layers: the held tokens, not the capacity."""
     if isinstance(cache, KVCache):
         return cache.k[:, :, :, :context].nbytes * 2
-    per_token = 0
-    for history in (cache.history_k, cache.history_v):
-        capacity = history["codes"].shape[3]
-        per_token += sum(x.nbytes for key, x in history.items() if key in ("codes", "scale", "low")) / max(capacity, 1)
+    # Per history row: codes and metadata of every layer's key and value store.
+    stores = cache.key_stores + cache.value_stores
+    rows = max(stores[0].codes.shape[2], 1)
+    per_token = sum(t.nbytes for store in stores for t in (store.codes, store.scale, store.low)) / rows
+    schedule = cache.schedule
     recent = cache.sink_k.nbytes + cache.window_k.nbytes  # per K or V, all layers and sequences
-    history_tokens = max(context - cache.n_sink - cache.window, 0)
-    return int(per_token * history_tokens + 2 * recent * min(context, cache.n_sink + cache.ring) /
-               (cache.n_sink + cache.ring))
+    held_recent = min(context, schedule.sinks + schedule.ring) / (schedule.sinks + schedule.ring)
+    return int(per_token * schedule.history_length(context) + 2 * recent * held_recent)
 
 
-def largest_batch(make, context: int, budget: int, limit: int = 4096) -> int:
-    return longest(lambda batch: cache_bytes(lambda n, on: make(n, on, batch), context) <= budget, limit)
+def largest_batch(request: Request, context: int, budget: int, limit: int = 4096) -> int:
+    fits = lambda batch: Request(request.spec, request.cfg, batch, request.dtype).cache_bytes(context) <= budget
+    return longest(fits, limit)
 
 
 def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> float:
@@ -144,24 +144,25 @@ def run(args):
         cfg = CONFIGS[name]
         model = random_model(cfg, device, dtype)
         weights = weight_bytes(model)
-        for kv in args.kv:
-            make = lambda n, on, batch: make_cache(kv, cfg, batch, n, on, dtype, token_group=args.token_group)
+        for spec in args.kv:
             for context in args.contexts:
                 budget = usable_bytes(device) - working_bytes(cfg, 1, 1, dtype, device.type == "cuda")
                 for batch_spec in args.batches:
-                    batch = largest_batch(make, context + args.steps + 3, budget) if batch_spec == "max" else int(batch_spec)
-                    row = dict(model=name, kv=kv, context=context, batch=batch, batch_asked=batch_spec,
+                    capacity = context + args.steps + 3
+                    batch = largest_batch(Request(spec, cfg, 1, dtype), capacity, budget) if batch_spec == "max" \
+                        else int(batch_spec)
+                    row = dict(model=name, kv=str(spec), context=context, batch=batch, batch_asked=batch_spec,
                                weights="random", history="synthetic")
-                    needed = batch and cache_bytes(lambda n, on: make(n, on, batch), context + args.steps + 3)
+                    needed = batch and Request(spec, cfg, batch, dtype).cache_bytes(capacity)
                     if batch == 0 or needed > budget:
                         rows.append({**row, "note": f"does not fit in {budget / GiB:.1f} GiB"})
                         print(format_row(rows[-1]), file=sys.stderr)
                         continue
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    cache = make(context + args.steps + 3, device, batch)
+                    cache = make_cache(spec, cfg, batch, capacity, device, dtype)
                     fill_synthetic(cache, context)
-                    per_step = weights + kv_bytes_read(cache, context, batch)
+                    per_step = weights + kv_bytes_read(cache, context)
                     for graph in ([False, True] if device.type == "cuda" else [False]):
                         try:
                             seconds = time_steps(model, cache, batch, args.steps, graph, device)
@@ -181,16 +182,16 @@ def run(args):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             if args.prefill:
-                rows.append(real_prefill(model, name, kv, args, device, dtype))
+                rows.append(real_prefill(model, name, spec, args, device, dtype))
         del model
     return dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=" ".join(sys.argv),
                 copy_bandwidth_gb_per_s=bandwidth / 1e9, weights="random", history="synthetic (random)", rows=rows)
 
 
-def real_prefill(model, name, kv, args, device, dtype) -> dict:
+def real_prefill(model, name, spec, args, device, dtype) -> dict:
     """One real chunked prefill of args.prefill random tokens, then the decode speed after it."""
     n, cfg = args.prefill, model.config
-    cache = make_cache(kv, cfg, 1, n + args.steps + 3, device, dtype, token_group=args.token_group)
+    cache = make_cache(spec, cfg, 1, n + args.steps + 3, device, dtype)
     tokens = torch.randint(3, cfg.vocab_size, (1, n), device=device)
     begin = time.perf_counter()
     prefill(model, tokens, torch.tensor([n], device=device), cache, chunk_size=args.prefill_chunk)
@@ -198,9 +199,9 @@ def real_prefill(model, name, kv, args, device, dtype) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
     step = time_steps(model, cache, 1, args.steps, False, device)
-    row = dict(model=name, kv=kv, context=n, batch=1, weights="random", history="real prefill", cuda_graph=False,
+    row = dict(model=name, kv=str(spec), context=n, batch=1, weights="random", history="real prefill", cuda_graph=False,
                prefill_s=seconds, prefill_tokens_per_s=n / seconds, step_ms=step * 1e3, tokens_per_s=1 / step)
-    print(f"real prefill of {n} tokens ({name}, {kv}): {seconds:.1f} s, {n / seconds:.0f} tokens/s", file=sys.stderr)
+    print(f"real prefill of {n} tokens ({name}, {spec}): {seconds:.1f} s, {n / seconds:.0f} tokens/s", file=sys.stderr)
     return row
 
 
@@ -244,14 +245,13 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",")]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
-    p.add_argument("--kv", type=lambda s: s.split(","), default=KV)
+    p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
     p.add_argument("--contexts", type=ints, default=[4096, 32768, 131072, 524288, 1048576])
     p.add_argument("--batches", type=lambda s: s.split(","), default=["1", "max"],
                    help="batch sizes; max: the largest that fits at each context")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per row")
     p.add_argument("--prefill", type=int, default=0, help="also time a real prefill of this many tokens")
     p.add_argument("--prefill-chunk", type=int, default=4096)
-    p.add_argument("--token-group", type=int, default=128, help="SVDq keys: tokens per block")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--copy-bytes", type=int, default=1 << 30)
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
@@ -259,10 +259,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.contexts, args.batches, args.steps = ["tiny"], [300], ["2"], 3
-        args.copy_bytes, args.token_group = 1 << 20, 32
+        args.copy_bytes = 1 << 20
+        args.kv = [kv.replace("svdq-k1.25v1.5", "svdq-k1.25v1.5:token-group=32") for kv in KV]
     unknown = [m for m in args.models if m not in CONFIGS] + [b for b in args.batches if b != "max" and not b.isdigit()]
     if unknown:
         p.error(f"unknown model or batch: {', '.join(unknown)} (models: {', '.join(CONFIGS)}; batches: N or max)")
+    try:
+        args.kv = [parse(kv) for kv in args.kv]
+    except ValueError as e:
+        p.error(f"--kv: {e}")
+    if any(spec.method == "kivi" for spec in args.kv):
+        p.error("--kv: kivi is simulated only (python -m quant.eval), not a cache the engine runs")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "decode-smoke" if args.smoke else f"decode-{result['device'].replace(' ', '_')}"

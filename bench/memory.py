@@ -1,5 +1,5 @@
 """The longest context that fits on the GPU, per cache setting, found by allocation:
-python bench/memory.py
+python -m bench.memory
 
 For each model shape (random fp16 weights on the device first, as generate.py would hold them) and
 cache setting: the memory planner's prediction (engine/planner.py: caches priced on the meta
@@ -15,22 +15,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.attention import device_name, git_commit  # noqa: E402
-from bench.decode import CONFIGS, random_model  # noqa: E402
-from engine.cache import make_cache  # noqa: E402
-from engine.planner import HEADROOM, GiB, largest_context, longest, usable_bytes, working_bytes  # noqa: E402
+from bench.attention import ROOT, device_name, git_commit
+from bench.decode import CONFIGS, random_model
+from engine.cache import make_cache
+from engine.planner import HEADROOM, GiB, Request, largest_context, longest, usable_bytes, working_bytes
+from quant.kvspec import parse
 
 KV = ["fp16", "skvq-k4v4", "skvq-k2v2", "skvq-k2v1.5", "svdq-k1.25v1.5"]
 
 
-def allocates(make, device):
+def allocates(request: Request, device):
     """fits(context): whether a cache of that context really allocates next to what is there."""
     def fits(context: int) -> bool:
         try:
-            make(context, device)  # allocated, then dropped
+            # allocated, then dropped
+            make_cache(request.spec, request.cfg, request.batch, context, device, request.dtype)
             return True
         except torch.OutOfMemoryError:
             return False
@@ -42,7 +41,7 @@ def allocates(make, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
-    p.add_argument("--kv", type=lambda s: s.split(","), default=KV)
+    p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -53,17 +52,23 @@ def main(argv=None):
     unknown = [m for m in args.models if m not in CONFIGS]
     if unknown:
         p.error(f"unknown model {', '.join(unknown)} (models: {', '.join(CONFIGS)})")
+    try:
+        specs = [parse(kv) for kv in args.kv]
+    except ValueError as e:
+        p.error(f"--kv: {e}")
+    if any(spec.method == "kivi" for spec in specs):
+        p.error("--kv: kivi is simulated only (python -m quant.eval), not a cache the engine runs")
     device, rows = torch.device("cuda"), []
     for name in args.models:
         cfg = CONFIGS[name]
         model = random_model(cfg, device, torch.float16)
-        for kv in args.kv:
-            make = lambda n, on: make_cache(kv, cfg, args.batch, n, on, torch.float16)
+        for spec in specs:
+            request = Request(spec, cfg, args.batch, torch.float16)
             budget = usable_bytes(device) - working_bytes(cfg, args.batch, 1, torch.float16, True)
-            predicted = largest_context(make, budget)
-            found = longest(allocates(make, device), limit=2 * predicted + 1024)
-            bytes_per_token = make(1 << 20, "meta").nbytes() / (1 << 20) / args.batch
-            rows.append(dict(model=name, kv=kv, batch=args.batch, planner_context=predicted, allocated_context=found,
+            predicted = largest_context(request, budget)
+            found = longest(allocates(request, device), limit=2 * predicted + 1024)
+            bytes_per_token = request.cache_bytes(1 << 20) / (1 << 20) / args.batch
+            rows.append(dict(model=name, kv=str(spec), batch=args.batch, planner_context=predicted, allocated_context=found,
                              cache_gib=found * bytes_per_token * args.batch / GiB, bytes_per_token=bytes_per_token))
             print(rows[-1], file=sys.stderr)
         del model

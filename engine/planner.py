@@ -1,24 +1,35 @@
 """Memory planning: how long a context fits beside the weights, decided before anything is allocated.
 
-A cache is priced by building it on the meta device: the same code that allocates it, so there is
-no second formula to drift from it. The working memory of a forward is priced from the shapes
-engine/runner.py, engine/cache.py and the kernels use (a prefill chunk's activations and its
-attention).
+A cache is priced by building it on the meta device (engine/cache.py make_cache): the same code
+that allocates it, so there is no second formula to drift from it. The working memory of a
+forward is priced from the shapes engine/runner.py, engine/cache.py and the kernels use (a
+prefill chunk's activations and its attention).
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.cache import make_cache
 from engine.runner import PREFILL_CHUNK
 
 GiB = 2 ** 30
 HEADROOM = GiB  # of the free memory, kept back: the allocator's rounding, kernels' compilation, small tensors
 
 
-def cache_bytes(make_cache, context: int) -> int:
-    """Bytes that `make_cache(max_context, device)` allocates for `context` tokens, priced on meta."""
-    return make_cache(context, "meta").nbytes()
+@dataclass
+class Request:
+    """What sizes a cache besides its context: the spec (quant/kvspec.py), the model, the batch,
+    the dtype of its full-precision parts and the calibration (it fixes SVDq's basis buffers)."""
+    spec: object
+    cfg: object
+    batch: int
+    dtype: torch.dtype
+    calibration: object = None
+
+    def cache_bytes(self, context: int) -> int:
+        """Bytes the cache allocates for `context` tokens per sequence, priced on meta."""
+        return make_cache(self.spec, self.cfg, self.batch, context, "meta", self.dtype, self.calibration).nbytes()
 
 
 def usable_bytes(device) -> int:
@@ -69,9 +80,9 @@ class Plan:
                 f"and {self.free / GiB:.2f} GiB are free (after {HEADROOM / GiB:.0f} GiB of headroom)")
 
 
-def largest_context(make_cache, budget: int, limit: int = 1 << 26) -> int:
+def largest_context(request: Request, budget: int, limit: int = 1 << 26) -> int:
     """The longest context (<= limit) whose cache fits in `budget` bytes; 0 if none does."""
-    return longest(lambda context: cache_bytes(make_cache, context) <= budget, limit)
+    return longest(lambda context: request.cache_bytes(context) <= budget, limit)
 
 
 def longest(fits, limit: int) -> int:
@@ -87,10 +98,11 @@ def longest(fits, limit: int) -> int:
     return lo
 
 
-def plan(make_cache, cfg, batch: int, prompt_tokens: int, context: int | str, device, dtype) -> Plan:
+def plan(request: Request, prompt_tokens: int, context: int | str, device) -> Plan:
     """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits."""
     kernels = torch.device(device).type == "cuda"  # as the caches decide (engine/cache.py)
-    free, working = usable_bytes(device), working_bytes(cfg, batch, prompt_tokens, dtype, kernels)
+    free = usable_bytes(device)
+    working = working_bytes(request.cfg, request.batch, prompt_tokens, request.dtype, kernels)
     if context == "auto":
-        context = largest_context(make_cache, free - working)
-    return Plan(context, cache_bytes(make_cache, context), working, free)
+        context = largest_context(request, free - working)
+    return Plan(context, request.cache_bytes(context), working, free)

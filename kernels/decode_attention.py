@@ -17,7 +17,7 @@ each sequence's valid tokens are read, never the capacity.
 
 Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
 too, as the factors are equal within each RoPE pair), the values' scale the output. The
-plain-torch reference is engine.cache.attention over dequantized K/V.
+plain-torch reference is kernels/reference.py over dequantized K/V.
 """
 from dataclasses import dataclass
 
@@ -32,70 +32,56 @@ BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in r
 
 
 @dataclass
-class Stored:
-    """K or V of one layer as stage 1 reads it. Full precision: `data` [B, Hkv, T, D] float.
-    Packed (quant/skvq.py TokenQuantizer layout): `data` codes [B, Hkv, T, packed_size(D, bits)]
-    uint8, `scale`, `low` [B, Hkv, T, n_groups], `group_index` [Hkv, D] int32, `smoothing`
-    [Hkv, D] fp32 (ones when there is none)."""
-    data: torch.Tensor
-    bits: float = 16
-    scale: torch.Tensor | None = None
-    low: torch.Tensor | None = None
-    group_index: torch.Tensor | None = None
-    smoothing: torch.Tensor | None = None
-
-    def kernel_args(self, D: int, prefix: str):
-        """Pointer arguments (unused ones repeat `data`), strides and constexprs for stage 1."""
-        packed = self.bits != 16
-        meta = self.scale if packed else self.data
-        pointers = [self.data, meta, self.low if packed else self.data,
-                    self.group_index if packed else self.data, self.smoothing if packed else self.data]
-        strides = [*self.data.stride()[:3], *meta.stride()[:3]]
-        layout = code_layout(D, self.bits) if packed else code_layout(D, 8)  # unused when full
-        constexprs = dict(FULL=not packed, GROUPS=meta.shape[-1] if packed else 1, **layout)
-        svd = ([self.data] * 3, [0] * 4, dict(SVD=False, RANK=16, TOKEN_GROUP=1))  # placeholders
-        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}, svd
-
-
-@dataclass
-class LatentKeys:
-    """SVDq keys (quant/svdq.py) as stage 1 reads them: `data` codes [B, Hkv, T, row_bytes] uint8,
-    each token's latent codes as one bit stream; `scale`, `low` [B, Hkv, T / token_group, R], one
-    pair per latent channel and block of token_group tokens; `basis_t` [B or 1, Hkv, R, D] (the
-    basis transposed; 1: one basis for every sequence) and `mean` [B or 1, Hkv, D]; `bit_layout`
-    [2, R] int32: each latent channel's bit offset in the row, and its width. The kernel rebuilds
-    each key as latent @ basis_t + mean with tl.dot, in registers."""
-    data: torch.Tensor
-    scale: torch.Tensor
-    low: torch.Tensor
-    basis_t: torch.Tensor
-    mean: torch.Tensor
-    bit_layout: torch.Tensor
-    token_group: int
-
-    def kernel_args(self, D: int, prefix: str):
-        """As Stored.kernel_args, plus the SVD arguments (Stored gives placeholders for them)."""
-        pointers = [self.data, self.scale, self.low, self.data, self.data]
-        strides = [*self.data.stride()[:3], *self.scale.stride()[:3]]
-        constexprs = dict(FULL=True, GROUPS=1, **code_layout(D, 8))  # rows of D channels once rebuilt
-        svd = ([self.basis_t, self.mean, self.bit_layout],
-               [self.basis_t.stride(0) if self.basis_t.shape[0] > 1 else 0, self.basis_t.stride(1),
-                self.mean.stride(0) if self.mean.shape[0] > 1 else 0, self.mean.stride(1)],
-               dict(SVD=True, RANK=self.basis_t.shape[2], TOKEN_GROUP=self.token_group))
-        return pointers, strides, {f"{prefix}_{name}": value for name, value in constexprs.items()}, svd
-
-
-@dataclass
 class Segment:
     """A stretch of every sequence's tokens held one way. Sequence b has count[b] tokens here;
     token i sits in slot (first_slot[b] + i) % T of its K/V rows (first_slot None: slot i), and
-    is at position first_position[b] + i (needed only to rotate pre-RoPE keys)."""
-    keys: Stored | LatentKeys
-    values: Stored
+    is at position first_position[b] + i (needed only to rotate pre-RoPE keys).
+
+    keys and values are each one of (docs/layout.md draws every buffer):
+      - a tensor [B, Hkv, T, D] of full-precision rows;
+      - packed tokens (engine/stores.py TokenStore): `codes` [B, Hkv, T, packed_size(D, bits)]
+        uint8, `scale`, `low` [B, Hkv, T, n_groups], `group_index` [Hkv, D] int32, `smoothing`
+        [Hkv, D] fp32, `bits`;
+      - latent keys (engine/stores.py LatentStore): `codes` [B, Hkv, T, row_bytes] uint8, `scale`,
+        `low` [B, Hkv, T / token_group, R], `basis_t` [1 or B, Hkv, R, D], `mean` [1 or B, Hkv, D],
+        `bit_layout` [2, R] int32, `token_group`; each key is rebuilt as latent @ basis_t + mean.
+    """
+    keys: object
+    values: object
     count: torch.Tensor                         # [B] int
     first_slot: torch.Tensor | None = None      # [B] int, for a ring buffer
     first_position: torch.Tensor | None = None  # [B] int, for pre-RoPE keys and causal segments
     causal: bool = False                        # a query sees only tokens at or before its position
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The keys' rows [B, Hkv, T, ...]: T is the segment's capacity."""
+        return self.keys if isinstance(self.keys, torch.Tensor) else self.keys.codes
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    """t's strides over batch, head and token, as stage 1 names them: {prefix}b, {prefix}h, {prefix}t."""
+    return dict(zip([f"{prefix}b", f"{prefix}h", f"{prefix}t"], t.stride()))
+
+
+def _operand(x, side: str, D: int) -> dict:
+    """Stage-1 arguments for the keys (side "k") or values ("v") of a segment (see Segment)."""
+    P = side.upper()
+    rows = x if isinstance(x, torch.Tensor) else x.codes
+    args = {f"{side}_ptr": rows, **_strides(f"stride_{side}", rows)}
+    if isinstance(x, torch.Tensor):
+        return args  # the kernel's defaults describe full-precision rows
+    args.update({f"{side}_scale_ptr": x.scale, f"{side}_low_ptr": x.low, **_strides(f"stride_{side}m", x.scale)})
+    if hasattr(x, "basis_t"):  # latent keys, rebuilt in-kernel as full-precision rows of D channels
+        one_basis = x.basis_t.shape[0] == 1  # shared by every sequence: batch stride 0
+        return {**args, "k_basis_ptr": x.basis_t, "stride_kbb": 0 if one_basis else x.basis_t.stride(0),
+                "stride_kbh": x.basis_t.stride(1), "k_mean_ptr": x.mean,
+                "stride_kub": 0 if one_basis else x.mean.stride(0), "stride_kuh": x.mean.stride(1),
+                "k_bits_ptr": x.bit_layout, "K_SVD": True, "K_RANK": x.basis_t.shape[2],
+                "K_TOKEN_GROUP": x.token_group}
+    layout = {f"{P}_{name}": value for name, value in code_layout(D, x.bits).items()}
+    return {**args, f"{side}_group_ptr": x.group_index, f"{side}_smoothing_ptr": x.smoothing,
+            f"{P}_FULL": False, f"{P}_GROUPS": x.scale.shape[-1], **layout}
 
 
 @triton.jit
@@ -141,20 +127,40 @@ def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
 
 @triton.jit
 def _attend_stage1(
-        q_ptr, k_ptr, k_scale_ptr, k_low_ptr, k_group_ptr, k_smoothing_ptr,
-        v_ptr, v_scale_ptr, v_low_ptr, v_group_ptr, v_smoothing_ptr, k_basis_ptr, k_mean_ptr, k_bits_ptr,
-        count_ptr, first_slot_ptr, first_position_ptr, q_position_ptr, inv_freq_ptr, out_ptr, lse_ptr,
-        stride_qb, stride_qq, stride_qh, stride_kb, stride_kh, stride_kt, stride_kmb, stride_kmh, stride_kmt,
-        stride_vb, stride_vh, stride_vt, stride_vmb, stride_vmh, stride_vmt,
-        stride_kbb, stride_kbh, stride_kub, stride_kuh,
-        stride_ob, stride_oq, stride_oh, stride_os, stride_lb, stride_lq, stride_lh,
-        n_queries, q_blocks, first_split, ring, sm_scale,
-        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_N: tl.constexpr, RING: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, K_SVD: tl.constexpr, K_RANK: tl.constexpr, K_TOKEN_GROUP: tl.constexpr,
-        K_FULL: tl.constexpr, K_GROUPS: tl.constexpr, K_RADIX: tl.constexpr, K_PER_WORD: tl.constexpr,
-        K_WORD_BYTES: tl.constexpr, K_ROW_BYTES: tl.constexpr, K_WORDS_PAD: tl.constexpr, K_PER_WORD_PAD: tl.constexpr,
-        V_FULL: tl.constexpr, V_GROUPS: tl.constexpr, V_RADIX: tl.constexpr, V_PER_WORD: tl.constexpr,
-        V_WORD_BYTES: tl.constexpr, V_ROW_BYTES: tl.constexpr, V_WORDS_PAD: tl.constexpr, V_PER_WORD_PAD: tl.constexpr):
+        # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
+        q_ptr, stride_qb, stride_qq, stride_qh,
+        out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
+        lse_ptr, stride_lb, stride_lq, stride_lh,
+        n_queries, q_blocks, first_split, sm_scale,
+        # the segment: tokens per sequence [B]; rows of its K/V, the ring's size when it is one
+        count_ptr, ring,
+        # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
+        k_ptr, stride_kb, stride_kh, stride_kt,
+        v_ptr, stride_vb, stride_vh, stride_vt,
+        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; SPLIT tokens per program, BLOCK_N per step
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        # where the tokens are: ring start [B]; first token's position [B]; the queries' first
+        # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
+        first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
+        RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
+        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D]
+        k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
+        k_group_ptr=None, k_smoothing_ptr=None,
+        K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
+        K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        # latent keys: scale, low above per block [B, Hkv, T / K_TOKEN_GROUP, R]; basis_t [1 or B, Hkv, R, D];
+        # mean [1 or B, Hkv, D]; bit layout [2, R]
+        k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
+        k_bits_ptr=None,
+        K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
+        # packed values, as packed keys
+        v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
+        v_group_ptr=None, v_smoothing_ptr=None,
+        V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
+        V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
     pid, kv_head, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
@@ -296,7 +302,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
-    capacities = [s.keys.data.shape[2] for s in segments]
+    capacities = [s.rows.shape[2] for s in segments]
     if split_tokens is None:
         split_tokens = SPLIT_TOKENS if Q == 1 else max(BLOCK_N, *(triton.next_power_of_2(c) for c in capacities))
     n_splits = [triton.cdiv(c, split_tokens) for c in capacities]
@@ -304,27 +310,29 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     lse = torch.empty(B, Q, H, sum(n_splits), device=q.device, dtype=torch.float32)
     first_split = 0
     for segment, capacity, splits in zip(segments, capacities, n_splits):
-        Hkv = segment.keys.data.shape[1]
-        assert inv_freq is None or getattr(segment.keys, "bits", 16) != 1.5, "pre-RoPE keys cannot be ternary"
+        Hkv = segment.rows.shape[1]
+        assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
         q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
-        k_pointers, k_strides, k_constexprs, (svd_pointers, svd_strides, svd_constexprs) = segment.keys.kernel_args(D, "K")
-        v_pointers, v_strides, v_constexprs, _ = segment.values.kernel_args(D, "V")
-        count = segment.count.contiguous()
-        position = count if segment.first_position is None else segment.first_position.contiguous()
+        where = {}
+        if segment.first_slot is not None:
+            where.update(first_slot_ptr=segment.first_slot.contiguous(), RING=True)
+        if segment.first_position is not None:
+            where.update(first_position_ptr=segment.first_position.contiguous())
+            if inv_freq is not None:
+                where.update(inv_freq_ptr=inv_freq, ROPE=True)
+        if segment.causal:
+            where.update(q_position_ptr=q_position.contiguous(), CAUSAL=True)
         _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits)](
-            q, *k_pointers, *v_pointers, *svd_pointers, count,
-            count if segment.first_slot is None else segment.first_slot.contiguous(), position,
-            position if q_position is None else q_position.contiguous(),
-            q if inv_freq is None else inv_freq, partial_out, lse,
-            q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, *svd_strides,
-            *partial_out.stride()[:4], *lse.stride()[:3],
-            Q, triton.cdiv(Q, q_block), first_split, capacity, D ** -0.5,
+            q_ptr=q, **dict(zip(["stride_qb", "stride_qq", "stride_qh"], q.stride())),
+            out_ptr=partial_out, **dict(zip(["stride_ob", "stride_oq", "stride_oh", "stride_os"], partial_out.stride())),
+            lse_ptr=lse, **dict(zip(["stride_lb", "stride_lq", "stride_lh"], lse.stride())),
+            n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
+            count_ptr=segment.count.contiguous(), ring=capacity,
+            **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(BLOCK_N, split_tokens), RING=segment.first_slot is not None,
-            ROPE=inv_freq is not None and segment.first_position is not None, CAUSAL=segment.causal,
-            **{f"K_{name}": value for name, value in svd_constexprs.items()}, **k_constexprs, **v_constexprs)
+            BLOCK_N=min(BLOCK_N, split_tokens), **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)

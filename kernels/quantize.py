@@ -73,25 +73,25 @@ def _quantize_tokens(x_ptr, smoothing_ptr, group_ptr, codes_ptr, scale_ptr, low_
                 RADIX, PER_WORD, WORD_BYTES, ROW_BYTES, WORDS_PAD, PER_WORD_PAD)
 
 
-def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, row: torch.Tensor,
-                    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group_index: torch.Tensor,
-                    smoothing: torch.Tensor, bits, clip: float):
+def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, row: torch.Tensor, store):
     """For each entry i, quantizes token x[batch[i], :, source[i]] (all KV heads) into history row
     row[i] of sequence batch[i]; an entry with row[i] < 0 writes nothing.
 
-    x [B, Hkv, T, D] float; batch, source, row [N] int32 or int64 on x's device;
-    codes [B, Hkv, T_hist, packed_size(D, bits)] uint8; scale, low [B, Hkv, T_hist, n_groups] in
-    the metadata dtype; group_index [Hkv, D] int32; smoothing [Hkv, D] fp32 (ones for none).
+    x [B, Hkv, T, D] float; batch, source, row [N] int32 or int64 on x's device. `store` is packed
+    tokens (engine/stores.py TokenStore): codes [B, Hkv, T_hist, packed_size(D, bits)] uint8;
+    scale, low [B, Hkv, T_hist, n_groups] in the metadata dtype; group_index [Hkv, D] int32;
+    smoothing [Hkv, D] fp32 (ones for none); bits and clip, as its TokenQuantizer's.
     """
     n, (_, Hkv, _, D) = batch.shape[0], x.shape
     if n == 0:
         return
-    assert x.stride(-1) == codes.stride(-1) == scale.stride(-1) == 1 and group_index.is_contiguous()
+    codes, scale, low = store.codes, store.scale, store.low
+    assert x.stride(-1) == codes.stride(-1) == scale.stride(-1) == 1 and store.group_index.is_contiguous()
     batch, source, row = batch.contiguous(), source.contiguous(), row.contiguous()
     _quantize_tokens[(n, Hkv)](
-        x, smoothing, group_index, codes, scale, low, batch, source, row,
+        x, store.smoothing, store.group_index, codes, scale, low, batch, source, row,
         x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1), codes.stride(2),
-        scale.stride(0), scale.stride(1), scale.stride(2), clip,
-        D=D, GROUPS=scale.shape[-1], LEVELS=n_levels(bits),
+        scale.stride(0), scale.stride(1), scale.stride(2), store.clip,
+        D=D, GROUPS=scale.shape[-1], LEVELS=n_levels(store.bits),
         FLOOR=2.0 ** -9 if scale.dtype == torch.float8_e4m3fn else 1e-6,
-        META_FP8=scale.dtype == torch.float8_e4m3fn, **code_layout(D, bits))
+        META_FP8=scale.dtype == torch.float8_e4m3fn, **code_layout(D, store.bits))

@@ -16,17 +16,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.cache import attention
-from model import Llama, UserError, apply_rope, rope_cos_sin, run_cli
+from cli import UserError, run_cli
+from kernels.reference import attention
+from model import Llama, apply_rope, rope_cos_sin
+from quant.kivi import kivi_quantizers
 from quant.skvq import (ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups,
                         smoothing_factors)
-from quant.svdq import basis_from_keys
+from quant.svdq import basis_from_keys, svdq_keys
+from quant.uniform import META_DTYPES
 
 CALIBRATION_FILE = "kv_calibration.safetensors"
 BITS = (1, 1.5, 2, 3, 4, 8)
 CLIPS = [1.0 - 0.02 * i for i in range(11)]  # 1.00 ... 0.80; SKVQ's found factors lie near 0.92-0.96
 KINDS = ("k_pre", "k_post", "v")
-GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups after smoothing
+GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups after smoothing (quant/kvspec.py)
 
 
 class CaptureCache:
@@ -122,6 +125,7 @@ class Calibration:
 
     def quantizers(self, grouping: str, group_size: int, kind: str, bits,
                    meta_dtype=torch.float16) -> list[TokenQuantizer]:
+        """Per layer, the TokenQuantizer of K-pre, K-post or V (`kind`) at `bits`."""
         if grouping not in self.settings["groupings"]:
             raise UserError(f"the calibration has groupings {self.settings['groupings']}, not {grouping}")
         if group_size not in self.settings["group_sizes"]:
@@ -135,11 +139,44 @@ class Calibration:
             out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
         return out
 
-
     def svdq_bases(self) -> list:
         """Per layer (basis [Hkv, D, D], mean [Hkv, D]) of the pre-RoPE keys."""
         return [(self.tensors[f"svdq.basis.{layer}"], self.tensors[f"svdq.mean.{layer}"])
                 for layer in range(self.settings["layers"])]
+
+
+def calibrated(spec, head_dim: int, calibration: Calibration | None) -> bool:
+    """Whether the calibration holds SKVQ's tables for the channel groups `spec` asks for."""
+    return calibration is not None and spec.channel_group(head_dim) in calibration.settings["group_sizes"]
+
+
+def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration: Calibration | None = None):
+    """(key quantizers, value quantizers), one per layer, for the quantized cache `spec`
+    (quant/kvspec.py) names on a model of n_layers layers of n_heads KV heads of head_dim. SKVQ's
+    channel groups, smoothing and clip factors come from the calibration when it has them for the
+    spec's group size; otherwise the
+    groups are equal runs of channels with no smoothing or clipping. SVDq keys take the
+    calibration's bases, or (svdq-basis=prompt, or no calibration) each prompt's own; their
+    values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
+    L, Hkv, D = n_layers, n_heads, head_dim
+    if spec.method == "kivi":
+        return kivi_quantizers(spec, L, Hkv, D)
+    meta, group_size = META_DTYPES[spec.metadata], spec.channel_group(D)
+
+    def skvq(kind, bits):
+        if calibrated(spec, D, calibration):
+            return calibration.quantizers(spec.grouping, group_size, kind, bits, meta)
+        return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta) for _ in range(L)]
+
+    values = skvq("v", spec.value_bits)
+    if spec.method == "svdq":
+        if calibration is not None and spec.svdq_basis == "calibration":
+            keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group, basis, mean)
+                    for basis, mean in calibration.svdq_bases()]
+        else:
+            keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group)] * L
+        return keys, values
+    return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits), values
 
 
 def load_calibration(model_dir) -> Calibration | None:

@@ -14,17 +14,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.cache import DEFAULT_GROUP_SIZE, DEFAULT_GROUPING, DEFAULT_METADATA, attention
-from model import Llama, UserError, apply_rope, rope_cos_sin, run_cli
-from quant import kivi
-from quant.calibrate import CALIBRATION_FILE, Calibration, calibration_from, capture, load_calibration, token_major
-from quant.methods import skvq_cache
-from quant.skvq import TokenQuantizer, equal_groups
-from quant.svdq import SCHEDULES, SvdqKeyQuantizer, svdq_cache
-from quant.uniform import META_DTYPES
+from cli import UserError, run_cli
+from kernels.reference import attention
+from model import Llama, apply_rope, rope_cos_sin
+from quant import kvspec
+from quant.calibrate import (CALIBRATION_FILE, Calibration, calibration_from, capture, load_calibration,
+                             quantizers_for, token_major)
+from quant.kivi import kivi_quantizers
+from quant.methods import SimulatedCache, per_block, simulated_cache
 
 SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
 KIVI_BITS = [(4, 4), (2, 2)]
+# SKVQ settings compared, as quant/kvspec.py writes them after `skvq-kKvV`. The default group size is
+# 128 (head_dim 128: one group per head, where equal, head_pairs and kmeans coincide).
+SKVQ_VARIANTS = ["grouping=equal:metadata=fp16", "group-size=32:grouping=equal:metadata=fp16",
+                 "group-size=32:grouping=head_pairs:metadata=fp16", "group-size=32:grouping=kmeans:metadata=fp16",
+                 "group-size=64:grouping=kmeans:metadata=fp16", "group-size=32:metadata=fp16", "metadata=fp16",
+                 "group-size=32:grouping=head_pairs:metadata=fp16:pre-rope-keys",
+                 "group-size=32:grouping=kmeans:metadata=fp16:pre-rope-keys",
+                 "grouping=equal", "", "group-size=64:grouping=kmeans", "group-size=32:grouping=kmeans",
+                 "group-size=32:grouping=head_pairs"]
 
 
 def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float:
@@ -45,39 +54,34 @@ def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float
     return math.exp(total / count)
 
 
-def settings(calibration: Calibration | None, n_layers: int, n_heads: int, head_dim: int, n_sink: int,
-             window: int, inv_freq) -> list:
+def setting_row(spec, shape, calibration=None, name=None, values_exact=False, context=None, **simulation):
+    """(name, bits per element incl. metadata, cache factory) of the simulated cache `spec` for a
+    model of shape (n_layers, n_kv_heads, head_dim). values_exact: only its keys are quantized (a
+    keys-only row); context: tokens a per-sequence SVDq basis is counted over."""
+    keys, values = quantizers_for(spec, *shape, calibration)
+    key_bits = keys[0].bits_per_element(context) if context else keys[0].bits_per_element()
+    bits = key_bits if values_exact else (key_bits + values[0].bits_per_element()) / 2
+    values = None if values_exact else values
+    return name or str(spec), bits, lambda: simulated_cache(spec, keys, values, **simulation)
+
+
+def settings(calibration: Calibration | None, shape: tuple, n_sink: int, window: int, inv_freq) -> list:
     """(name, bits per element incl. metadata, cache factory or None for full precision)."""
     rows = [("fp16", 16.0, None)]
+    around = dict(sinks=n_sink, window=window)
     for k_bits, v_bits in KIVI_BITS:
-        rows.append((f"kivi-k{k_bits}v{v_bits} (block 32, group 32)", kivi.bits_per_element(k_bits, v_bits),
-                     lambda k=k_bits, v=v_bits: kivi.kivi_cache(k, v, window=window)))
+        rows.append(setting_row(kvspec.parse(f"kivi-k{k_bits}v{v_bits}").with_settings(window=window), shape,
+                                inv_freq=None))
     for k_bits, v_bits in SKVQ_BITS:  # what the engine runs without a calibration file
-        keys = [TokenQuantizer(k_bits, equal_groups(n_heads, head_dim, 32)) for _ in range(n_layers)]
-        values = [TokenQuantizer(v_bits, equal_groups(n_heads, head_dim, 32)) for _ in range(n_layers)]
-        rows.append((f"skvq-k{k_bits}v{v_bits} uncalibrated: equal g32, no clipping, post-RoPE keys, fp16 metadata",
-                     (keys[0].bits_per_element() + values[0].bits_per_element()) / 2,
-                     lambda k=keys, v=values: skvq_cache(k, v, n_sink, window, False, inv_freq)))
+        spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}:group-size=32:grouping=equal:metadata=fp16")
+        spec = spec.with_settings(**around)
+        rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated: no clipping", inv_freq=inv_freq))
     if calibration is None:
         return rows
-    # With head_dim 128, group 128 is one group per head: equal, head_pairs and kmeans coincide.
-    variants = [("equal", 128, "k_post", torch.float16), ("equal", 32, "k_post", torch.float16),
-                ("head_pairs", 32, "k_post", torch.float16), ("kmeans", 32, "k_post", torch.float16),
-                ("kmeans", 64, "k_post", torch.float16), ("smooth", 32, "k_post", torch.float16),
-                ("smooth", 128, "k_post", torch.float16), ("head_pairs", 32, "k_pre", torch.float16),
-                ("kmeans", 32, "k_pre", torch.float16),
-                ("equal", 128, "k_post", torch.float8_e4m3fn), ("smooth", 128, "k_post", torch.float8_e4m3fn),
-                ("kmeans", 64, "k_post", torch.float8_e4m3fn), ("kmeans", 32, "k_post", torch.float8_e4m3fn),
-                ("head_pairs", 32, "k_post", torch.float8_e4m3fn)]
     for k_bits, v_bits in SKVQ_BITS:
-        for grouping, g, key_kind, meta in variants:
-            keys = calibration.quantizers(grouping, g, key_kind, k_bits, meta)
-            values = calibration.quantizers(grouping, g, "v", v_bits, meta)
-            bits = (keys[0].bits_per_element() + values[0].bits_per_element()) / 2
-            name = (f"skvq-k{k_bits}v{v_bits} {grouping} g{g}, {'pre' if key_kind == 'k_pre' else 'post'}-RoPE keys, "
-                    f"{'fp8' if meta == torch.float8_e4m3fn else 'fp16'} metadata")
-            rows.append((name, bits, lambda k=keys, v=values, pre=key_kind == "k_pre":
-                         skvq_cache(k, v, n_sink, window, pre, inv_freq)))
+        for variant in SKVQ_VARIANTS:
+            spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}" + (variant and f":{variant}")).with_settings(**around)
+            rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
     return rows
 
 
@@ -96,61 +100,51 @@ def attention_error(cache, captured: list, first_query: int) -> float:
     return sum(errors) / len(errors)
 
 
-def svdq_settings(calibration: Calibration, head_dim: int, n_sink: int, window: int, inv_freq, seq_len: int):
+def svdq_settings(calibration: Calibration, shape: tuple, n_sink: int, window: int, inv_freq, seq_len: int):
     """(name, bits per element incl. metadata, cache factory) comparing keys: SVDq at 1.25 and 2
-    bits with a calibration or a prompt basis, per-channel 2-bit keys (KIVI's, in blocks of 32 and
-    of 128 tokens), SKVQ 2-bit keys (the default grouping); values exact. Then SVDq with SKVQ's
-    default ternary values. A prompt basis is stored per sequence: its bits count it over seq_len."""
-    from quant.methods import SimulatedCache, sliding_window_mask
-
-    bases = calibration.svdq_bases()
-    exact = lambda layer, x: x
+    bits with a calibration or a prompt basis, KIVI's per-channel 2-bit keys, per-channel 2-bit
+    keys in SVDq's blocks without its basis, SKVQ 2-bit keys (the default grouping); values exact.
+    Then SVDq with SKVQ's default ternary values. A prompt basis is stored per sequence: its bits
+    count it over seq_len."""
+    around = dict(sinks=n_sink, window=window)
     rows = [("fp16", 16.0, None)]
     for bits in (1.25, 2):
-        keys = SvdqKeyQuantizer(SCHEDULES[bits], head_dim)
         for basis in ("calibration", "prompt"):
-            per_sequence = basis == "prompt"
-            rows.append((f"svdq-k{bits} keys, {basis} basis, values exact", keys.bits_per_element(
-                context=seq_len if per_sequence else None),
-                lambda k=keys, b=None if per_sequence else bases: svdq_cache(k, b, None, n_sink, window, inv_freq,
-                                                                             seq_len // 2)))
-    for block, pre_rope in [(32, False), (128, False), (128, True)]:
-        rows.append((f"per-channel 2-bit keys (KIVI, blocks of {block} tokens), {'pre' if pre_rope else 'post'}-RoPE, "
-                     "values exact", 2 + 32 / block, lambda g=block, pre=pre_rope: SimulatedCache(
-                         lambda layer, k: kivi.fake_quantize_keys(k, 2, g), exact, kivi.block_mask(g, window),
-                         keys_pre_rope=pre, inv_freq=inv_freq)))
-    skvq_keys = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "k_post", 2, META_DTYPES[DEFAULT_METADATA])
-    rows.append((f"skvq 2-bit keys ({DEFAULT_GROUPING} g{DEFAULT_GROUP_SIZE}, fp8 metadata), post-RoPE, values exact",
-                 skvq_keys[0].bits_per_element(), lambda: SimulatedCache(
-                     lambda layer, k: skvq_keys[layer].fake_quantize(k.transpose(1, 2)).transpose(1, 2), exact,
-                     sliding_window_mask(n_sink, window), keys_pre_rope=False, inv_freq=None)))
-    values = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "v", 1.5, META_DTYPES[DEFAULT_METADATA])
+            spec = kvspec.parse(f"svdq-k{bits}v1.5:svdq-basis={basis}").with_settings(**around)
+            rows.append(setting_row(spec, shape, calibration, f"svdq-k{bits} keys, {basis} basis, values exact", True,
+                                    seq_len if basis == "prompt" else None, inv_freq=inv_freq,
+                                    prompt_tokens=seq_len // 2))
+    kivi = kvspec.parse("kivi-k2v2").with_settings(window=window)
+    name = f"{kivi} keys (groups of {kivi.token_group} tokens, all {window} quantized once gathered), post-RoPE"
+    rows.append(setting_row(kivi, shape, name=f"{name}, values exact", values_exact=True, inv_freq=None))
+    # SVDq's blocks and schedule with an identity basis and 2 bits for every channel: what the SVD adds.
+    blocks = kvspec.Schedule(n_sink, window, 128)
+    identity, _ = kivi_quantizers(kvspec.parse("kivi-k2v2:token-group=128"), *shape)
+    for pre_rope in (False, True):
+        rows.append((f"per-channel 2-bit keys in SVDq's blocks of 128 tokens (no basis), "
+                     f"{'pre' if pre_rope else 'post'}-RoPE, values exact", identity[0].bits_per_element(),
+                     lambda pre=pre_rope: SimulatedCache(per_block(identity, n_sink, 0), lambda layer, x: x, blocks,
+                                                         blocks, pre, inv_freq if pre else None)))
+    default = kvspec.DEFAULT.with_settings(**around)
+    rows.append(setting_row(default, shape, calibration, f"{default} keys, post-RoPE, values exact", True,
+                            inv_freq=inv_freq))
     for bits in (1.25, 2):
-        keys = SvdqKeyQuantizer(SCHEDULES[bits], head_dim)
-        rows.append((f"svdq-k{bits}v1.5: calibration basis; values skvq {DEFAULT_GROUPING} g{DEFAULT_GROUP_SIZE} fp8",
-                     (keys.bits_per_element() + values[0].bits_per_element()) / 2,
-                     lambda k=keys: svdq_cache(k, bases, values, n_sink, window, inv_freq)))
+        rows.append(setting_row(kvspec.parse(f"svdq-k{bits}v1.5").with_settings(**around), shape, calibration,
+                                inv_freq=inv_freq))
     return rows
 
 
-def chunked_settings(calibration: Calibration, head_dim: int, n_sink: int, window: int, inv_freq):
+def chunked_settings(calibration: Calibration, shape: tuple, n_sink: int, window: int, inv_freq):
     """(name, bits, cache factory): the default SKVQ cache and SVDq-1.25 with its values, scored
     as a prompt prefilled whole (every token exact: fp16's perplexity), in chunks of 512, 256 and
     128 tokens, and token by token (decoding)."""
-    meta = META_DTYPES[DEFAULT_METADATA]
-    keys = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "k_post", 2, meta)
-    values = calibration.quantizers(DEFAULT_GROUPING, DEFAULT_GROUP_SIZE, "v", 1.5, meta)
-    svdq_keys = SvdqKeyQuantizer(SCHEDULES[1.25], head_dim)
-    skvq_bits = (keys[0].bits_per_element() + values[0].bits_per_element()) / 2
-    svdq_bits = (svdq_keys.bits_per_element() + values[0].bits_per_element()) / 2
     rows = [("whole prompt in one forward (exact, as fp16)", 16.0, None)]
     for chunk in (512, 256, 128, None):
         how = f"chunks of {chunk}" if chunk else "token by token (decoding)"
-        rows.append((f"skvq-k2v1.5 (default), {how}", skvq_bits,
-                     lambda c=chunk: skvq_cache(keys, values, n_sink, window, False, inv_freq, c)))
-        rows.append((f"svdq-k1.25v1.5, calibration basis, {how}", svdq_bits,
-                     lambda c=chunk: svdq_cache(svdq_keys, calibration.svdq_bases(), values, n_sink, window,
-                                                inv_freq, prefill_chunk=c)))
+        for spec in (kvspec.DEFAULT, kvspec.parse("svdq-k1.25v1.5")):
+            spec = spec.with_settings(sinks=n_sink, window=window)
+            rows.append(setting_row(spec, shape, calibration, f"{spec}, {how}", inv_freq=inv_freq,
+                                    prefill_chunk=chunk))
     return rows
 
 
@@ -163,7 +157,7 @@ def key_errors(cache, captured: list, n_sink: int, window: int):
         T, D = q.shape[2], q.shape[3]
         k = k_pre if cache.keys_pre_rope else k_post
         k_hat = cache.fake_keys(layer, k)
-        history = cache.quantized_mask(T).to(q.device)                          # (T, T) query p reads key j quantized
+        history = cache.key_mask(T).to(q.device)                                 # (T, T) query p reads key j quantized
         quantized = history.any(0)                                               # keys that ever enter the history
         key_err.append(((k_hat - k)[:, :, quantized].norm() / k[:, :, quantized].norm()).item())
         if cache.keys_pre_rope:
@@ -243,8 +237,8 @@ def main(argv=None):
     p.add_argument("--text", type=Path, required=True, help="held-out text")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--sinks", type=int, default=5)
+    p.add_argument("--window", type=int, default=kvspec.DEFAULT.window, help="recent tokens kept exact (KIVI: R)")
+    p.add_argument("--sinks", type=int, default=kvspec.DEFAULT.sinks, help="first tokens kept exact (not KIVI's)")
     p.add_argument("--tables", default="main", type=lambda t: t.split(","),
                    help="comma-separated: main (every cache setting), synthetic (outlier keys), "
                         "svdq (SVDq keys against per-channel and SKVQ keys), chunked (prefill in chunks)")
@@ -272,13 +266,13 @@ def main(argv=None):
         raise UserError(f"--tables svdq and chunked need {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
     captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
     cfg = model.config
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     n_scored = min(len(ids), max(1, len(ids) // seq_len) * seq_len)
     heading = (f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
                f"{args.sinks} sinks, window {args.window}")
     if "main" in args.tables:
         rows = []
-        for name, bits, factory in tqdm(settings(calibration, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                                 cfg.head_dim, args.sinks, args.window, model.inv_freq),
+        for name, bits, factory in tqdm(settings(calibration, shape, args.sinks, args.window, model.inv_freq),
                                         desc="settings", file=sys.stderr):
             ppl = perplexity(model, ids, seq_len, factory)
             err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
@@ -294,7 +288,7 @@ def main(argv=None):
         print_synthetic(args.sinks, args.window)
     if "svdq" in args.tables:
         rows = []
-        for name, bits, factory in tqdm(svdq_settings(calibration, cfg.head_dim, args.sinks, args.window,
+        for name, bits, factory in tqdm(svdq_settings(calibration, shape, args.sinks, args.window,
                                                       model.inv_freq, seq_len), desc="svdq", file=sys.stderr):
             ppl = perplexity(model, ids, seq_len, factory)
             errors = key_errors(factory(), captured, args.sinks, args.window) if factory else (0.0, 0.0, 0.0)
@@ -303,7 +297,7 @@ def main(argv=None):
         print(table(rows, ["perplexity", "key rel. error", "score rel. error", "attention rel. error"]))
     if "chunked" in args.tables:
         rows = []
-        for name, bits, factory in tqdm(chunked_settings(calibration, cfg.head_dim, args.sinks, args.window,
+        for name, bits, factory in tqdm(chunked_settings(calibration, shape, args.sinks, args.window,
                                                          model.inv_freq), desc="chunked", file=sys.stderr):
             rows.append((name, bits, f"{perplexity(model, ids, seq_len, factory):.3f}"))
         print(f"\nPrefill in chunks: each chunk reads the history as stored and itself exactly. {heading}:\n")
@@ -316,8 +310,8 @@ def print_synthetic(n_sink, window):
     _, n_kv_heads, T, D = records[0][1].shape
     calibration = calibration_from(token_major(calib_records, len(calib_records)), len(records), [32, 64, 128])
     rows = [(name, bits, f"{attention_error(f() if f else None, records, n_sink + window):.4f}")
-            for name, bits, f in settings(calibration, len(records), n_kv_heads, D, n_sink, window, inv_freq=None)
-            if "pre-RoPE" not in name]  # synthetic keys have no RoPE
+            for name, bits, f in settings(calibration, (len(records), n_kv_heads, D), n_sink, window, inv_freq=None)
+            if "pre-rope-keys" not in name]  # synthetic keys have no RoPE
     print(f"\nSynthetic keys ({len(records)} layers, {n_kv_heads} KV heads x {D} channels, "
           f"{records[0][0].shape[1]} query heads, {T} tokens; 3 RoPE-pair outlier channels per head at 20-50x):\n")
     print(table(rows, ["attention rel. error"]))

@@ -8,7 +8,7 @@ schedule gives the first ones many bits, later ones few, and the tail none at al
 i.e. for head_dim 128, 8 channels at 8 bits, 8 at 4, 16 at 2, 32 at 1, 64 dropped: 160 bits per
 key, 1.25 per element. Each latent channel is quantized along tokens, in groups of
 `token_group` tokens sharing one (scale, low) per channel (quant/uniform.py), as KIVI quantizes
-keys per channel. Reconstruction: k_hat = z_hat @ basis[:, :R]^T + mean, then RoPE at the key's
+keys per channel: `LatentKeyQuantizer` is both. Reconstruction: k_hat = z_hat @ basis[:, :R]^T + mean, then RoPE at the key's
 position; the decode kernel does exactly this in registers.
 
 The basis comes from calibration keys (`basis_from_keys`, stored by quant/calibrate.py) or from
@@ -22,6 +22,11 @@ from quant.uniform import dequantize_groups, quantize_groups
 
 # bits per sixteenth of head_dim, most significant latent channels first; the rest are dropped.
 SCHEDULES = {1.25: (8, 4, 2, 2, 1, 1, 1, 1), 2: (8, 8, 4, 4, 2, 2, 2, 2)}
+
+
+def svdq_keys(bits, n_heads: int, head_dim: int, token_group: int, basis=None, mean=None) -> "LatentKeyQuantizer":
+    """SVDq's quantizer for keys at `bits` (SCHEDULES) in this basis (None: each prompt's own)."""
+    return LatentKeyQuantizer(latent_widths(SCHEDULES[bits], head_dim), n_heads, head_dim, token_group, basis, mean)
 
 
 def latent_widths(schedule, head_dim: int) -> torch.Tensor:
@@ -60,23 +65,30 @@ def basis_from_keys(keys: torch.Tensor):
     return covariance.basis()
 
 
-class SvdqKeyQuantizer:
+class LatentKeyQuantizer:
     """Quantizes blocks of keys [..., G, Hkv, D] (G = token_group consecutive tokens) in a basis.
 
-    basis [..., Hkv, D, >= R] and mean [..., Hkv, D] broadcast against the blocks' leading dims
-    (one calibration basis for all, or one per sequence). Stored per block:
-      codes uint8 [..., G, Hkv, row_bytes]: each token's R latent codes, widths as the schedule
-          says, packed as one bit stream (quant/packing.py pack_mixed), row_bytes = ceil(sum(widths) / 8);
+    Latent channel c of a key k is z_c = (k - mean) . basis[:, c]; channel c is quantized along the
+    block's G tokens at widths[c] bits (quant/uniform.py, one group per channel and block).
+    SVDq: the basis of the layer's keys and a falling schedule (`svdq_keys`); KIVI's keys are
+    the same with an identity basis and every channel at one width (quant/kivi.py).
+
+    basis [Hkv, D, >= R] and mean [Hkv, D]: this layer's, shared by every sequence, or None:
+    each sequence's own, from its prompt (the caller passes it). Stored per block:
+      codes uint8 [..., G, Hkv, row_bytes]: each token's R latent codes, widths as given,
+          packed as one bit stream (quant/packing.py pack_mixed), row_bytes = ceil(sum(widths) / 8);
       scale, low [..., Hkv, R] in meta_dtype: one pair per latent channel for the block's G tokens.
     """
 
-    basis_dtype = torch.float16  # how caches store a basis and mean (one per model, or per sequence)
+    basis_dtype = torch.float16  # how caches store a basis and mean
 
-    def __init__(self, schedule, head_dim: int, token_group: int = 128, meta_dtype=torch.float16):
-        self.token_group, self.meta_dtype = token_group, meta_dtype
-        self.widths = latent_widths(schedule, head_dim)                          # (R,)
-        self.head_dim, self.rank = head_dim, len(self.widths)
-        self.row_bytes = -(-int(self.widths.sum()) // 8)  # whole bytes
+    def __init__(self, widths: torch.Tensor, n_heads: int, head_dim: int, token_group: int, basis=None, mean=None,
+                 meta_dtype=torch.float16):
+        self.widths, self.token_group, self.meta_dtype = widths, token_group, meta_dtype
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.basis, self.mean = basis, mean
+        self.rank = len(widths)
+        self.row_bytes = -(-int(widths.sum()) // 8)  # whole bytes
 
     def as_stored(self, basis, mean):
         """basis and mean rounded as a cache stores them, in fp32."""
@@ -133,46 +145,3 @@ class SvdqKeyQuantizer:
         k_hat = keys.clone()
         k_hat[..., :n, :, :] = self.dequantize(*self.quantize(blocks, basis, mean), basis, mean).flatten(-4, -3).to(keys.dtype)
         return k_hat
-
-
-def block_mask(n_sink: int, window: int, token_group: int):
-    """Query p sees key j from the history once j's whole block (blocks of token_group tokens,
-    counted from the first token after the sinks) has left the window."""
-    def mask(T):
-        p, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        block_end = n_sink + ((j - n_sink) // token_group + 1) * token_group - 1
-        return (j >= n_sink) & (block_end <= p - window)
-    return mask
-
-
-def svdq_cache(key_quantizer: SvdqKeyQuantizer, bases, value_quantizers, n_sink: int, window: int, inv_freq,
-               prompt_tokens: int = 512, prefill_chunk: int | None = None):
-    """The SVDq cache as a whole-sequence simulation (quant/methods.py): pre-RoPE keys in blocks,
-    values per token, both entering the history when a key block leaves the window.
-    bases: per layer (basis [Hkv, D, D], mean [Hkv, D]) from calibration; or None: each sequence's
-    basis from its own first prompt_tokens keys after the sinks, as engine/cache.py's SvdqCache
-    takes a prompt's at prefill.
-    value_quantizers: per layer TokenQuantizer, or None to keep values exact (a keys-only row).
-    prefill_chunk: None scores every token as decoding would; else as a prompt prefilled in chunks."""
-    from quant.methods import SimulatedCache, chunked_prefill_mask
-
-    def fake_keys(layer, k):                                                      # k (B, Hkv, T, D)
-        x = k.transpose(1, 2)                                                     # (B, T, Hkv, D)
-        if bases is None:
-            basis, mean = (torch.stack(t) for t in zip(*[basis_from_keys(xb[n_sink:prompt_tokens]) for xb in x]))
-        else:
-            basis, mean = (t.to(k.device) for t in bases[layer])
-        basis, mean = key_quantizer.as_stored(basis, mean)
-        x_hat = x.clone()
-        x_hat[:, n_sink:] = key_quantizer.fake_quantize(x[:, n_sink:], basis, mean)
-        return x_hat.transpose(1, 2)
-
-    def fake_values(layer, v):
-        if value_quantizers is None:
-            return v
-        return value_quantizers[layer].fake_quantize(v.transpose(1, 2)).transpose(1, 2)
-
-    G = key_quantizer.token_group
-    mask = block_mask(n_sink, window, G) if prefill_chunk is None else chunked_prefill_mask(n_sink, window, G,
-                                                                                           prefill_chunk)
-    return SimulatedCache(fake_keys, fake_values, mask, keys_pre_rope=True, inv_freq=inv_freq)

@@ -9,9 +9,9 @@ from conftest import ROOT
 
 
 def test_attention_benchmark_smoke_run(tmp_path):
-    settings = "sdpa-fp16,fp16,skvq-k2v1.5-pre-rope,svdq-k1.25v1.5"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke", "--settings", settings,
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+    settings = "sdpa-fp16,fp16,skvq-k2v1.5:pre-rope-keys,svdq-k1.25v1.5"
+    r = subprocess.run([sys.executable, "-m", "bench.attention", "--smoke", "--settings", settings,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "attention-smoke.json").read_text())
@@ -22,16 +22,16 @@ def test_attention_benchmark_smoke_run(tmp_path):
         assert row["rel_error"] < 1e-2 and row["ms"] > 0 and row["bytes"] > 0
     # Packed history reads fewer bytes than the fp16 cache of the same context.
     assert rows[3]["bytes"] < rows[1]["bytes"] == rows[0]["bytes"] and rows[2]["bytes"] < rows[1]["bytes"]
-    assert "| tiny-gqa | 400 | 2 | skvq-k2v1.5-pre-rope |" in r.stdout
+    assert "| tiny-gqa | 400 | 2 | skvq-k2v1.5:pre-rope-keys |" in r.stdout
 
 
 def test_decode_benchmark_smoke_run(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--smoke", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "bench.decode", "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "decode-smoke.json").read_text())
     assert result["weights"] == "random" and result["history"].startswith("synthetic")
-    assert [row["kv"] for row in result["rows"]] == ["fp16", "skvq-k2v1.5", "skvq-k4v4", "svdq-k1.25v1.5"]
+    assert [row["kv"] for row in result["rows"]] == ["fp16", "skvq-k2v1.5", "skvq-k4v4", "svdq-k1.25v1.5:token-group=32"]
     for row in result["rows"]:
         assert row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0 and row["context"] == 300
     # The quantized caches read fewer bytes per step than the fp16 cache at the same context.

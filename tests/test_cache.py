@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from engine.cache import KVCache, QuantizedCache, attention, make_cache
+from engine.cache import KVCache, make_cache
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig
+from quant.kvspec import parse
 from quant.packing import n_levels
 from quant.skvq import TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups
 from quant.uniform import dequantize_groups, quantize_groups
@@ -93,8 +94,8 @@ def test_cache_invariants(trial, use_kernels):
     B = int(torch.randint(1, 4, ()))
     lengths = torch.randint(1, 40, (B,)).tolist()
     n_decode = int(torch.randint(0, 30, ()))
-    cache = make_cache("skvq-k2v1.5", cfg, B, max(lengths) + n_decode, "cpu", torch.float32,
-                       n_sink=S, window=W, group_size=8, use_kernels=use_kernels)
+    spec = parse(f"skvq-k2v1.5:sinks={S}:window={W}:group-size=8")
+    cache = make_cache(spec, cfg, B, max(lengths) + n_decode, "cpu", torch.float32, use_kernels=use_kernels)
     k_all, v_all = fill(cache, cfg, lengths, n_decode)
     for b in range(B):
         n = lengths[b] + n_decode
@@ -104,12 +105,11 @@ def test_cache_invariants(trial, use_kernels):
             recent = torch.arange(min(n, max(S, n - W)), n)
             assert torch.equal(cache.window_v[layer, b, :, (recent - S) % W], v_all[b, :, recent])
             n_hist = max(n - W - S, 0)
-            for history, quantizer, x in [(cache.history_k, cache.key_quantizers[layer], k_all),
-                                          (cache.history_v, cache.value_quantizers[layer], v_all)]:
-                rows = [history[key][layer, b, :, :n_hist].transpose(0, 1) for key in ("codes", "scale", "low")]
-                expected = quantizer.fake_quantize(x[b, :, S:S + n_hist].transpose(0, 1))  # (n_hist, Hkv, D)
-                assert torch.equal(quantizer.dequantize(*rows), expected)
-                assert int(history["codes"][layer, b, :, n_hist:].count_nonzero()) == 0
+            for store, x in [(cache.key_stores[layer], k_all), (cache.value_stores[layer], v_all)]:
+                rows = [t[b, :, :n_hist].transpose(0, 1) for t in (store.codes, store.scale, store.low)]
+                expected = store.quantizer.fake_quantize(x[b, :, S:S + n_hist].transpose(0, 1))  # (n_hist, Hkv, D)
+                assert torch.equal(store.quantizer.dequantize(*rows), expected)
+                assert int(store.codes[b, :, n_hist:].count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
@@ -124,8 +124,8 @@ def test_window_covering_everything_equals_fp16_cache(pre_rope):
     lengths, T = torch.tensor([9, 14]), 30
     tokens = torch.randint(0, 64, (2, 14))
     fp16 = KVCache(cfg, 2, T, "cpu", torch.float32)
-    quantized = make_cache("skvq-k2v2", cfg, 2, T, "cpu", torch.float32, n_sink=3, window=T - 3,
-                           group_size=8, keys_pre_rope=pre_rope)
+    spec = parse(f"skvq-k2v2:sinks=3:window={T - 3}:group-size=8" + (":pre-rope-keys" if pre_rope else ""))
+    quantized = make_cache(spec, cfg, 2, T, "cpu", torch.float32)
     a, b = prefill(model, tokens, lengths, fp16), prefill(model, tokens, lengths, quantized)
     assert torch.equal(a, b) if not pre_rope else torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     for _ in range(T - 14):
@@ -139,16 +139,16 @@ def test_decode_attends_to_dequantized_history(pre_rope):
     """Past the window, attention sees sinks and window exactly and history dequantized."""
     cfg = tiny_config()
     S, W, lengths, n_decode = 2, 5, [17, 9], 6
-    cache = make_cache("skvq-k3v2", cfg, 2, 30, "cpu", torch.float32, n_sink=S, window=W,
-                       group_size=8, keys_pre_rope=pre_rope)
+    spec = parse(f"skvq-k3v2:sinks={S}:window={W}:group-size=8" + (":pre-rope-keys" if pre_rope else ""))
+    cache = make_cache(spec, cfg, 2, 30, "cpu", torch.float32)
     k_all, v_all = fill(cache, cfg, lengths, n_decode)
     n = cache.lengths
     keys, values = cache._materialize(0, n)
     for b in range(2):
         T = int(n[b])
         hist = slice(S, T - W)
-        for x_all, got, quantizer, rope in [(k_all, keys, cache.key_quantizers[0], pre_rope),
-                                            (v_all, values, cache.value_quantizers[0], False)]:
+        for x_all, got, quantizer, rope in [(k_all, keys, cache.key_stores[0].quantizer, pre_rope),
+                                            (v_all, values, cache.value_stores[0].quantizer, False)]:
             expected = x_all[b, :, :T].clone()                                  # (Hkv, T, D)
             expected[:, hist] = quantizer.fake_quantize(x_all[b, :, hist].transpose(0, 1)).transpose(0, 1)
             if rope:

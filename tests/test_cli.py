@@ -133,8 +133,8 @@ def test_bad_prompt(checkpoint, tmp_path, content, message):
     (["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["--top-k", "0"], "--top-k: must be positive"),
-    (["--kv", "int3"], "unknown --kv 'int3'"),
-    (["--kv", "svdq-k3v2"], "unknown --kv 'svdq-k3v2'"),
+    (["--kv", "int3"], "argument --kv: unknown method 'int3'"),
+    (["--kv", "svdq-k3v2"], "svdq takes key bits in 1.25, 2"),
     (["--max-context", "big"], "--max-context: 'big' is not an integer"),
     (["--max-context", "5"], "--max-context 5 leaves no room after the"),
     (["--max-context", str(1 << 50)], "cannot allocate the KV cache on cpu: a 1125899906842624-token context needs"),
@@ -147,6 +147,51 @@ def test_bad_flags(checkpoint, prompt, flags, message):
     assert_one_line_error(run_cli("--model", path, "--prompt-file", prompt, "--device", "cpu", *flags), message)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--kv", "fp16", "--sinks", "3", "--window", "7", "--grouping", "kmeans", "--pre-rope-keys"],
+     "--kv fp16 with --sinks --window --grouping --pre-rope-keys: sinks does not apply to fp16"),
+    (["--kv", "kivi-k2v2"], "kivi is the evaluation baseline"),
+    (["--kv", "svdq-k1.25v1.5", "--pre-rope-keys"], "pre-rope-keys does not apply to svdq"),
+    (["--svdq-basis", "prompt"], "svdq-basis does not apply to skvq"),
+    (["--token-group", "64"], "token-group does not apply to skvq"),
+    (["--sinks", "-1"], "sinks must be an integer >= 0, got -1"),
+    (["--window", "0"], "--window: must be positive"),
+    (["--kv", "skvq-k2v1.5:window=0"], "window must be a positive integer, got 0"),
+    (["--kv", "skvq-k2v1.5:colour=red"], "unknown setting 'colour'"),
+    (["--kv", "skvq-k2v1.5:grouping=kmeans", "--grouping", "best"], "invalid choice: 'best'"),
+])
+def test_kv_flags_are_checked_before_anything_loads(flags, message):
+    """A bad --kv, or a setting the chosen cache does not have, exits 2 with one line, before any
+    file is read: the model directory named here does not exist."""
+    r = run_cli("--model", "/nonexistent", "--prompt-file", "/nonexistent.txt", *flags)
+    assert_one_line_error(r, message)
+    assert r.returncode == 2
+
+
+def test_kv_settings_by_flag_or_in_the_spec_are_one_cache(checkpoint, prompt):
+    path, _ = checkpoint(num_key_value_heads=2)
+    common = ["--model", path, "--prompt-file", prompt, "--max-new-tokens", 20, "--temperature", 0,
+              "--device", "cpu", "--dtype", "float32"]
+    by_flags = run_cli(*common, "--kv", "skvq-k2v2", "--window", 4, "--sinks", 2, "--group-size", 8, "--pre-rope-keys")
+    in_spec = run_cli(*common, "--kv", "skvq-k2v2:pre-rope-keys:group-size=8:sinks=2:window=4")
+    assert by_flags.returncode == 0 and by_flags.stdout == in_spec.stdout
+    assert "KV cache (skvq-k2v2:sinks=2:window=4:group-size=8:pre-rope-keys)" in by_flags.stderr
+
+
+def test_kv_the_model_cannot_take_is_refused_before_its_weights_load(checkpoint, prompt):
+    path, _ = checkpoint()  # head_dim 16
+    (path / "model.safetensors").unlink()  # were the weights read, this would be the error
+    r = run_cli("--model", path, "--prompt-file", prompt, "--group-size", 48, "--device", "cpu")
+    assert_one_line_error(r, "--kv skvq-k2v1.5:group-size=48: group-size 48 must divide head_dim 16")
+
+
+def test_help_loads_no_torch():
+    """--help and flag errors answer at once: generate.py imports torch only to run."""
+    r = subprocess.run([sys.executable, "-c", "import sys, generate; generate.parse_args(['--prompt-tokens', '5']); "
+                        "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 def test_missing_prompt_flag():
     assert_one_line_error(run_cli(), "--prompt-file")
 
@@ -157,7 +202,7 @@ def test_quantized_cache_through_the_cli(checkpoint, prompt):
               "--device", "cpu", "--dtype", "float32"]
     fp16 = run_cli(*common, "--kv", "fp16")
     # A window holding prompt and continuation quantizes nothing: the text is the fp16 cache's.
-    for kv in ("skvq-k2v1.5", "kivi-k2v2", "svdq-k1.25v1.5"):
+    for kv in ("skvq-k2v1.5", "svdq-k1.25v1.5"):
         wide = run_cli(*common, "--kv", kv, "--group-size", 8)
         assert wide.returncode == 0 and wide.stdout == fp16.stdout, (kv, wide.stderr)
     narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)

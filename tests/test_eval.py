@@ -7,10 +7,14 @@ import torch
 from engine.cache import QuantizedCache
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig
-from quant import kivi
 from quant.eval import attention_error, perplexity, synthetic_attention_inputs
-from quant.methods import skvq_cache
+from quant.kivi import kivi_quantizers
+from quant.kvspec import parse
+from quant.methods import per_block, quantized_mask, simulated_cache
 from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups
+from quant.svdq import basis_from_keys, svdq_keys
+from quant.uniform import dequantize_groups, quantize_groups
+from kernels.reference import attention
 
 
 @pytest.fixture(autouse=True)
@@ -35,40 +39,99 @@ def random_model():
 @pytest.mark.parametrize("k_bits, v_bits", [(2, 1.5), (3, 2)])
 def test_simulation_equals_token_by_token_decoding(pre_rope, k_bits, v_bits):
     model = random_model()
-    cfg, S, W, T = model.config, 3, 6, 40
+    cfg, T = model.config, 40
+    spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + (":pre-rope-keys" if pre_rope else ""))
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
     groups = kmeans_groups(x.amin(0), x.amax(0), 2)
     keys = [TokenQuantizer(k_bits, groups, clip=0.95) for _ in range(2)]
     values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8)) for _ in range(2)]
     tokens = torch.randint(0, 64, (1, T))
     with torch.no_grad():
-        simulated = model(tokens, torch.arange(T)[None], skvq_cache(keys, values, S, W, pre_rope, model.inv_freq))
+        simulated = model(tokens, torch.arange(T)[None], simulated_cache(spec, keys, values, model.inv_freq))
         exact = model(tokens)
-        cache = QuantizedCache(cfg, 1, T, "cpu", torch.float32, keys, values, S, W, pre_rope)
+        cache = QuantizedCache(spec, cfg, 1, T, "cpu", torch.float32, keys, values)
         decoded = [prefill(model, tokens[:, :1], torch.tensor([1]), cache)]
         for t in range(1, T):
             decoded.append(decode_one_token(model, tokens[:, t], cache))
     decoded = torch.stack(decoded, 1)
     torch.testing.assert_close(simulated, decoded, rtol=1e-4, atol=1e-4)
     # And quantization did change something past the window.
-    assert (simulated[:, S + W:] - exact[:, S + W:]).abs().max() > 1e-3
-    torch.testing.assert_close(simulated[:, :S + W], exact[:, :S + W], rtol=1e-5, atol=1e-5)
+    assert (simulated[:, 3 + 6:] - exact[:, 3 + 6:]).abs().max() > 1e-3
+    torch.testing.assert_close(simulated[:, :3 + 6], exact[:, :3 + 6], rtol=1e-5, atol=1e-5)
 
 
-def test_kivi_keys_are_quantized_per_channel_in_blocks():
+def test_kivi_keys_are_quantized_per_channel_in_groups_of_tokens():
+    keys, _ = kivi_quantizers(parse("kivi-k2v2:group-size=16"), 1, 2, 16)
     k = torch.randn(1, 2, 70, 16) * torch.rand(16) * 5
-    k_hat = kivi.fake_quantize_keys(k, 2, block=32)
-    assert torch.equal(k_hat[:, :, 64:], k[:, :, 64:])  # the incomplete block stays exact
-    blocks = k[:, :, :64].view(1, 2, 2, 32, 16)
-    step = (blocks.amax(3) - blocks.amin(3)) / 3                                 # per channel per block
+    k_hat = per_block(keys, 0, 0)(0, k)
+    assert torch.equal(k_hat[:, :, 64:], k[:, :, 64:])  # the incomplete group stays exact
+    groups = k[:, :, :64].view(1, 2, 2, 32, 16)
+    step = (groups.amax(3) - groups.amin(3)) / 3                                 # per channel per group
     err = (k_hat[:, :, :64] - k[:, :, :64]).view(1, 2, 2, 32, 16).abs()
     assert bool((err <= step[:, :, :, None] / 2 + 1e-2).all())
 
 
-def test_kivi_mask_quantizes_whole_blocks_out_of_the_window():
-    mask = kivi.block_mask(block=4, window=3)(16)
-    p = 10  # window holds 8..10; blocks 0-3 and 4-7 have left it
-    assert mask[p].tolist() == [True] * 8 + [False] * 8
+def test_kivi_schedule_is_its_released_code():
+    """A query reads 1 to R exact keys (all R are quantized once gathered) and R + 1 exact values
+    (its own and the R before it), R = 128 by default; counted from KvSpec's two schedules."""
+    spec, T = parse("kivi-k2v2"), 600
+    p = torch.arange(T)
+    exact_keys = (~quantized_mask(spec.key_schedule, T)).tril().sum(1)
+    exact_values = (~quantized_mask(spec.value_schedule, T)).tril().sum(1)
+    assert exact_keys.tolist() == (p % 128 + 1).tolist()
+    assert exact_values.tolist() == (p + 1).clamp_max(129).tolist()
+    skvq = (~quantized_mask(parse("skvq-k2v2").key_schedule, T)).tril().sum(1)  # sinks and window: 5 + 128
+    assert skvq[-1] == 5 + 128
+
+
+class KiviDecoding:
+    """KIVI's released decode loop (llama_kivi.py), one token at a time and one sequence: keys
+    gather in full precision until R have, then all R are quantized per channel in groups of G
+    tokens; the newest value joins the R exact ones and the oldest of them is quantized per token
+    in groups of C channels. Attention reads the keys and values as they are before the step's
+    quantization, the new token's included."""
+
+    keys_pre_rope = False
+
+    def __init__(self, k_bits, v_bits, R=128, G=32, C=32):
+        self.k_bits, self.v_bits, self.R, self.G, self.C = k_bits, v_bits, R, G, C
+        self.keys, self.values = {}, {}  # layer -> [quantized (dequantized), exact], each [1, Hkv, n, D]
+
+    def attend(self, layer, q, k, v, positions):
+        k_quant, k_full = self.keys.get(layer, (k[:, :, :0], k[:, :, :0]))
+        v_quant, v_full = self.values.get(layer, (v[:, :, :0], v[:, :, :0]))
+        k_full, v_full = torch.cat([k_full, k], 2), torch.cat([v_full, v], 2)
+        keys, values = torch.cat([k_quant, k_full], 2), torch.cat([v_quant, v_full], 2)
+        out = attention(q, keys, values, positions)
+        if k_full.shape[2] == self.R:  # per channel, along tokens in groups of G
+            groups = k_full.unflatten(2, (self.R // self.G, self.G)).transpose(-1, -2)     # (1, Hkv, R/G, D, G)
+            one = torch.zeros(self.G, dtype=torch.long)
+            k_quant = torch.cat([k_quant, dequantize_groups(*quantize_groups(groups, self.k_bits, one, 1), one)
+                                 .transpose(-1, -2).flatten(2, 3)], 2)
+            k_full = k_full[:, :, :0]
+        if v_full.shape[2] > self.R:  # per token, channels in groups of C
+            channels = torch.arange(v.shape[-1]) // self.C
+            oldest = dequantize_groups(*quantize_groups(v_full[:, :, :1], self.v_bits, channels, int(channels[-1]) + 1),
+                                       channels)
+            v_quant, v_full = torch.cat([v_quant, oldest], 2), v_full[:, :, 1:]
+        self.keys[layer], self.values[layer] = (k_quant, k_full), (v_quant, v_full)
+        return out
+
+
+@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 2)])
+def test_kivi_simulation_equals_its_decode_loop(k_bits, v_bits):
+    """The evaluation's KIVI scores each token as KIVI's own decode loop does (R = 8 tokens,
+    groups of 4 tokens and 8 channels here, so that several flushes happen)."""
+    model = random_model()
+    T, spec = 50, parse(f"kivi-k{k_bits}v{v_bits}:window=8:group-size=8:token-group=4")
+    keys, values = kivi_quantizers(spec, 2, 2, 16)
+    tokens = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        simulated = model(tokens, torch.arange(T)[None], simulated_cache(spec, keys, values, None))
+        loop = KiviDecoding(k_bits, v_bits, R=8, G=4, C=8)
+        decoded = torch.cat([model(tokens[:, t:t + 1], torch.tensor([[t]]), loop) for t in range(T)], 1)
+    torch.testing.assert_close(simulated, decoded, rtol=1e-4, atol=1e-4)
+    assert (simulated - model(tokens)).abs().max() > 1e-3
 
 
 def test_perplexity_matches_transformers_loss(checkpoint):
@@ -92,48 +155,9 @@ def test_attention_error_grows_as_bits_fall():
     errors = []
     for bits in (8, 4, 2):
         q = [TokenQuantizer(bits, equal_groups(2, 128, 32))]
-        errors.append(attention_error(skvq_cache(q, q, 5, 32, False, None), records, 37))
+        errors.append(attention_error(simulated_cache(parse(f"skvq-k{bits}v{bits}:window=32"), q, q, None),
+                                      records, 37))
     assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]
-
-
-@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 1.5)])
-def test_kivi_simulation_equals_token_by_token_decoding(k_bits, v_bits):
-    from engine.cache import KiviCache
-
-    model = random_model()
-    W, T, block = 6, 50, 4
-    tokens = torch.randint(0, 64, (1, T))
-    with torch.no_grad():
-        simulated = model(tokens, torch.arange(T)[None], kivi.kivi_cache(k_bits, v_bits, block, 8, W))
-        cache = KiviCache(model.config, 1, T, "cpu", torch.float32, k_bits, v_bits, W, block, 8)
-        decoded = [prefill(model, tokens[:, :1], torch.tensor([1]), cache)]
-        for t in range(1, T):
-            decoded.append(decode_one_token(model, tokens[:, t], cache))
-    torch.testing.assert_close(simulated, torch.stack(decoded, 1), rtol=1e-4, atol=1e-4)
-    assert (simulated - model(tokens)).abs().max() > 1e-3
-
-
-def test_kivi_cache_batch_equals_each_sequence_alone():
-    """Prompts of different lengths prefilled together: each sequence quantizes its own complete
-    blocks and padding never enters a block, so the batch decodes as each sequence alone does."""
-    from engine.cache import KiviCache
-
-    model = random_model()
-    W, block, lengths, n_decode = 5, 4, [21, 13], 9
-    T = max(lengths) + n_decode
-    seqs = torch.randint(0, 64, (2, T))
-
-    def run(rows, prompt_lengths):
-        cache = KiviCache(model.config, len(rows), T, "cpu", torch.float32, 2, 2, W, block, 8)
-        out = [prefill(model, rows[:, :max(prompt_lengths)], torch.tensor(prompt_lengths), cache)]
-        for _ in range(n_decode):
-            out.append(decode_one_token(model, rows[torch.arange(len(rows)), cache.lengths], cache))
-        return torch.stack(out, 1)
-
-    with torch.no_grad():
-        batched = run(seqs, lengths)
-        for b in range(2):
-            torch.testing.assert_close(batched[b], run(seqs[b:b + 1], [lengths[b]])[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("basis", ["calibration", "prompt"])
@@ -142,20 +166,19 @@ def test_svdq_simulation_equals_token_by_token_decoding(basis, bits):
     """The SVDq cache (keys in blocks of G, values with them) decodes as its simulation scores.
     The prompt fits in sinks + window, so the prefill's exact attention is what the simulation
     sees too, and is longer than head_dim, so a prompt basis is well determined."""
-    from engine.cache import SvdqCache
-    from quant.svdq import SCHEDULES, SvdqKeyQuantizer, basis_from_keys, svdq_cache
-
     model = random_model()
     cfg, S, W, G, T = model.config, 3, 30, 4, 80
     prompt = S + W
-    keys = SvdqKeyQuantizer(SCHEDULES[bits], cfg.head_dim, token_group=G)
+    spec = parse(f"svdq-k{bits}v1.5:sinks={S}:window={W}:token-group={G}")
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
-    bases = None if basis == "prompt" else [basis_from_keys(x[i::2]) for i in range(2)]
+    bases = [basis_from_keys(x[i::2]) if basis == "calibration" else (None, None) for i in range(2)]
+    keys = [svdq_keys(bits, 2, cfg.head_dim, G, *layer_basis) for layer_basis in bases]
     values = [TokenQuantizer(1.5, equal_groups(2, 16, 8)) for _ in range(2)]
     tokens = torch.randint(0, 64, (1, T))
     with torch.no_grad():
-        simulated = model(tokens, torch.arange(T)[None], svdq_cache(keys, bases, values, S, W, model.inv_freq, prompt))
-        cache = SvdqCache(cfg, 1, T, "cpu", torch.float32, keys, bases, values, S, W, use_kernels=False)
+        simulation = simulated_cache(spec, keys, values, model.inv_freq, prompt_tokens=prompt)
+        simulated = model(tokens, torch.arange(T)[None], simulation)
+        cache = QuantizedCache(spec, cfg, 1, T, "cpu", torch.float32, keys, values, use_kernels=False)
         decoded = [prefill(model, tokens[:, :prompt], torch.tensor([prompt]), cache)]
         for t in range(prompt, T):
             decoded.append(decode_one_token(model, tokens[:, t], cache))
@@ -169,28 +192,22 @@ def test_chunked_prefill_equals_its_simulation(kv):
     """A prompt prefilled chunk by chunk through the real cache (each chunk reading the history as
     stored, itself exactly) gives the logits of the chunked-prefill simulation, every position;
     a batch whose shorter prompt ends mid-way included."""
-    from engine.cache import QuantizedCache, SvdqCache
-    from quant.svdq import SCHEDULES, SvdqKeyQuantizer, basis_from_keys, svdq_cache
-
     model = random_model()
-    cfg, S, W, T, chunk = model.config, 3, 6, 50, 16
+    cfg, T, chunk = model.config, 50, 16
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
     values = [TokenQuantizer(1.5, equal_groups(2, 16, 8)) for _ in range(2)]
     if kv == "svdq":
-        keys = SvdqKeyQuantizer(SCHEDULES[1.25], cfg.head_dim, token_group=4)
-        bases = [basis_from_keys(x[i::2]) for i in range(2)]
-        simulation = svdq_cache(keys, bases, values, S, W, model.inv_freq, prefill_chunk=chunk)
-        make = lambda B: SvdqCache(cfg, B, T, "cpu", torch.float32, keys, bases, values, S, W, use_kernels=False)
+        spec = parse("svdq-k1.25v1.5:sinks=3:window=6:token-group=4")
+        keys = [svdq_keys(1.25, 2, cfg.head_dim, 4, *basis_from_keys(x[i::2])) for i in range(2)]
     else:
-        pre = kv == "skvq-pre"
+        spec = parse("skvq-k2v1.5:sinks=3:window=6" + (":pre-rope-keys" if kv == "skvq-pre" else ""))
         keys = [TokenQuantizer(2, kmeans_groups(x.amin(0), x.amax(0), 2), clip=0.95) for _ in range(2)]
-        simulation = skvq_cache(keys, values, S, W, pre, model.inv_freq, prefill_chunk=chunk)
-        make = lambda B: QuantizedCache(cfg, B, T, "cpu", torch.float32, keys, values, S, W, pre, use_kernels=False)
+    simulation = simulated_cache(spec, keys, values, model.inv_freq, prefill_chunk=chunk)
     tokens = torch.randint(0, 64, (2, T))
     lengths = torch.tensor([T, 37])
     with torch.no_grad():
         simulated = model(tokens, torch.arange(T).expand(2, T), simulation)
-        cache, chunks = make(2), []
+        cache, chunks = QuantizedCache(spec, cfg, 2, T, "cpu", torch.float32, keys, values, use_kernels=False), []
         for start in range(0, T, chunk):
             positions = cache.reserve((lengths - start).clamp(0, chunk), min(chunk, T - start))
             chunks.append(model(tokens[:, start:start + chunk], positions, cache))

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from engine.cache import SvdqCache, attention, make_cache
+from engine.cache import make_cache
 from engine.runner import decode_one_token, prefill
-from kernels.decode_attention import LatentKeys, Segment, Stored, attend, decode_attention
+from engine.stores import LatentStore, TokenStore
+from kernels.decode_attention import Segment, attend, decode_attention
 from kernels.quantize import quantize_tokens
+from kernels.reference import attention
 from model import Llama, LlamaConfig, apply_rope, rope_cos_sin
+from quant.calibrate import Calibration
+from quant.kvspec import parse
 from quant.packing import WIDTHS
 from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups
-from quant.svdq import SCHEDULES, SvdqKeyQuantizer, basis_from_keys
+from quant.svdq import basis_from_keys, svdq_keys
 
 # fp32 accumulation over fp16 inputs: the tolerance is fp16's, not the kernel's. On the CPU the
 # interpreter computes in fp32 throughout.
@@ -42,18 +46,23 @@ def random_groups(n_heads, D, n_groups):
     return ChannelGroups(torch.randint(n_groups, (n_heads, D)), n_groups)
 
 
+def write_all(store, x):
+    """Every token of x [B, Hkv, T, D] into rows 0..T-1 of its sequence, in plain torch."""
+    B, _, T, _ = x.shape
+    source = torch.arange(T, device=x.device).repeat(B)
+    store.write(x, torch.arange(B, device=x.device).repeat_interleave(T), source, source, kernels=False)
+
+
 def packed(x, bits, n_groups, meta_dtype, smooth):
-    """Quantize x [B, Hkv, T, D] with TokenQuantizer: (Stored for the kernel, dequantized x)."""
+    """x [B, Hkv, T, D] quantized into a TokenStore: (the store, x as it reads back)."""
     B, Hkv, T, D = x.shape
     # Equal within RoPE pairs (c, c + D/2), as quant/skvq.py's factors are, so they commute with RoPE.
     smoothing = (torch.rand(Hkv, D // 2, device=x.device) + 0.5).repeat(1, 2) if smooth else None
     quantizer = TokenQuantizer(bits, random_groups(Hkv, D, n_groups), clip=0.95, meta_dtype=meta_dtype,
                                smoothing=smoothing)
-    codes, scale, low = (t.transpose(1, 2).contiguous() for t in quantizer.quantize(x.transpose(1, 2)))
-    stored = Stored(codes, bits, scale, low, quantizer.groups.group_index.to(x.device, torch.int32),
-                    torch.ones(Hkv, D, device=x.device) if smoothing is None else smoothing)
-    x_hat = quantizer.dequantize(codes.transpose(1, 2), scale.transpose(1, 2), low.transpose(1, 2)).transpose(1, 2)
-    return stored, x_hat.to(x.dtype)
+    store = TokenStore(quantizer, B, T, x.device)
+    write_all(store, x)
+    return store, store.read(T).to(x.dtype)
 
 
 def rope(x, positions, inv_freq):
@@ -69,7 +78,7 @@ def test_fp16_decode_attention_matches_reference(group, D):
     q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
     k = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
     v = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
-    got = decode_attention(q, [Segment(Stored(k), Stored(v), lengths.to(DEVICE))], split_tokens=128)
+    got = decode_attention(q, [Segment(k, v, lengths.to(DEVICE))], split_tokens=128)
     for b in range(B):
         n = int(lengths[b])
         expected = attention(q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], torch.tensor([[n - 1]], device=DEVICE))
@@ -103,7 +112,7 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
     window_v = torch.randn(B, Hkv, W, D, device=DEVICE, dtype=DTYPE)
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
     to = lambda t: t.to(DEVICE)
-    segments = [Segment(Stored(window_k), Stored(window_v), to(window_count), to(first_slot), to(window_start)),
+    segments = [Segment(window_k, window_v, to(window_count), to(first_slot), to(window_start)),
                 Segment(stored_k, stored_v, to(history_count), None, to(history_start))]
     got = decode_attention(q, segments, inv_freq, split_tokens=64)
     for b in range(B):
@@ -126,13 +135,14 @@ def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D):
     x = (torch.randn(B, Hkv, T, D, device=DEVICE) * torch.rand(Hkv, 1, D, device=DEVICE) * 3).to(DTYPE)
     smoothing = torch.rand(Hkv, D, device=DEVICE) + 0.5
     quantizer = TokenQuantizer(bits, random_groups(Hkv, D, 4), clip=0.93, meta_dtype=meta, smoothing=smoothing)
-    codes = torch.randint(256, (B, Hkv, rows, quantizer.code_bytes), dtype=torch.uint8, device=DEVICE)
-    scale = torch.randn(B, Hkv, rows, 4, device=DEVICE).to(meta)
-    low = torch.randn(B, Hkv, rows, 4, device=DEVICE).to(meta)
+    store = TokenStore(quantizer, B, rows, DEVICE)
+    codes, scale, low = store.codes, store.scale, store.low
+    codes.random_(256)
+    scale.copy_(torch.randn(B, Hkv, rows, 4, device=DEVICE))
+    low.copy_(torch.randn(B, Hkv, rows, 4, device=DEVICE))
     before = [t.clone() for t in (codes, scale, low)]
     batch, source, row = (torch.tensor(v, device=DEVICE) for v in ([0, 2, 1, 2], [3, 8, 0, 5], [4, 0, -1, 5]))
-    quantize_tokens(x, batch, source, row, codes, scale, low, quantizer.groups.group_index.to(DEVICE, torch.int32),
-                    smoothing, bits, quantizer.clip)
+    quantize_tokens(x, batch, source, row, store)
     expected = quantizer.quantize(x.transpose(1, 2))                       # each (B, T, Hkv, ...)
     written = torch.zeros(B, rows, dtype=torch.bool)
     for b, t, r in zip(batch.tolist(), source.tolist(), row.tolist()):
@@ -171,18 +181,20 @@ def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads
     cfg, lengths, n_decode = model.config, torch.tensor([23, 9]), 20
     tokens = torch.randint(0, 64, (2, 23 + n_decode), device=DEVICE)
 
-    # SVDq keys in a fixed random basis: a prompt's own basis from an 8-token chunk is degenerate,
-    # and its arbitrary null-space directions would differ between two float paths.
-    svdq_keys = SvdqKeyQuantizer(SCHEDULES[1.25], head_dim, token_group=16)
-    bases = [(torch.linalg.qr(torch.randn(n_kv_heads, head_dim, head_dim))[0], torch.randn(n_kv_heads, head_dim))
-             for _ in range(cfg.num_hidden_layers)]
+    # SVDq keys in a fixed random basis, given as a calibration's: a prompt's own basis from an 8-token
+    # chunk is degenerate, and its arbitrary null-space directions would differ between two float paths.
+    # The calibration has no SKVQ tables, so every cache's channel groups are equal runs of 32.
+    bases = {}
+    for layer in range(cfg.num_hidden_layers):
+        bases[f"svdq.basis.{layer}"] = torch.linalg.qr(torch.randn(n_kv_heads, head_dim, head_dim))[0]
+        bases[f"svdq.mean.{layer}"] = torch.randn(n_kv_heads, head_dim)
+    calibration = Calibration(bases, dict(layers=cfg.num_hidden_layers, group_sizes=[]))
+    spec = parse(f"{kv}:sinks=3:window=8:group-size=32" if kv != "fp16" else kv)
+    spec = spec.with_settings(token_group=16) if spec.method == "svdq" else spec
+    spec = spec.with_settings(pre_rope_keys=True) if pre_rope and spec.method == "skvq" else spec
 
     def run(use_kernels):
-        cache = make_cache(kv, cfg, 2, 23 + n_decode, DEVICE, DTYPE, n_sink=3, window=8, group_size=32,
-                           keys_pre_rope=pre_rope, use_kernels=use_kernels, token_group=16)
-        if kv.startswith("svdq"):
-            cache = SvdqCache(cfg, 2, 23 + n_decode, DEVICE, DTYPE, svdq_keys, bases, cache.value_quantizers, 3, 8,
-                              use_kernels)
+        cache = make_cache(spec, cfg, 2, 23 + n_decode, DEVICE, DTYPE, calibration, use_kernels)
         logits = [prefill(model, tokens[:, :23], lengths.to(DEVICE), cache, chunk_size=8)]
         for _ in range(n_decode):
             next_token = tokens[torch.arange(2), cache.lengths]
@@ -201,21 +213,19 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
     against attention over the dequantized, rotated keys: history lengths 0, within a block and
     over several splits and blocks; one basis for all sequences or one each."""
     B, Hkv, G_tokens = 3, 2, 32
-    quantizer = SvdqKeyQuantizer(SCHEDULES[bits], D, token_group=G_tokens)
     capacity = 5 * G_tokens
     count = torch.tensor([0, 17, capacity])
     low_rank = torch.randn(Hkv, 8, D, device=DEVICE) * torch.logspace(1, -1, 8, device=DEVICE)[:, None]
-    keys = torch.einsum("bthr,hrd->bthd", torch.randn(B, capacity, Hkv, 8, device=DEVICE), low_rank)
-    keys = (keys + 0.1 * torch.randn_like(keys) + torch.randn(Hkv, D, device=DEVICE)).to(DTYPE)  # (B, T, Hkv, D)
-    bases = [basis_from_keys(keys[b]) for b in ([0] if shared_basis else range(B))]
-    basis, mean = (torch.stack(t).to(DEVICE) for t in zip(*bases))                      # (B or 1, Hkv, D, D)
-    blocks = keys.unflatten(1, (capacity // G_tokens, G_tokens))                         # (B, blocks, G, Hkv, D)
-    codes, scale, low = quantizer.quantize(blocks, basis[:, None], mean[:, None])
-    k_hat = quantizer.dequantize(codes, scale, low, basis[:, None], mean[:, None]).flatten(1, 2)  # (B, T, Hkv, D)
-    latent_keys = LatentKeys(codes.flatten(1, 2).transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous(),
-                             low.transpose(1, 2).contiguous(),
-                             basis[..., :quantizer.rank].transpose(-1, -2).contiguous(), mean,
-                             quantizer.bit_layout.to(DEVICE), G_tokens)
+    keys = torch.einsum("bthr,hrd->bhtd", torch.randn(B, capacity, Hkv, 8, device=DEVICE), low_rank)
+    keys = (keys + 0.1 * torch.randn_like(keys) + torch.randn(Hkv, 1, D, device=DEVICE)).to(DTYPE)  # (B, Hkv, T, D)
+    # One basis for every sequence, from the first one's keys; or each sequence's own.
+    basis = basis_from_keys(keys[0].transpose(0, 1)) if shared_basis else (None, None)
+    quantizer = svdq_keys(bits, Hkv, D, G_tokens, *basis)
+    latent_keys = LatentStore(quantizer, B, capacity, DEVICE)
+    for b in range(B):  # each sequence's own basis (no effect where the basis is shared)
+        latent_keys.observe_prompt(b, keys[b])
+    write_all(latent_keys, keys)
+    k_hat = latent_keys.read(capacity)                                                  # (B, Hkv, T, D)
     stored_v, v_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 1.5, 1,
                              torch.float8_e4m3fn, smooth=True)
     q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
@@ -225,7 +235,7 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
                            split_tokens=64)
     for b in range(1, B):  # sequence 0 holds no token: nothing to compare
         n = int(count[b])
-        k_rot = rope(k_hat[b, :n].transpose(0, 1).to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
+        k_rot = rope(k_hat[b, :, :n].to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
         expected = attention(q[b:b + 1, :, None], k_rot[None], v_hat[b:b + 1, :, :n], torch.tensor([[n]], device=DEVICE))
         torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
 
@@ -250,8 +260,8 @@ def test_prefill_attention_matches_reference(group, D, pre_rope):
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
     to = lambda t: t.to(DEVICE)
     segments = [Segment(stored_k, stored_v, to(history_count), None, to(history_start)),
-                Segment(Stored(window_k), Stored(window_v), to(window_count), to(first_slot), to(window_start)),
-                Segment(Stored(chunk_k), Stored(chunk_v), to(chunk_count), None, to(chunk_start), causal=True)]
+                Segment(window_k, window_v, to(window_count), to(first_slot), to(window_start)),
+                Segment(chunk_k, chunk_v, to(chunk_count), None, to(chunk_start), causal=True)]
     got = attend(q, segments, to(chunk_start), inv_freq)                         # (B, Q, H, D)
     for b in range(B):
         h, w, c = int(history_count[b]), int(window_count[b]), int(chunk_count[b])

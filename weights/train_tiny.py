@@ -1,6 +1,6 @@
 """Train kjv-tiny, the demo model, from scratch: KJV Bible -> tokenizer -> Llama -> HF checkpoint.
 
-    python weights/train_tiny.py --minutes 40
+    python -m weights.train_tiny --minutes 40
 
 Needs the `bible` program (apt-get install bible-kjv bible-kjv-text). Writes the corpus split and
 the log to weights/data/ (build artifacts) and the model to weights/kjv-tiny/.
@@ -11,7 +11,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from engine.tokenizer import Tokenizer
+from model import Llama, LlamaConfig
+from quant.eval import perplexity  # the definition the tests and quant/eval.py use
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # model.py lives in the repo root
-from engine.tokenizer import Tokenizer  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
-from quant.eval import perplexity  # noqa: E402  the definition the tests and quant/eval.py use
 
 # 1 Thessalonians .. Revelation, the last 4.8% of the text, is held out and never trained on.
 FIRST_VAL_BOOK = "1Th"
