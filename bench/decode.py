@@ -17,6 +17,7 @@ bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against co
 """
 import argparse
 import json
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -97,8 +98,7 @@ def kv_bytes_read(cache, context: int) -> int:
 
 
 def largest_batch(request: Request, context: int, budget: int, limit: int = 4096) -> int:
-    fits = lambda batch: Request(request.spec, request.cfg, batch, request.dtype).cache_bytes(context) <= budget
-    return longest(fits, limit)
+    return longest(lambda batch: replace(request, batch=batch).cache_bytes(context) <= budget, limit)
 
 
 def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> float:

@@ -12,6 +12,8 @@ import torch
 
 from engine.cache import make_cache
 from engine.runner import PREFILL_CHUNK
+from model import LlamaConfig
+from quant.kvspec import KvSpec
 
 GiB = 2 ** 30
 HEADROOM = GiB  # of the free memory, kept back: the allocator's rounding, kernels' compilation, small tensors
@@ -21,8 +23,8 @@ HEADROOM = GiB  # of the free memory, kept back: the allocator's rounding, kerne
 class Request:
     """What sizes a cache besides its context: the spec (quant/kvspec.py), the model, the batch,
     the dtype of its full-precision parts and the calibration (it fixes SVDq's basis buffers)."""
-    spec: object
-    cfg: object
+    spec: KvSpec
+    cfg: LlamaConfig
     batch: int
     dtype: torch.dtype
     calibration: object = None

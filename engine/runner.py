@@ -15,9 +15,9 @@ def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache,
             chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
     """tokens [B, T] right-padded prompts of prompt_lengths [B] -> logits [B, vocab] at each last token.
 
-    A prompt longer than chunk_size goes in chunks: each chunk
-    attends to what the cache holds so far (a quantized cache's history as stored) and exactly to
-    itself, and memory is bounded by the chunk, not the prompt. A shorter prompt is one exact forward."""
+    A prompt longer than chunk_size goes in chunks: each chunk attends to what the cache holds so
+    far (a quantized cache's history as stored) and exactly to itself, and memory is bounded by the
+    chunk, not the prompt. A shorter prompt is one exact forward."""
     T = tokens.shape[1]
     if T <= chunk_size:
         positions = cache.reserve(prompt_lengths, T)  # (B, T)

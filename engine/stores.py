@@ -25,8 +25,6 @@ class TokenStore:
         group_index [Hkv, D] int32: each channel's group in its head;
         smoothing [Hkv, D] fp32: the static divisors of each channel (ones for none)."""
 
-    block = 1  # tokens that enter the history together
-
     def __init__(self, quantizer, batch: int, rows: int, device):
         Hkv, D, n_groups = quantizer.n_heads, quantizer.head_dim, quantizer.groups.n_groups
         self.quantizer, self.bits, self.clip = quantizer, quantizer.bits, quantizer.clip
@@ -74,7 +72,7 @@ class LatentStore:
 
     def __init__(self, quantizer, batch: int, rows: int, device):
         Hkv, D, R, G = quantizer.n_heads, quantizer.head_dim, quantizer.rank, quantizer.token_group
-        self.quantizer, self.block, self.token_group = quantizer, G, G
+        self.quantizer, self.token_group = quantizer, G
         self.codes = torch.zeros(batch, Hkv, rows, quantizer.row_bytes, dtype=torch.uint8, device=device)
         self.scale = torch.zeros(batch, Hkv, rows // G, R, dtype=quantizer.meta_dtype, device=device)
         self.low = torch.zeros_like(self.scale)
@@ -104,7 +102,7 @@ class LatentStore:
     def write(self, x: torch.Tensor, batch, source, row, kernels: bool):
         """As TokenStore.write; a sequence's entries come as whole blocks of consecutive rows
         (the cache evicts them so). Quantized in plain torch on every device."""
-        G = self.block
+        G = self.token_group
         keep = row >= 0
         batch, source, row = batch[keep], source[keep], row[keep]
         for b in batch.unique().tolist():
@@ -124,7 +122,7 @@ class LatentStore:
 
     def read(self, n_rows: int) -> torch.Tensor:
         """[B, Hkv, n_rows, D] pre-RoPE keys rebuilt from the first n_rows (whole blocks)."""
-        G = self.block
+        G = self.token_group
         codes = self.codes[:, :, :n_rows].transpose(1, 2).unflatten(1, (n_rows // G, G))  # (B, blocks, G, Hkv, bytes)
         scale, low = (t[:, :, :n_rows // G].transpose(1, 2) for t in (self.scale, self.low))
         basis = self.basis_t.transpose(-1, -2).float()[:, None]                         # (1 or B, 1, Hkv, D, R)

@@ -154,10 +154,9 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     """(key quantizers, value quantizers), one per layer, for the quantized cache `spec`
     (quant/kvspec.py) names on a model of n_layers layers of n_heads KV heads of head_dim. SKVQ's
     channel groups, smoothing and clip factors come from the calibration when it has them for the
-    spec's group size; otherwise the
-    groups are equal runs of channels with no smoothing or clipping. SVDq keys take the
-    calibration's bases, or (svdq-basis=prompt, or no calibration) each prompt's own; their
-    values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
+    spec's group size; otherwise the groups are equal runs of channels with no smoothing or
+    clipping. SVDq keys take the calibration's bases, or (svdq-basis=prompt, or no calibration)
+    each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
     L, Hkv, D = n_layers, n_heads, head_dim
     if spec.method == "kivi":
         return kivi_quantizers(spec, L, Hkv, D)
