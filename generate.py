@@ -10,11 +10,23 @@ import sys
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, positive_int, run_cli
+from cli import (
+    ArgumentParser,
+    FlagError,
+    UserError,
+    positive_int,
+    read_text,
+    run_cli,
+    seed,
+)
 from quant import kvspec
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "kjv-tiny"
 DTYPES = {"float32", "float16", "bfloat16"}
+# A prompt file larger than its context times this is refused unread: a token is a few bytes of
+# text (4 on average in English; 3 per CJK character), never 64.
+PROMPT_BYTES_PER_TOKEN = 64
+AUTO_CONTEXT = 2 ** 22  # the longest prompt --max-context auto may take: past what one GPU holds
 # The flags that change one setting of --kv (quant/kvspec.py): flag -> KvSpec field.
 KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
@@ -49,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
@@ -87,15 +99,12 @@ def parse_args(argv=None):
     return args
 
 
-def read_prompt(path: Path) -> str:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: prompt file not found")
-    except IsADirectoryError:
-        raise UserError(f"{path}: prompt file is a directory")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: prompt file is not UTF-8 ({e.reason} at byte {e.start})")
+def read_prompt(path: Path, context: int | None) -> str:
+    """The prompt file's text; one larger than `context` tokens could come from is refused before
+    it is read whole (it may be /dev/zero)."""
+    limit = None if context is None else context * PROMPT_BYTES_PER_TOKEN
+    text = read_text(path, "prompt file", limit,
+                     f", more than a {context}-token context holds (--max-context N for a longer one)")
     if not text.strip():
         raise UserError(f"{path}: prompt file is empty")
     return text
@@ -107,48 +116,59 @@ def main(args):
     from engine.cache import make_cache
     from engine.planner import Request, largest_context, plan
     from engine.runner import generate
-    from engine.tokenizer import StreamDecoder, Tokenizer
+    from engine.tokenizer import StreamDecoder, eos_ids, has_tokenizer, load_tokenizer
     from model import Llama, LlamaConfig
     from quant.calibrate import CALIBRATION_FILE, calibrated, load_calibration
 
     spec = args.kv
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    prompt = read_prompt(args.prompt_file) if args.prompt_file else None
+        raise FlagError("--device cuda: no CUDA device is available")
     if not args.model.is_dir():
         raise UserError(f"{args.model}: model directory not found")
+    cfg = LlamaConfig.from_json(args.model / "config.json")
     try:  # before the weights load: a --kv the model cannot take is an error at once
-        spec.check(LlamaConfig.from_json(args.model / "config.json").head_dim)
+        spec.check(cfg.head_dim)
     except ValueError as e:
-        raise UserError(f"--kv {spec}: {e}")
-    tokenizer = Tokenizer(args.model / "tokenizer.model")
+        raise FlagError(f"--kv {spec}: {e}")
+    # The longest prompt that can be held (auto: as long as one GPU could hold).
+    longest_prompt = {None: cfg.max_position_embeddings, "auto": AUTO_CONTEXT}.get(args.max_context, args.max_context)
+    if (args.prompt_tokens or 0) >= longest_prompt:
+        raise FlagError(f"--prompt-tokens {args.prompt_tokens}: " + (
+            f"the model's context is {longest_prompt} (--max-context N for a longer one)" if args.max_context is None
+            else f"leaves no room in a {longest_prompt}-token context"))
+    prompt = read_prompt(args.prompt_file, longest_prompt) if args.prompt_file else None
+    # --prompt-tokens needs no tokenizer: without one, stdout gets the new ids.
+    tokenizer = load_tokenizer(args.model) if prompt is not None or has_tokenizer(args.model) else None
     model = Llama.from_pretrained(args.model, args.device, args.dtype and getattr(torch, args.dtype))
-    device, dtype, cfg = model.lm_head.weight.device, model.lm_head.weight.dtype, model.config
-    if tokenizer.vocab_size > cfg.vocab_size:
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    vocab_size = tokenizer.vocab_size if tokenizer else cfg.vocab_size
+    if vocab_size > cfg.vocab_size:
         raise UserError(f"{args.model}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
 
-    if prompt is None:  # random ids past the special ones, reproducible with --seed
-        generator = torch.Generator().manual_seed(args.seed or 0)
-        prompt_ids = [cfg.bos_token_id] + torch.randint(3, tokenizer.vocab_size, (args.prompt_tokens - 1,),
-                                                        generator=generator).tolist()
-    else:
-        prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode(prompt) if prompt is not None else None
+    n_prompt = args.prompt_tokens or len(prompt_ids)
     calibration = load_calibration(args.model) if spec.quantized else None
     request = Request(spec, cfg, 1, dtype, calibration)
     context = args.max_context
     if context is None:  # as much as the request needs, within the model's context
-        if len(prompt_ids) >= cfg.max_position_embeddings:
-            raise UserError(f"prompt is {len(prompt_ids)} tokens; the model's context is {cfg.max_position_embeddings}")
-        context = min(cfg.max_position_embeddings, len(prompt_ids) + args.max_new_tokens)
-    memory = plan(request, len(prompt_ids), context, device)
-    if memory.context <= len(prompt_ids):
-        raise UserError(f"--max-context {memory.context} leaves no room after the {len(prompt_ids)}-token prompt"
+        if n_prompt >= cfg.max_position_embeddings:
+            raise UserError(f"prompt is {n_prompt} tokens; the model's context is {cfg.max_position_embeddings} "
+                            "(--max-context N for a longer one)")
+        context = min(cfg.max_position_embeddings, n_prompt + args.max_new_tokens)
+    memory = plan(request, n_prompt, context, device)
+    if memory.context <= n_prompt:
+        raise FlagError(f"--max-context {memory.context} leaves no room after the {n_prompt}-token prompt"
                         + (f" ({memory.explain()})" if context == "auto" else ""))
     if not memory.fits:
         longest = largest_context(request, memory.free - memory.working)
         raise UserError(f"cannot allocate the KV cache on {device}: {memory.explain()}; "
                         f"at most {longest} tokens fit")
-    max_new = min(args.max_new_tokens, memory.context - len(prompt_ids))
+    if prompt_ids is None:  # random ids past the special ones, reproducible with --seed, after the BOS
+        bos = tokenizer.bos_id if tokenizer else cfg.bos_token_id
+        bos = [] if bos is None else [bos]
+        generator = torch.Generator().manual_seed(args.seed or 0)
+        prompt_ids = bos + torch.randint(3, vocab_size, (n_prompt - len(bos),), generator=generator).tolist()
+    max_new = min(args.max_new_tokens, memory.context - n_prompt)
     if max_new < args.max_new_tokens:
         print(f"note: generating at most {max_new} tokens, the rest of the {memory.context}-token context",
               file=sys.stderr)
@@ -161,6 +181,8 @@ def main(args):
               file=sys.stderr)
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         print(f"note: no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis", file=sys.stderr)
+    if tokenizer is None:
+        print(f"note: no tokenizer in {args.model}: stdout gets the new token ids", file=sys.stderr)
     cache = make_cache(spec, cfg, 1, memory.context, device, dtype, calibration)
     generator = torch.Generator(device=device)
     if args.seed is not None:
@@ -170,29 +192,31 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    stream = StreamDecoder(tokenizer, prompt_ids[-1])
-    eos_ids = cfg.eos_ids
+    stream = StreamDecoder(tokenizer, prompt_ids[-1]) if tokenizer else None
+    end_ids = eos_ids(args.model, cfg)
     start = time.perf_counter()
     n_sampled, n_new = 0, 0
-    for token in generate(model, cache, [prompt_ids], max_new, eos_ids,
-                          args.temperature, args.top_k, args.top_p, generator, tokenizer.vocab_size):
+    for token in generate(model, cache, [prompt_ids], max_new, end_ids,
+                          args.temperature, args.top_k, args.top_p, generator, vocab_size):
         token_id = int(token[0])
         n_sampled += 1
         if n_sampled == 1:
             sync()
             first = time.perf_counter()  # prefill done: the first token comes from its logits
-        if token_id in eos_ids:
+        if token_id in end_ids:
             break
         n_new += 1
-        sys.stdout.write(stream.push(token_id))
+        sys.stdout.write(stream.push(token_id) if stream else f"{' ' * (n_new > 1)}{token_id}")
         sys.stdout.flush()
+    sys.stdout.write("\n")  # so that what a shell prints next starts on its own line
     sync()
     end = time.perf_counter()
     decode = f"{(n_sampled - 1) / (end - first):.1f} tokens/s" if n_sampled > 1 else "no decode steps"
-    # stdout holds exactly the continuation, so the line break before the stats goes to stderr.
-    print(f"\nprompt tokens: {len(prompt_ids)}, new tokens: {n_new}\n"
-          f"prefill: {len(prompt_ids) / (first - start):.1f} tokens/s, decode: {decode}\n"
-          f"KV cache ({spec}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
+    # The dtype the cache really stores its full-precision tokens in (fp16 runs as fp32 on the CPU).
+    stored = str(dtype).removeprefix("torch.") + (" sinks and window" if spec.quantized else "")
+    print(f"prompt tokens: {n_prompt}, new tokens: {n_new}\n"
+          f"prefill: {n_prompt / (first - start):.1f} tokens/s, decode: {decode}\n"
+          f"KV cache ({spec}, {stored}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
           f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element"
           + (" in the quantized history, metadata included" if spec.quantized else ""), file=sys.stderr)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import UserError, read_file, readable
 
 
 @dataclass
@@ -30,33 +30,23 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int | list[int] = 2
+    bos_token_id: int | None = 1       # None (null in config.json): no BOS token
+    eos_token_id: int | list[int] | None = 2
 
     @classmethod
     def from_json(cls, path: Path) -> "LlamaConfig":
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: config.json not found")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})")
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings"]
-        missing = [k for k in required if k not in raw]
+        raw = read_json(path, "config.json")
+        missing = [k for k in REQUIRED_FIELDS if raw.get(k) is None]
         if missing:
             raise UserError(f"{path}: missing field(s) {', '.join(missing)}")
-        for k, default in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
-            if raw.get(k, default) != default:
-                raise UserError(f"{path}: unsupported {k}={raw[k]!r} (Llama uses {default!r})")
+        refuse_unsupported(raw, path)
+        for field, kind in FIELD_TYPES.items():
+            if raw.get(field) is not None and not is_a(raw[field], kind):
+                raise UserError(f"{path}: {field} must be {KIND_NAMES[kind]}, got {json.dumps(raw[field])}")
         n_heads = raw["num_attention_heads"]
         # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, like the
         # released Llama checkpoints, write rope_theta and rope_scaling.
         rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise UserError(f"{path}: rope_scaling must be an object")
         rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         if rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
@@ -75,8 +65,8 @@ class LlamaConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=raw.get("eos_token_id", 2),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
         )
         cfg.validate(path)
         return cfg
@@ -87,19 +77,77 @@ class LlamaConfig:
                 self.max_position_embeddings]
         if not all(isinstance(x, int) and x > 0 for x in ints):
             raise UserError(f"{where}: sizes must be positive integers")
+        for field in ("rms_norm_eps", "rope_theta"):
+            if not (is_a(getattr(self, field), float) and getattr(self, field) > 0):
+                raise UserError(f"{where}: {field} must be a positive number, got {getattr(self, field)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"{where}: num_attention_heads={self.num_attention_heads} is not a "
                             f"multiple of num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise UserError(f"{where}: head_dim={self.head_dim} must be even for RoPE")
-        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ROPE_KEYS:
             raise UserError(f"{where}: unsupported rope_scaling type {rope_type!r} "
-                            "(supported: default, linear, llama3)")
+                            f"(supported: {', '.join(ROPE_KEYS)})")
+        for key in ROPE_KEYS[rope_type]:
+            if not is_a(scaling.get(key), float) or not scaling[key] > 0:
+                raise UserError(f"{where}: rope_scaling of type {rope_type} needs {key}, a positive number, "
+                                f"got {json.dumps(scaling.get(key))}")
 
     @property
     def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
         return self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+
+REQUIRED_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings"]
+# config.json fields and the JSON type each must have when present and not null.
+FIELD_TYPES = {**dict.fromkeys(REQUIRED_FIELDS + ["num_key_value_heads", "head_dim"], int),
+               "rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool,
+               "rope_scaling": dict, "rope_parameters": dict, "bos_token_id": int, "eos_token_id": list}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+              list: "an integer or a list of integers"}
+ROPE_KEYS = {"default": [], "linear": ["factor"],  # rope_scaling types and the keys each needs
+             "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+# What a Llama config may not change: a model with other values is another architecture.
+LLAMA = {"model_type": "llama", "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+         "sliding_window": None}
+
+
+def is_a(value, kind) -> bool:
+    """Whether a JSON value is of `kind` (FIELD_TYPES): bools are not numbers, ints are floats,
+    and an EOS id may be an integer or a list of integers."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is list:
+        return all(is_a(x, int) for x in (value if isinstance(value, list) else [value]))
+    return isinstance(value, kind)
+
+
+def refuse_unsupported(raw: dict, path: Path):
+    """A config of another architecture, or with a feature this Llama does not implement."""
+    for key, llama in LLAMA.items():
+        if raw.get(key, llama) != llama:
+            raise UserError(f"{path}: unsupported {key}={raw[key]!r} (this engine runs Llama: {llama!r})")
+    architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+    if architectures != ["LlamaForCausalLM"]:
+        raise UserError(f"{path}: unsupported architectures {architectures} (this engine runs LlamaForCausalLM)")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A checkpoint's JSON file as an object, or one UserError naming the file and why."""
+    try:
+        raw = json.loads(read_file(path, what))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,18 +305,23 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         expected = {name: t.shape for name, t in model.state_dict().items()}
-        state = {}
+        state, sums = {}, {}
         for file in checkpoint_files(path):
-            state.update(read_safetensors(file, expected, device, dtype))
-        # Tied embeddings: the checkpoint may omit lm_head.weight, or carry a copy we do not need.
-        tie = cfg.tie_word_embeddings or "lm_head.weight" not in state
-        if tie:
+            state.update(read_safetensors(file, expected, device, dtype, sums))
+        # A cheap check for NaN or inf weights (or weights past the range of `dtype`): one fp32
+        # sum per tensor, no copy, one host sync for the whole checkpoint.
+        finite = torch.isfinite(torch.stack(list(sums.values())).cpu()) if sums else torch.ones(0, dtype=torch.bool)
+        if not finite.all():
+            name, file = list(sums)[int((~finite).nonzero()[0])]
+            raise UserError(f"{file}: tensor {name} holds NaN or infinite values (in {str(dtype).removeprefix('torch.')})")
+        if cfg.tie_word_embeddings:  # the checkpoint may omit lm_head.weight, or carry a copy we do not need
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
         missing = sorted(name for name in expected if state.get(name) is None)
         if missing:
-            raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+            hint = " (tie_word_embeddings is false)" if missing == ["lm_head.weight"] else ""
+            raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}{hint}")
         model.load_state_dict(state, assign=True)
-        if tie:
+        if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model.eval()
@@ -278,22 +331,22 @@ def checkpoint_files(path: Path) -> list[Path]:
     """model.safetensors, or the shards named by model.safetensors.index.json."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a valid safetensors index ({e})")
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise UserError(f"{index}: not a valid safetensors index (no weight_map of file names)")
         files = [path / name for name in sorted(set(weight_map.values()))]
     else:
         files = [path / "model.safetensors"]
-    for f in files:
-        if not f.exists():
-            raise UserError(f"{f}: weights file not found")
-    return files
+    return [readable(f, "weights file") for f in files]
 
 
-def read_safetensors(file: Path, expected: dict, device, dtype) -> dict:
-    """Tensors of one safetensors file, each read to `device` and cast, checked against `expected`."""
-    from safetensors import safe_open, SafetensorError
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of what casts to the model dtype faithfully
+
+
+def read_safetensors(file: Path, expected: dict, device, dtype, sums: dict) -> dict:
+    """Tensors of one safetensors file, each read to `device` and cast, checked against `expected`
+    in name, shape and dtype; each tensor's fp32 sum into sums[(name, file)]."""
+    from safetensors import SafetensorError, safe_open
 
     state = {}
     try:
@@ -307,7 +360,12 @@ def read_safetensors(file: Path, expected: dict, device, dtype) -> dict:
                 if shape != tuple(expected[name]):
                     raise UserError(f"{file}: tensor {name} has shape {list(shape)}, "
                                     f"config.json implies {list(expected[name])}")
+                stored = f.get_slice(name).get_dtype()
+                if stored not in FLOAT_DTYPES:
+                    raise UserError(f"{file}: tensor {name} is {stored}; a Llama checkpoint stores floating-point "
+                                    f"weights ({', '.join(sorted(FLOAT_DTYPES))})")
                 state[name] = f.get_tensor(name).to(dtype)
+                sums[name, file] = state[name].sum(dtype=torch.float32)
     except SafetensorError as e:
         raise UserError(f"{file}: corrupt or truncated safetensors file ({e})")
     return state

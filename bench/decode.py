@@ -91,10 +91,10 @@ def kv_bytes_read(cache, context: int) -> int:
     stores = cache.key_stores + cache.value_stores
     rows = max(stores[0].codes.shape[2], 1)
     per_token = sum(t.nbytes for store in stores for t in (store.codes, store.scale, store.low)) / rows
-    schedule = cache.schedule
     recent = cache.sink_k.nbytes + cache.window_k.nbytes  # per K or V, all layers and sequences
-    held_recent = min(context, schedule.sinks + schedule.ring) / (schedule.sinks + schedule.ring)
-    return int(per_token * schedule.history_length(context) + 2 * recent * held_recent)
+    slots = cache.sink_k.shape[3] + cache.window_k.shape[3]  # fewer than sinks + ring for a short context
+    held_recent = min(context, slots) / slots
+    return int(per_token * cache.schedule.history_length(context) + 2 * recent * held_recent)
 
 
 def largest_batch(request: Request, context: int, budget: int, limit: int = 4096) -> int:

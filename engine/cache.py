@@ -11,6 +11,7 @@ through kernels/decode_attention.py; elsewhere through kernels/reference.py in p
 """
 import torch
 
+from cli import UserError
 from engine.stores import make_store
 from kernels.decode_attention import Segment, attend, decode_attention
 from kernels.reference import attention
@@ -28,11 +29,19 @@ class Cache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
         self.n_new = torch.zeros_like(self.lengths)  # real tokens per sequence in the current forward
         self.max_context = max_context
+        # At least the tokens of the longest sequence, counted on the host: checking the capacity
+        # against it costs no device sync (lengths may live on the GPU, and a decode step has none).
+        self.reserved = 0
         self.use_kernels = torch.device(device).type == "cuda" if use_kernels is None else use_kernels
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
-        Returns their positions [B, T]."""
+        Returns their positions [B, T]. UserError where they might not fit: a sequence's padding
+        tokens are written too, so every sequence needs room for T more."""
+        if self.reserved + T > self.max_context:
+            raise UserError(f"the cache holds {self.max_context} tokens per sequence (max_context); "
+                            f"{self.reserved} are reserved and this forward adds {T}")
+        self.reserved += T
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         self.n_new = n_new
         self.lengths += n_new  # in place: a captured CUDA graph keeps reading the same tensor
@@ -104,7 +113,10 @@ class QuantizedCache(Cache):
         self.key_stores = [make_store(quantizer, B, rows, device) for quantizer in key_quantizers]
         self.value_stores = [make_store(quantizer, B, rows, device) for quantizer in value_quantizers]
         self.inv_freq = rope_inv_freq(cfg).to(device)
-        S, ring = self.schedule.sinks, self.schedule.ring
+        # A context shorter than sinks + ring needs no more slots than it has positions, and
+        # evicts nothing (rows == 0), so a ring of fewer slots holds position p in slot p - S.
+        S = min(self.schedule.sinks, max_context)
+        ring = max(1, min(self.schedule.ring, max_context - S))
         self.sink_k = torch.zeros(L, B, Hkv, S, D, device=device, dtype=dtype)  # (layers, B, Hkv, sinks, D)
         self.sink_v = torch.zeros_like(self.sink_k)
         # Ring: the token at position p >= S lives in slot (p - S) % ring while it is recent.
@@ -170,7 +182,7 @@ class QuantizedCache(Cache):
         self._write_history(layer, self.window_k[layer], self.window_v[layer], *self.evicted)
         b = torch.arange(k.shape[0], device=k.device)
         if S:
-            sink = p.clamp_max(S - 1)
+            sink = p.clamp_max(self.sink_k.shape[3] - 1)
             for store, x in [(self.sink_k, k), (self.sink_v, v)]:
                 store[layer, b, :, sink] = torch.where((p < S)[:, None, None], x, store[layer, b, :, sink])
         slot = (p - S).clamp_min(0) % self.schedule.ring
@@ -273,5 +285,11 @@ def make_cache(spec, cfg: LlamaConfig, batch_size: int, max_context: int, device
     tokens, its quantizers from `calibration` (quant/calibrate.py quantizers_for)."""
     if not spec.quantized:
         return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels)
+    if spec.key_schedule != spec.value_schedule:
+        raise UserError(f"{spec} is simulated only (quant/methods.py simulated_cache); caches run fp16, skvq and svdq")
+    try:
+        spec.check(cfg.head_dim)
+    except ValueError as e:
+        raise UserError(f"{spec}: {e}")
     quantizers = quantizers_for(spec, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, calibration)
     return QuantizedCache(spec, cfg, batch_size, max_context, device, dtype, *quantizers, use_kernels)

@@ -4,8 +4,8 @@ import sys
 import torch
 from tqdm import tqdm
 
+from cli import UserError
 from engine.sampling import sample
-
 
 PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activations and the chunk's fp16 K/V
 
@@ -24,7 +24,8 @@ def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache,
         return model(tokens, positions, cache, logits_index=prompt_lengths - 1)[:, 0]
     logits = None
     starts = range(0, T, chunk_size)
-    for start in tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr, disable=len(starts) < 8):
+    # Shown once a prefill has run a second: a bar that flashes past says nothing.
+    for start in tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr, delay=1.0):
         chunk = tokens[:, start:start + chunk_size]                                 # (B, C)
         positions = cache.reserve((prompt_lengths - start).clamp(0, chunk.shape[1]), chunk.shape[1])
         last = prompt_lengths - 1 - start                                          # each last token, in this chunk?
@@ -45,16 +46,20 @@ def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_id
              temperature=0.0, top_k=None, top_p=1.0, generator=None, vocab_size=None):
     """Yields the next token of every sequence, [B], until all have produced an EOS or
     max_new_tokens are out. Tokens a sequence yields after its EOS are to be ignored.
-    vocab_size: sample only ids below it (checkpoints may pad the embedding past the tokenizer)."""
+    vocab_size: sample only ids below it (checkpoints may pad the embedding past the tokenizer).
+    UserError where the logits are NaN or infinite (the weights overflow in the model's dtype)."""
     device = cache.lengths.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = prefill(model, tokens, lengths, cache)
     for step in range(max_new_tokens):
+        if not logits.isfinite().all():  # a host sync, as finished.all() is: generation streams anyway
+            raise UserError(f"the model's logits are NaN or infinite at new token {step + 1} "
+                            "(its activations overflow)")
         token = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)
         yield token
         finished |= torch.isin(token, eos)

@@ -1,22 +1,56 @@
-"""SentencePiece tokenizer as Llama uses it: BOS prepended, EOS ends generation."""
+"""Tokenizers as Llama checkpoints ship them, behind one interface (encode, decode, bos_id,
+vocab_size): a SentencePiece `tokenizer.model` (Llama 1 and 2), else a Hugging Face
+`tokenizer.json` (Llama 3: byte-level BPE with special tokens; its `original/tokenizer.model` is
+tiktoken's format, not SentencePiece). Which ids end generation comes from generation_config.json,
+as transformers' generate takes it (Llama 3.1 lists three), else from config.json.
+"""
 from pathlib import Path
 
-from model import UserError
+from cli import UserError, read_file
+from model import FIELD_TYPES, LlamaConfig, is_a, read_json
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return (model_dir / "tokenizer.model").exists() or (model_dir / "tokenizer.json").exists()
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer: SentencePiece where tokenizer.model is one, else tokenizer.json."""
+    model_dir = Path(model_dir)
+    json_file = model_dir / "tokenizer.json"
+    if not has_tokenizer(model_dir):
+        raise UserError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json) found")
+    try:
+        return Tokenizer(model_dir / "tokenizer.model")
+    except UserError:
+        if not json_file.exists():
+            raise
+    return JsonTokenizer(json_file, model_dir / "tokenizer_config.json")
+
+
+def eos_ids(model_dir: Path, cfg: LlamaConfig) -> list[int]:
+    """The ids that end generation: generation_config.json's eos_token_id, else config.json's."""
+    path = Path(model_dir) / "generation_config.json"
+    eos = read_json(path, "generation_config.json").get("eos_token_id") if path.exists() else None
+    if eos is None:
+        return cfg.eos_ids
+    if not is_a(eos, FIELD_TYPES["eos_token_id"]):
+        raise UserError(f"{path}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return eos if isinstance(eos, list) else [eos]
 
 
 class Tokenizer:
+    """SentencePiece, as Llama 1 and 2 use it: BOS prepended."""
+
     def __init__(self, path):
         import sentencepiece as spm
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: tokenizer.model not found")
-        self.sp = spm.SentencePieceProcessor()
+        data = read_file(path, "tokenizer.model")
         try:
-            self.sp.Load(str(path))
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
         except (OSError, RuntimeError) as e:
             raise UserError(f"{path}: not a valid SentencePiece model ({str(e).splitlines()[0]})")
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
         self.vocab_size = self.sp.GetPieceSize()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
@@ -24,6 +58,31 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.Decode(ids)
+
+
+class JsonTokenizer:
+    """A Hugging Face tokenizer.json (Llama 3), read by the `tokenizers` library. Its post-processor
+    adds BOS (Llama 3's does), as transformers encodes; special tokens decode as their text."""
+
+    def __init__(self, path: Path, config_path: Path):
+        from tokenizers import Tokenizer as HuggingFaceTokenizer
+
+        text = read_file(path, "tokenizer.json")
+        try:
+            self.tokenizer = HuggingFaceTokenizer.from_str(text.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file; bad UTF-8 too
+            raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})")
+        config = read_json(config_path, "tokenizer_config.json") if config_path.exists() else {}
+        bos = config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos  # older files wrap it in an AddedToken
+        self.bos_id = self.tokenizer.token_to_id(bos) if isinstance(bos, str) else None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=bos).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class StreamDecoder:
@@ -35,7 +94,7 @@ class StreamDecoder:
     incomplete character is held back until the character completes.
     """
 
-    def __init__(self, tokenizer: Tokenizer, context_id: int):
+    def __init__(self, tokenizer, context_id: int):
         self.tokenizer = tokenizer
         self._reset([context_id])
 

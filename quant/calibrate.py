@@ -16,12 +16,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cli import UserError, run_cli
+from cli import UserError, read_text, readable, run_cli
 from kernels.reference import attention
 from model import Llama, apply_rope, rope_cos_sin
+from quant import kvspec
 from quant.kivi import kivi_quantizers
-from quant.skvq import (ChannelGroups, TokenQuantizer, equal_groups, head_pair_groups, kmeans_groups,
-                        smoothing_factors)
+from quant.skvq import (
+    ChannelGroups,
+    TokenQuantizer,
+    equal_groups,
+    head_pair_groups,
+    kmeans_groups,
+    smoothing_factors,
+)
 from quant.svdq import basis_from_keys, svdq_keys
 from quant.uniform import META_DTYPES
 
@@ -109,19 +116,33 @@ class Calibration:
     """Calibrated channel groups and clip factors: quantizers per layer for (grouping, kind, bits);
     and SVDq's key bases per layer."""
 
-    def __init__(self, tensors: dict, settings: dict):
-        self.tensors, self.settings = tensors, settings
+    def __init__(self, tensors: dict, settings: dict, name: str = "the calibration"):
+        self.tensors, self.settings, self.name = tensors, settings, name
 
     @classmethod
     def load(cls, path: Path) -> "Calibration":
         from safetensors import safe_open
 
+        readable(path, "calibration file")
         try:
             with safe_open(path, "pt") as f:
                 settings = json.loads(f.metadata()["settings"])
-            return cls(load_file(path), settings)
+            calibration = cls(load_file(path), settings, str(path))
+            calibration.shape()
         except Exception as e:  # safetensors raises several types for bad files
-            raise UserError(f"{path}: unreadable calibration file ({e})")
+            raise UserError(f"{path}: not a valid calibration file ({e!r})")
+        return calibration
+
+    def shape(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head_dim) of the model it calibrates."""
+        n_heads, head_dim = self.tensors["svdq.mean.0"].shape  # (Hkv, D)
+        return self.settings["layers"], n_heads, head_dim
+
+    def check(self, n_layers: int, n_heads: int, head_dim: int):
+        """Refuses a calibration made on a model of another shape."""
+        if self.shape() != (n_layers, n_heads, head_dim):
+            raise UserError("{}: made for {} layers of {} KV heads of head_dim {}, the model has {} of {} of {}"
+                            .format(self.name, *self.shape(), n_layers, n_heads, head_dim))
 
     def quantizers(self, grouping: str, group_size: int, kind: str, bits,
                    meta_dtype=torch.float16) -> list[TokenQuantizer]:
@@ -158,6 +179,8 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     clipping. SVDq keys take the calibration's bases, or (svdq-basis=prompt, or no calibration)
     each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
     L, Hkv, D = n_layers, n_heads, head_dim
+    if calibration is not None:
+        calibration.check(L, Hkv, D)
     if spec.method == "kivi":
         return kivi_quantizers(spec, L, Hkv, D)
     meta, group_size = META_DTYPES[spec.metadata], spec.channel_group(D)
@@ -178,6 +201,12 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits), values
 
 
+def default_group_sizes(head_dim: int) -> list[int]:
+    """Group sizes to calibrate for a model of head_dim: those of 32, 64, 128 that divide it, and
+    the group size a cache takes by default (quant/kvspec.py), so that the default finds its tables."""
+    return sorted({g for g in (32, 64, 128) if head_dim % g == 0} | {kvspec.DEFAULT.channel_group(head_dim)})
+
+
 def load_calibration(model_dir) -> Calibration | None:
     path = Path(model_dir) / CALIBRATION_FILE
     return Calibration.load(path) if path.exists() else None
@@ -196,25 +225,24 @@ def main(argv=None):
     p.add_argument("--text", type=Path, required=True, help="calibration text (not the evaluation text)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--group-sizes", default="32,64,128", help="channel group sizes to calibrate")
+    p.add_argument("--group-sizes", default=None,
+                   help="channel group sizes to calibrate (default: those of 32, 64, 128 that divide head_dim, "
+                        "and the group size a cache takes by default)")
     p.add_argument("--out", type=Path, default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
     args = p.parse_args(argv)
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
 
     torch.manual_seed(0)  # k-means and nothing else is random; keep the file reproducible
     model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     cfg = model.config
     try:
-        group_sizes = [int(g) for g in args.group_sizes.split(",")]
+        group_sizes = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else default_group_sizes(cfg.head_dim)
     except ValueError:
         raise UserError(f"--group-sizes {args.group_sizes!r}: expected comma-separated integers")
     if any(g <= 0 or g % 2 or cfg.head_dim % g for g in group_sizes):
         raise UserError(f"--group-sizes {args.group_sizes}: each must be even and divide head_dim {cfg.head_dim}")
-    tokenizer = Tokenizer(args.model / "tokenizer.model")
-    try:
-        ids = tokenizer.encode(args.text.read_text(), bos=False)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.text}: cannot read calibration text ({e})")
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer.encode(read_text(args.text, "calibration text"), bos=False)
     seq_len = args.seq_len or cfg.max_position_embeddings
     captured = token_major(capture(model, ids, seq_len, args.tokens // seq_len).records, cfg.num_hidden_layers)
     calibration = calibration_from(captured, cfg.num_hidden_layers, group_sizes, seq_len=seq_len,

@@ -14,12 +14,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import UserError, run_cli
+from cli import UserError, read_text, run_cli
 from kernels.reference import attention
 from model import Llama, apply_rope, rope_cos_sin
 from quant import kvspec
-from quant.calibrate import (CALIBRATION_FILE, Calibration, calibration_from, capture, load_calibration,
-                             quantizers_for, token_major)
+from quant.calibrate import (
+    CALIBRATION_FILE,
+    Calibration,
+    calibration_from,
+    capture,
+    load_calibration,
+    quantizers_for,
+    token_major,
+)
 from quant.kivi import kivi_quantizers
 from quant.methods import SimulatedCache, per_block, simulated_cache
 
@@ -245,14 +252,10 @@ def main(argv=None):
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
     args = p.parse_args(argv)
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
 
     model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-    tokenizer = Tokenizer(args.model / "tokenizer.model")
-    try:
-        ids = tokenizer.encode(args.text.read_text(), bos=False)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.text}: cannot read text ({e})")
+    ids = load_tokenizer(args.model).encode(read_text(args.text, "text"), bos=False)
     ids = ids[:args.max_tokens]
     seq_len = args.seq_len or model.config.max_position_embeddings
     calibration = load_calibration(args.model)

@@ -12,7 +12,8 @@ Settings, each also a generate.py flag of the same name (`--window 64`):
     sinks=N                first tokens kept in full precision                  skvq, svdq
     window=N               recent tokens kept in full precision (KIVI: its residual length R)
     group-size=N           channels per (scale, low) group of a token; default 128, or the whole
-                           head where 128 does not divide head_dim (KIVI: value groups, 32)
+                           head where 128 does not divide head_dim (KIVI: value groups of 32, or
+                           of the largest power of two up to 32 that divides head_dim)
     grouping=NAME          smooth | kmeans | head_pairs | equal (quant/skvq.py), from the
                            calibration file                                     skvq, svdq
     metadata=fp8|fp16      dtype of the per-token scales and lows               skvq, svdq
@@ -26,6 +27,7 @@ Stats lines, benchmark JSON and evaluation tables name caches by it.
 
 This module imports nothing heavy, so that `generate.py` can reject a bad `--kv` before torch loads.
 """
+import math
 from dataclasses import dataclass, replace
 
 METHODS = ("fp16", "skvq", "svdq", "kivi")
@@ -35,6 +37,7 @@ VALUE_BITS = CODE_BITS + (1.5,)     # 1.5: ternary, 5 values per byte
 SVDQ_KEY_BITS = (1.25, 2)           # quant/svdq.py SCHEDULES
 KIVI_KEY_BITS = (1, 2, 4, 8)        # per-channel codes in a mixed-width row (quant/packing.py)
 DEFAULT_GROUP_SIZE = 128
+KIVI_GROUP_SIZE = 32                # KIVI's value groups, in channels
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class KvSpec:
         """Channels per group for a model of this head_dim."""
         if self.group_size is not None:
             return self.group_size
+        if self.method == "kivi":  # KIVI's 32 channels, or fewer where 32 does not divide head_dim (80: 16)
+            return math.gcd(KIVI_GROUP_SIZE, head_dim)
         return DEFAULT_GROUP_SIZE if head_dim % DEFAULT_GROUP_SIZE == 0 else head_dim
 
     def check(self, head_dim: int):
@@ -161,8 +166,7 @@ def for_method(method: str, key_bits: float = 16, value_bits: float = 16) -> KvS
     if method == "fp16":
         return KvSpec("fp16", 16, 16)
     if method == "kivi":
-        return KvSpec("kivi", key_bits, value_bits, sinks=0, group_size=32, grouping="equal", metadata="fp16",
-                      token_group=32)
+        return KvSpec("kivi", key_bits, value_bits, sinks=0, grouping="equal", metadata="fp16", token_group=32)
     return KvSpec(method, key_bits, value_bits)
 
 

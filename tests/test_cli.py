@@ -39,7 +39,7 @@ def test_greedy_stdout_is_exactly_the_continuation(checkpoint, prompt, tokenizer
     r = run_cli("--model", path, "--prompt-file", prompt, "--max-new-tokens", 25,
                 "--temperature", 0, "--device", "cpu", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == expected
+    assert r.stdout == expected + "\n"  # the continuation, then a line break for the shell
     assert "prompt tokens" in r.stderr and "decode:" in r.stderr and "KV cache" in r.stderr
 
 
@@ -89,7 +89,7 @@ BAD_CHECKPOINTS = {
     "no weights": "weights file not found",
     "truncated weights": "corrupt or truncated",
     "garbage weights": "corrupt or truncated",
-    "no tokenizer": "tokenizer.model not found",
+    "no tokenizer": "no tokenizer (tokenizer.model or tokenizer.json) found",
     "corrupt tokenizer": "not a valid SentencePiece model",
 }
 
@@ -115,7 +115,7 @@ def test_bad_checkpoint(checkpoint, prompt, what):
     (b"", "prompt file is empty"),
     (b"  \n\t\n", "prompt file is empty"),
     (b"caf\xe9 latin-1", "not UTF-8"),
-    ("the lord said unto moses " * 200, "the model's context is 256"),
+    ("the lord said unto moses " * 200, "the model's context is 256 (--max-context N for a longer one)"),
 ])
 def test_bad_prompt(checkpoint, tmp_path, content, message):
     path, _ = checkpoint()
@@ -175,7 +175,7 @@ def test_kv_settings_by_flag_or_in_the_spec_are_one_cache(checkpoint, prompt):
     by_flags = run_cli(*common, "--kv", "skvq-k2v2", "--window", 4, "--sinks", 2, "--group-size", 8, "--pre-rope-keys")
     in_spec = run_cli(*common, "--kv", "skvq-k2v2:pre-rope-keys:group-size=8:sinks=2:window=4")
     assert by_flags.returncode == 0 and by_flags.stdout == in_spec.stdout
-    assert "KV cache (skvq-k2v2:sinks=2:window=4:group-size=8:pre-rope-keys)" in by_flags.stderr
+    assert "KV cache (skvq-k2v2:sinks=2:window=4:group-size=8:pre-rope-keys, float32" in by_flags.stderr
 
 
 def test_kv_the_model_cannot_take_is_refused_before_its_weights_load(checkpoint, prompt):
@@ -219,7 +219,7 @@ def test_synthetic_prompt_and_explicit_context(checkpoint):
     r = run_cli("--model", path, "--prompt-tokens", 40, "--max-new-tokens", 5, "--max-context", 200,
                 "--temperature", 0, "--device", "cpu", "--seed", 1)
     assert r.returncode == 0, r.stderr
-    assert "prompt tokens: 40, new tokens: 5" in r.stderr and "KV cache (skvq-k2v1.5): 200 tokens" in r.stderr
+    assert "prompt tokens: 40, new tokens: 5" in r.stderr and "KV cache (skvq-k2v1.5, float32 sinks and window): 200 tokens" in r.stderr
     again = run_cli("--model", path, "--prompt-tokens", 40, "--max-new-tokens", 5, "--temperature", 0,
                     "--device", "cpu", "--seed", 1)
     assert again.stdout == r.stdout  # the same synthetic prompt for the same seed
