@@ -208,7 +208,8 @@ def main(args):
         n_new += 1
         sys.stdout.write(stream.push(token_id) if stream else f"{' ' * (n_new > 1)}{token_id}")
         sys.stdout.flush()
-    sys.stdout.write("\n")  # so that what a shell prints next starts on its own line
+    # The end: bytes of a character that never completed, and a line break for the shell.
+    sys.stdout.write((stream.flush() if stream else "") + "\n")
     sync()
     end = time.perf_counter()
     decode = f"{(n_sampled - 1) / (end - first):.1f} tokens/s" if n_sampled > 1 else "no decode steps"

@@ -91,7 +91,7 @@ class StreamDecoder:
     Decoding tokens one by one is wrong twice over: SentencePiece drops the leading space of the
     first piece of every decode, and a byte-fallback character spans several tokens. So each new
     id is decoded behind a context token whose text is then cut off, and text ending in an
-    incomplete character is held back until the character completes.
+    incomplete character is held back until the character completes (or the stream ends: flush).
     """
 
     def __init__(self, tokenizer, context_id: int):
@@ -114,3 +114,7 @@ class StreamDecoder:
         if "\ufffd" not in self.tokenizer.decode([token_id]):
             self._reset([token_id])
         return new
+
+    def flush(self) -> str:
+        """At the end of the stream: what was held back for a character that never completed."""
+        return self.tokenizer.decode(self.ids)[self.emitted:]
