@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from engine.cache import KVCache, make_cache
-from engine.runner import decode_one_token, prefill
+from cli import UserError
+from engine.runner import decode_one_token, generate, prefill
 from model import Llama, LlamaConfig
 from quant.kvspec import parse
 from quant.packing import n_levels
@@ -184,3 +185,45 @@ def test_chunked_prefill_of_the_fp16_cache_is_exact():
         token = whole.argmax(-1)
         chunked, whole = decode_one_token(model, token, caches[0]), decode_one_token(model, token, caches[1])
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5:window=4:sinks=2:group-size=8", "svdq-k2v1.5:window=4:token-group=4"])
+def test_generating_past_the_capacity_is_a_clear_error(kv):
+    """The Python API's counterpart of generate.py's planning: a forward that would not fit."""
+    model = Llama(tiny_config())
+    cache = make_cache(parse(kv), model.config, 2, 20, "cpu", torch.float32)
+    prompts = [list(range(1, 11)), list(range(1, 6))]
+    tokens = generate(model, cache, prompts, 12, eos_ids=[])
+    for _ in range(11):  # 10 prompt tokens and 10 new fill the 20; the 11th new one comes from their logits
+        next(tokens)
+    with pytest.raises(UserError, match="the cache holds 20 tokens per sequence .max_context.; 20 are reserved "
+                                        "and this forward adds 1"):
+        next(tokens)
+    with pytest.raises(UserError, match="0 are reserved and this forward adds 21"):
+        next(generate(model, make_cache(parse(kv), model.config, 1, 20, "cpu", torch.float32), [[1] * 21], 1, []))
+
+
+def test_a_short_context_allocates_no_longer_ring_than_it_needs():
+    """A 14-token context of the default cache (5 sinks, 128-token window): 5 sink and 9 ring
+    slots, and the text of the fp16 cache (nothing is quantized)."""
+    model = Llama(tiny_config())
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    quantized = make_cache(parse("skvq-k2v1.5:group-size=8"), model.config, 1, 14, "cpu", torch.float32)
+    assert quantized.sink_k.shape[3] == 5 and quantized.window_k.shape[3] == 9
+    fp16 = KVCache(model.config, 1, 14, "cpu", torch.float32)
+    assert quantized.nbytes() == fp16.nbytes()
+    prompt = [[3, 9, 4, 1, 7]]
+    assert [int(t) for t in generate(model, quantized, prompt, 10, [])] == \
+        [int(t) for t in generate(model, fp16, prompt, 10, [])]
+    every_sink = make_cache(parse("skvq-k2v1.5:sinks=100000000000:group-size=8"), model.config, 1, 14, "cpu",
+                            torch.float32)
+    assert every_sink.sink_k.shape[3] == 14 and every_sink.window_k.shape[3] == 1
+
+
+def test_caches_refuse_what_they_cannot_run():
+    cfg = tiny_config()
+    with pytest.raises(UserError, match="kivi-k2v2 is simulated only"):
+        make_cache(parse("kivi-k2v2"), cfg, 1, 20, "cpu", torch.float32)
+    with pytest.raises(UserError, match="group-size 12 must divide head_dim 16"):
+        make_cache(parse("skvq-k2v1.5:group-size=12"), cfg, 1, 20, "cpu", torch.float32)

@@ -8,6 +8,7 @@ from engine.cache import QuantizedCache
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig
 from quant.eval import attention_error, perplexity, synthetic_attention_inputs
+from quant.calibrate import quantizers_for
 from quant.kivi import kivi_quantizers
 from quant.kvspec import parse
 from quant.methods import per_block, quantized_mask, simulated_cache
@@ -132,6 +133,29 @@ def test_kivi_simulation_equals_its_decode_loop(k_bits, v_bits):
         decoded = torch.cat([model(tokens[:, t:t + 1], torch.tensor([[t]]), loop) for t in range(T)], 1)
     torch.testing.assert_close(simulated, decoded, rtol=1e-4, atol=1e-4)
     assert (simulated - model(tokens)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n_kv_heads, head_dim", [(1, 80), (2, 72), (1, 48)])
+def test_kivi_runs_on_head_dims_32_does_not_divide(n_kv_heads, head_dim):
+    """Value groups of 32 channels would span heads here (KIVI's own code groups the flattened
+    heads); ours stay within a head, of the largest power of two up to 32 dividing head_dim, and
+    the simulation still equals KIVI's decode loop with that group."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2 * n_kv_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+                      max_position_embeddings=256)
+    model = Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    T, spec = 40, parse("kivi-k2v2:window=8:token-group=4")
+    channels = spec.channel_group(head_dim)
+    assert channels == {80: 16, 72: 8, 48: 16}[head_dim]
+    keys, values = quantizers_for(spec, 2, n_kv_heads, head_dim)
+    tokens = torch.randint(0, 64, (1, T))
+    with torch.no_grad():
+        simulated = model(tokens, torch.arange(T)[None], simulated_cache(spec, keys, values, None))
+        loop = KiviDecoding(2, 2, R=8, G=4, C=channels)
+        decoded = torch.cat([model(tokens[:, t:t + 1], torch.tensor([[t]]), loop) for t in range(T)], 1)
+    torch.testing.assert_close(simulated, decoded, rtol=1e-4, atol=1e-4)
 
 
 def test_perplexity_matches_transformers_loss(checkpoint):
