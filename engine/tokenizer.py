@@ -70,7 +70,7 @@ class JsonTokenizer:
         text = read_file(path, "tokenizer.json")
         try:
             self.tokenizer = HuggingFaceTokenizer.from_str(text.decode("utf-8"))
-        except Exception as e:  # tokenizers raises a bare Exception for a bad file; bad UTF-8 too
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file; bad UTF-8 too)
             raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})")
         config = read_json(config_path, "tokenizer_config.json") if config_path.exists() else {}
         bos = config.get("bos_token")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from engine.cache import KVCache, make_cache
 from cli import UserError
+from engine.cache import KVCache, make_cache
 from engine.runner import decode_one_token, generate, prefill
 from model import Llama, LlamaConfig
 from quant.kvspec import parse

@@ -8,12 +8,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import SMALL, make_hf_model
 from safetensors.torch import load_file, save_file
 
 import generate
 from cli import run_cli
-from conftest import SMALL, make_hf_model
-from quant.calibrate import CALIBRATION_FILE, calibration_from, default_group_sizes, load_calibration
+from quant.calibrate import (
+    CALIBRATION_FILE,
+    calibration_from,
+    default_group_sizes,
+    load_calibration,
+)
 from quant.calibrate import main as calibrate_main
 
 UNREADABLE = "/proc/self/mem"
@@ -95,12 +100,12 @@ def test_config_fields_are_checked_by_name(capsys, ckpt, prompt, changes, messag
 
 
 def test_null_bos_and_eos_generate(capsys, ckpt, prompt):
-    """transformers allows them null: no EOS ends generation, and a synthetic prompt has no BOS."""
+    """transformers allows them null: nothing ends generation early, every new token comes."""
     edit_config(ckpt, bos_token_id=None, eos_token_id=None)
     (ckpt / "generation_config.json").unlink()
-    code, out, err = run(capsys, ckpt, prompt, "--temperature", 0)
+    code, _, err = run(capsys, ckpt, prompt, "--temperature", 0)
     assert code == 0 and "new tokens: 5" in err
-    code, out, err = cli(capsys, "--model", ckpt, "--prompt-tokens", 7, "--device", "cpu", "--max-new-tokens", 3)
+    code, _, err = cli(capsys, "--model", ckpt, "--prompt-tokens", 7, "--device", "cpu", "--max-new-tokens", 3)
     assert code == 0 and "prompt tokens: 7, new tokens: 3" in err
 
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, make_hf_model
+from test_cli import run_cli
+
 from engine.tokenizer import eos_ids, load_tokenizer
 from model import LlamaConfig
-from test_cli import run_cli
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 TEXTS = ["the lord said unto moses", " leading space, and café Éden ! 😀 123456",
@@ -21,7 +21,14 @@ TEXTS = ["the lord said unto moses", " leading space, and café Éden ! 😀 123
 def build_tokenizer_json(directory):
     """A Llama-3-style tokenizer: byte-level BPE trained on a small corpus, the special tokens
     added after the vocabulary (as Llama 3's 128000+), BOS added by the post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     words = ["the", "lord", "said", "unto", "moses", "and", "light", "was", "day", "night", "heaven", "café"]
     g = torch.Generator().manual_seed(0)
