@@ -65,8 +65,8 @@ class LlamaConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
+            bos_token_id=raw.get("bos_token_id", 1),  # transformers' defaults when absent; null: none
+            eos_token_id=raw.get("eos_token_id", 2),
         )
         cfg.validate(path)
         return cfg
@@ -135,7 +135,7 @@ def refuse_unsupported(raw: dict, path: Path):
         if raw.get(key, llama) != llama:
             raise UserError(f"{path}: unsupported {key}={raw[key]!r} (this engine runs Llama: {llama!r})")
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
-    if architectures != ["LlamaForCausalLM"]:
+    if not all(str(name).lower() == "llamaforcausallm" for name in architectures):  # early conversions: LLaMA...
         raise UserError(f"{path}: unsupported architectures {architectures} (this engine runs LlamaForCausalLM)")
 
 

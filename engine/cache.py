@@ -153,7 +153,9 @@ class QuantizedCache(Cache):
             moved = S + h(held)[:, None] + torch.arange(G, device=held.device)          # (B, G) positions
             rows = torch.where((h(self.lengths) > h(held))[:, None], moved - S, -1)
             batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
-            self.evicted = batch, ((moved - S) % self.schedule.ring).flatten(), rows.flatten()
+            # Slots modulo the ring as allocated: the same ring, or for a short context a smaller one
+            # that evicts nothing, whose entries (rows -1) must still point inside it.
+            self.evicted = batch, ((moved - S) % self.window_k.shape[3]).flatten(), rows.flatten()
         return positions
 
     def _spans(self, n):

@@ -21,7 +21,7 @@ def load_tokenizer(model_dir: Path):
     if not has_tokenizer(model_dir):
         raise UserError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json) found")
     try:
-        return Tokenizer(model_dir / "tokenizer.model")
+        return SentencePieceTokenizer(model_dir / "tokenizer.model")
     except UserError:
         if not json_file.exists():
             raise
@@ -39,7 +39,7 @@ def eos_ids(model_dir: Path, cfg: LlamaConfig) -> list[int]:
     return eos if isinstance(eos, list) else [eos]
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
     """SentencePiece, as Llama 1 and 2 use it: BOS prepended."""
 
     def __init__(self, path):

@@ -229,9 +229,10 @@ def test_calibrate_adapts_its_group_sizes_to_head_dim(capsys, tmp_path, tokenize
     assert default_group_sizes(128) == [32, 64, 128] and default_group_sizes(64) == [32, 64]
     assert default_group_sizes(80) == [80]
     path = tmp_path / "hd64"
-    make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64).save_pretrained(path)
+    make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  num_hidden_layers=1).save_pretrained(path)
     shutil.copy(tokenizer_path, path / "tokenizer.model")
     text = tmp_path / "text.txt"
     text.write_text("the lord said unto moses and the light was day " * 40)
-    run_cli(lambda: calibrate_main(["--model", str(path), "--text", str(text), "--tokens", "512"]))
+    run_cli(lambda: calibrate_main(["--model", str(path), "--text", str(text), "--tokens", "128", "--seq-len", "64"]))
     assert load_calibration(path).settings["group_sizes"] == [32, 64]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import load_tokenizer
 from model import Llama
 from quant.eval import perplexity
 
@@ -24,7 +24,7 @@ def test_golden_greedy_continuation(tmp_path):
                         "--max-new-tokens", "40", "--temperature", "0", "--device", "cpu", "--dtype", "float32"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == GOLDEN_CONTINUATION
+    assert r.stdout == GOLDEN_CONTINUATION + "\n"  # the continuation, then a line break
 
 
 def test_validation_perplexity_matches_readme():
@@ -32,7 +32,7 @@ def test_validation_perplexity_matches_readme():
     documented = re.search(r"^\| val_sample\.txt.*\|\s*([\d.]+)\s*\|$", (MODEL / "README.md").read_text(), re.M)
     assert documented, "README.md states no val_sample.txt perplexity"
     model = Llama.from_pretrained(MODEL, device="cpu", dtype=torch.float32)
-    ids = Tokenizer(MODEL / "tokenizer.model").encode((MODEL / "val_sample.txt").read_text(), bos=False)
+    ids = load_tokenizer(MODEL).encode((MODEL / "val_sample.txt").read_text(), bos=False)
     ppl = perplexity(model, ids, model.config.max_position_embeddings)
     assert ppl == pytest.approx(float(documented.group(1)), rel=0.01)
 

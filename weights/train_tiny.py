@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import SentencePieceTokenizer
 from model import Llama, LlamaConfig
 from quant.eval import perplexity  # the definition the tests and quant/eval.py use
 
@@ -199,7 +199,7 @@ def main():
 
     make_corpus(args.data, args.out / "val_sample.txt")
     train_tokenizer(args.data / "train.txt", args.out / "tokenizer.model")
-    tokenizer = Tokenizer(args.out / "tokenizer.model")
+    tokenizer = SentencePieceTokenizer(args.out / "tokenizer.model")
     train_ids = tokenizer.encode((args.data / "train.txt").read_text())  # [<s>, ...]
     val_ids = tokenizer.encode((args.data / "val.txt").read_text(), bos=False)
     print(f"tokens: train {len(train_ids):,}, val {len(val_ids):,}", flush=True)
