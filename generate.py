@@ -1,7 +1,8 @@
 """Generate text with a Llama checkpoint: python generate.py --model DIR --prompt-file FILE
 
-stdout receives exactly the continuation, streamed; statistics go to stderr. `--prompt-tokens N`
-uses N random tokens instead of a prompt file (for benchmarks), `--max-context N|auto` sizes the
+stdout receives exactly the continuation, streamed, then a line break; statistics go to stderr.
+`--prompt-tokens N` uses N random tokens instead of a prompt file (for benchmarks; no tokenizer
+needed), `--max-context N|auto` sizes the
 cache (auto: the longest context that fits); a request that cannot fit is refused before any
 allocation, with the numbers.
 """
@@ -99,11 +100,10 @@ def parse_args(argv=None):
     return args
 
 
-def read_prompt(path: Path, context: int | None) -> str:
+def read_prompt(path: Path, context: int) -> str:
     """The prompt file's text; one larger than `context` tokens could come from is refused before
     it is read whole (it may be /dev/zero)."""
-    limit = None if context is None else context * PROMPT_BYTES_PER_TOKEN
-    text = read_text(path, "prompt file", limit,
+    text = read_text(path, "prompt file", context * PROMPT_BYTES_PER_TOKEN,
                      f", more than a {context}-token context holds (--max-context N for a longer one)")
     if not text.strip():
         raise UserError(f"{path}: prompt file is empty")
