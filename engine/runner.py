@@ -7,6 +7,7 @@ from tqdm import tqdm
 from cli import UserError
 from engine.sampling import sample
 
+
 PREFILL_CHUNK = 4096  # tokens per prefill forward: bounds activations and the chunk's fp16 K/V
 
 
