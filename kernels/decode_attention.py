@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.codes import code_layout, load_words, tile_codes, unpack_words
+from kernels.codes import (
+    as_bytes,
+    code_layout,
+    load_words,
+    metadata_to_float,
+    tile_codes,
+    unpack_words,
+)
 
 SPLIT_TOKENS = 1024  # tokens per split: 1M tokens -> 1024 splits per (sequence, KV head)
 BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in registers
@@ -71,7 +78,8 @@ def _operand(x, side: str, D: int) -> dict:
     args = {f"{side}_ptr": rows, **_strides(f"stride_{side}", rows)}
     if isinstance(x, torch.Tensor):
         return args  # the kernel's defaults describe full-precision rows
-    args.update({f"{side}_scale_ptr": x.scale, f"{side}_low_ptr": x.low, **_strides(f"stride_{side}m", x.scale)})
+    args.update({f"{side}_scale_ptr": as_bytes(x.scale), f"{side}_low_ptr": as_bytes(x.low),
+                 **_strides(f"stride_{side}m", x.scale)})
     if hasattr(x, "basis_t"):  # latent keys, rebuilt in-kernel as full-precision rows of D channels
         one_basis = x.basis_t.shape[0] == 1  # shared by every sequence: batch stride 0
         return {**args, "k_basis_ptr": x.basis_t, "stride_kbb": 0 if one_basis else x.basis_t.stride(0),
@@ -99,30 +107,31 @@ def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS
 
 
 @triton.jit
-def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
-               FULL: tl.constexpr, GROUPS: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
-               WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-               PER_WORD_PAD: tl.constexpr):
-    """K or V of BLOCK_N tokens of one head, fp32 [BLOCK_N, len(channel)]. rows, meta_rows
-    [BLOCK_N]: element offsets of each token's row in the data and in the metadata."""
-    if FULL:
-        return tl.load(ptr + rows[:, None] + channel[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    else:
-        codes = unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
-                             RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)                # (BLOCK_N, DX)
-        if GROUPS == 1:
-            scale = tl.load(scale_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-            low = tl.load(low_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-        else:
-            scale = tl.zeros(codes.shape, tl.float32)
-            low = tl.zeros(codes.shape, tl.float32)
-            for g in tl.static_range(GROUPS):
-                in_group = (group == g)[None, :]
-                scale = tl.where(in_group, tl.load(scale_ptr + meta_rows + g, mask=valid, other=0.0)
-                                 .to(tl.float32)[:, None], scale)
-                low = tl.where(in_group, tl.load(low_ptr + meta_rows + g, mask=valid, other=0.0)
-                               .to(tl.float32)[:, None], low)
-        return codes * scale + low
+def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
+                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
+    """Packed codes of BLOCK_N tokens of one head, int32 [BLOCK_N, WORDS_PAD * PER_WORD_PAD] in tile
+    order (kernels/codes.py). rows [BLOCK_N]: element offset of each token's row."""
+    return unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
+                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)
+
+
+@triton.jit
+def _metadata(ptr, meta_rows, valid, g):
+    """Scale or low of channel group g of BLOCK_N tokens, fp32 [BLOCK_N]."""
+    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0))
+
+
+@triton.jit
+def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr):
+    """codes int32 [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
+    pre-RoPE keys need this: elsewhere scale and low fold into the products (see stage 1)."""
+    scale = tl.zeros(codes.shape, tl.float32)
+    low = tl.zeros(codes.shape, tl.float32)
+    for g in tl.static_range(GROUPS):
+        in_group = (group == g)[None, :]
+        scale = tl.where(in_group, _metadata(scale_ptr, meta_rows, valid, g)[:, None], scale)
+        low = tl.where(in_group, _metadata(low_ptr, meta_rows, valid, g)[:, None], low)
+    return codes.to(tl.float32) * scale + low
 
 
 @triton.jit
@@ -227,18 +236,30 @@ def _attend_stage1(
             z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
                  + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
             k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
+        elif K_FULL:
+            k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None], other=0.0)
         else:
-            k = _load_tile(k_base, k_scale_ptr, k_low_ptr, slots * stride_kt, k_meta + slots * stride_kmt, valid,
-                           k_channel, k_group, K_FULL, K_GROUPS, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                           K_WORDS_PAD, K_PER_WORD_PAD)                                # (BLOCK_N, D) fp32
+            k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
+                            K_WORDS_PAD, K_PER_WORD_PAD)                              # (BLOCK_N, DX) int32
+            if ROPE:
+                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS)
         if ROPE:
             angle = (first_position + tokens).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N, D/2)
             cos, sin = tl.cos(angle), tl.sin(angle)
-            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k, [BLOCK_N, 2, D // 2]), (0, 2, 1)))
+            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
             s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
-        else:
+        elif K_FULL or K_SVD:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
+        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group
+            k = k.to(q.dtype)  # small integers: exact
+            s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for g in tl.static_range(K_GROUPS):
+                q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
+                scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
+                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g)
+                s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
+                      + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
@@ -248,10 +269,20 @@ def _attend_stage1(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, v_scale_ptr, v_low_ptr, slots * stride_vt, v_meta + slots * stride_vmt, valid,
-                       v_channel, v_group, V_FULL, V_GROUPS, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
-                       V_WORDS_PAD, V_PER_WORD_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+        if V_FULL:
+            v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
+            pv = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group
+            v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
+                            V_WORDS_PAD, V_PER_WORD_PAD).to(q_ptr.dtype.element_ty)   # (BLOCK_N, DX)
+            pv = tl.zeros(acc.shape, tl.float32)
+            for g in tl.static_range(V_GROUPS):
+                scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
+                low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
+                pv_g = (tl.dot((p * scale[None, :]).to(v.dtype), v)
+                        + tl.sum(p * low[None, :], 1)[:, None])
+                pv += pv_g if V_GROUPS == 1 else tl.where((v_group == g)[None, :], pv_g, 0.0)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
