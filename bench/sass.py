@@ -38,6 +38,7 @@ import torch
 import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
@@ -197,6 +198,17 @@ def cuobjdump(cubin: bytes, *flags) -> str:
         return subprocess.run([BIN / "cuobjdump", *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
+def spill_stores(ptx: str, capability: int) -> int:
+    """Bytes of registers spilled to the stack, as ptxas reports them (cuobjdump counts the frame)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", log).group(1))
+
+
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -260,9 +272,11 @@ def analyse(launch: Launch, kernel, target: str) -> dict:
     if isinstance(kernel, str):
         return dict(compiled=False, error=kernel)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage")))
-    row = dict(compiled=True, registers=int(usage["REG"]), spill_bytes=int(usage["STACK"]) + int(usage["LOCAL"]),
-               shared_bytes=kernel.metadata.shared, warps=kernel.metadata.num_warps,
+    row = dict(compiled=True, registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]) + int(usage["LOCAL"]),
+               spill_bytes=0, shared_bytes=kernel.metadata.shared, warps=kernel.metadata.num_warps,
                stages=kernel.metadata.num_stages)
+    if row["stack_bytes"]:  # a stack frame: spilled registers, or a local array (sin/cos of large angles)
+        row["spill_bytes"] = spill_stores(kernel.asm["ptx"], GPUS[target].capability)
     loop = main_loop(cuobjdump(kernel.asm["cubin"], "-sass"))
     if loop is None:
         return row
@@ -327,7 +341,7 @@ def analyse_all(launches: list[Launch], targets: list[str]) -> list[dict]:
 
 def cost(row: dict) -> tuple:
     """Failing to compile is worst, then spills, then loop instructions."""
-    return (not row["compiled"], row.get("spill_bytes", 0), row.get("loop_instructions", 0))
+    return (not row["compiled"], row.get("spill_bytes", 0), row.get("stack_bytes", 0), row.get("loop_instructions", 0))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -343,10 +357,11 @@ def markdown(rows: list[dict]) -> str:
             return "does not compile"
         per_byte = r.get("warp_instructions_per_byte")
         cost = f"{r['loop_instructions']} / {per_byte:.2f} / {r['ceiling_tb_per_s']:.2f}" if per_byte else ""
-        return f"{r['registers']} / {r['spill_bytes']} / {cost}"
+        return f"{r['registers']} / {r['spill_bytes']} ({r['stack_bytes']}) / {cost}"
 
     decode = sorted({r["specialization"] for r in rows if r["decode"]})
-    lines = ["Decode stage 1, per target: registers / spilled bytes / main-loop SASS instructions per warp "
+    lines = ["Decode stage 1, per target: registers / bytes of registers spilled (stack frame) / main-loop "
+             "SASS instructions per warp "
              "/ warp-instructions per byte read / issue-bound ceiling in TB/s (BLOCK_N = 64 tokens per "
              "iteration, 4 warps).\n",
              "| specialization | bytes/iteration | " + " | ".join(targets) + " |",

@@ -201,6 +201,15 @@ def _attend_stage1(
             q_lo = (q_lo * tl.load(k_smoothing_ptr + kv_head * D + half)[None, :]).to(q_ptr.dtype.element_ty)
             q_hi = (q_hi * tl.load(k_smoothing_ptr + kv_head * D + D // 2 + half)[None, :]).to(q_ptr.dtype.element_ty)
         inv_freq = tl.load(inv_freq_ptr + half)
+        # Angles position * inv_freq without a sin/cos per token: the block's first position
+        # (carried from block to block by a rotation of BLOCK_N positions) and, for its token
+        # 8a + b, rotations by 8a and by b positions. sin/cos run here only, before the loop.
+        a_angle = (8 * tl.arange(0, BLOCK_N // 8)).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N / 8, D/2)
+        b_angle = tl.arange(0, 8).to(tl.float32)[:, None] * inv_freq[None, :]                  # (8, D/2)
+        cos_a, sin_a, cos_b, sin_b = tl.cos(a_angle), tl.sin(a_angle), tl.cos(b_angle), tl.sin(b_angle)
+        cos_step, sin_step = tl.cos(BLOCK_N * inv_freq), tl.sin(BLOCK_N * inv_freq)
+        block_angle = (first_position + split * SPLIT).to(tl.float32) * inv_freq
+        cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
@@ -244,8 +253,14 @@ def _attend_stage1(
             if ROPE:
                 k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS)
         if ROPE:
-            angle = (first_position + tokens).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N, D/2)
-            cos, sin = tl.cos(angle), tl.sin(angle)
+            cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a                      # (BLOCK_N / 8, D/2)
+            sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
+            cos = tl.reshape(cos_a8[:, None, :] * cos_b[None, :, :] - sin_a8[:, None, :] * sin_b[None, :, :],
+                             [BLOCK_N, D // 2])
+            sin = tl.reshape(sin_a8[:, None, :] * cos_b[None, :, :] + cos_a8[:, None, :] * sin_b[None, :, :],
+                             [BLOCK_N, D // 2])
+            cos_block, sin_block = (cos_block * cos_step - sin_block * sin_step,
+                                    sin_block * cos_step + cos_block * sin_step)
             k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
             s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
@@ -323,6 +338,14 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
     tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
 
 
+def _num_warps(segment: Segment, Q: int) -> int:
+    """8 where 4 warps spill registers (measured: python -m bench.sass): prefill's 64-row query
+    tiles, SVDq keys rebuilt in-kernel, several channel groups per head."""
+    packed = [x for x in (segment.keys, segment.values) if hasattr(x, "bits")]
+    wide = Q > 1 or hasattr(segment.keys, "basis_t") or any(x.scale.shape[-1] > 1 for x in packed)
+    return 8 if wide else 4
+
+
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
            inv_freq: torch.Tensor | None = None, split_tokens: int | None = None) -> torch.Tensor:
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
@@ -345,6 +368,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
+        latent = hasattr(segment.keys, "basis_t")  # SVDq keys: blocks of 32 tokens (no spills)
         q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
         where = {}
         if segment.first_slot is not None:
@@ -363,7 +387,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=capacity,
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(BLOCK_N, split_tokens), **where)
+            BLOCK_N=min(BLOCK_N // 2 if latent else BLOCK_N, split_tokens), num_warps=_num_warps(segment, Q), **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
