@@ -295,15 +295,16 @@ def describe(launch: Launch) -> str:
     kw, name = launch.kwargs, launch.kernel.__name__.strip("_")
     if name != "attend_stage1":
         if name == "quantize_tokens":
-            return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {launch.args[4].dtype}".replace("torch.", "")
+            meta = "fp8" if kw["META_FP8"] else "fp16"
+            return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {meta}"
         return name
 
     def side(s):
         if kw.get(f"{s.upper()}_SVD"):
-            return f"svdq r{kw['K_RANK']}"
+            return f"svdq {8 * kw['k_ptr'].shape[-1] / kw['D']:.3g}b r{kw['K_RANK']}"
         if kw.get(f"{s.upper()}_FULL", True):
             return str(kw[f"{s}_ptr"].dtype).replace("torch.", "")
-        meta = str(kw[f"{s}_scale_ptr"].dtype).replace("torch.", "").replace("float8_e4m3fn", "fp8")
+        meta = str(kw[f"{s}_scale_ptr"].dtype).replace("torch.", "").replace("uint8", "fp8")  # e4m3 as bytes
         return f"{8 * kw[f'{s}_ptr'].shape[-1] / kw['D']:.3g}b/{kw[f'{s.upper()}_GROUPS']}g/{meta}"
 
     flags = [f for f in ("RING", "ROPE", "CAUSAL") if kw.get(f)]
@@ -382,6 +383,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def before_after(before: list[dict], after: list[dict], target: str = "sm_90") -> str:
+    """Decode stage-1 specializations of two runs side by side on one target (an older run's
+    spilled bytes were its stack frame)."""
+    old = {r["specialization"]: r for r in before if r["target"] == target and r["decode"]}
+
+    def cell(r):
+        if r is None:
+            return "-"
+        if not r["compiled"]:
+            return "does not compile"
+        return (f"{r['loop_instructions']} x {r['warps']} / {r.get('warp_instructions_per_byte', 0):.2f} / "
+                f"{r.get('stack_bytes', r['spill_bytes'])}")
+
+    lines = [f"{target}: main-loop instructions per warp x warps / warp-instructions per byte read / stack frame "
+             "bytes (spills, or sin/cos's local array), before and after.\n",
+             "| specialization | bytes/iteration | before | after |", "|---|---|---|---|"]
+    for r in sorted((r for r in after if r["target"] == target and r["decode"]), key=lambda r: r["specialization"]):
+        lines.append(f"| {r['specialization']} | {r.get('bytes_per_iteration', '')} | "
+                     f"{cell(old.get(r['specialization']))} | {cell(r)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=list(SHAPES))
@@ -390,6 +413,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the default cache at the Llama-3-8B shape for sm_80 and "
                    "sm_90: its fp16 sinks and window, packed history, quantize and merge (a minute, cold)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sass.json")
+    p.add_argument("--before", type=Path, help="an earlier run's JSON: print its decode costs beside these")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.settings, args.targets = QUICK["models"], QUICK["settings"], QUICK["targets"]
@@ -406,6 +430,8 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(rows))
+    if args.before:
+        print("\n" + before_after(json.loads(args.before.read_text())["rows"], rows))
     print("\nA decode step on the CPU, per layer: Triton launches / torch operations; and the torch "
           "operations of its reserve, once per step.\n\n| model | cache | launches | torch ops | reserve ops |\n"
           "|---|---|---|---|---|")

@@ -338,12 +338,16 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
     tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
 
 
-def _num_warps(segment: Segment, Q: int) -> int:
-    """8 where 4 warps spill registers (measured: python -m bench.sass): prefill's 64-row query
-    tiles, SVDq keys rebuilt in-kernel, several channel groups per head."""
-    packed = [x for x in (segment.keys, segment.values) if hasattr(x, "bits")]
-    wide = Q > 1 or hasattr(segment.keys, "basis_t") or any(x.scale.shape[-1] > 1 for x in packed)
-    return 8 if wide else 4
+def _tile(segment: Segment, Q: int) -> tuple[int, int]:
+    """(tokens per step, warps) of a segment's stage 1: BLOCK_N and 4 warps, but where that spills
+    registers (measured: python -m bench.sass) 8 warps, for prefill's 64-row query tiles, SVDq
+    keys rebuilt in-kernel and several channel groups per head, and half blocks for SVDq keys
+    and for packed history under prefill's tiles."""
+    packed = [x for x in (segment.keys, segment.values) if not isinstance(x, torch.Tensor)]
+    latent = hasattr(segment.keys, "basis_t")
+    several_groups = any(x.scale.shape[-1] > 1 for x in packed if hasattr(x, "bits"))
+    block = BLOCK_N // 2 if latent or (Q > 1 and packed) else BLOCK_N
+    return block, 8 if Q > 1 or latent or several_groups else 4
 
 
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
@@ -368,7 +372,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
-        latent = hasattr(segment.keys, "basis_t")  # SVDq keys: blocks of 32 tokens (no spills)
+        block_n, num_warps = _tile(segment, Q)
         q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
         where = {}
         if segment.first_slot is not None:
@@ -387,7 +391,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=capacity,
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(BLOCK_N // 2 if latent else BLOCK_N, split_tokens), num_warps=_num_warps(segment, Q), **where)
+            BLOCK_N=min(block_n, split_tokens), num_warps=num_warps, **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
