@@ -363,8 +363,8 @@ def markdown(rows: list[dict]) -> str:
     decode = sorted({r["specialization"] for r in rows if r["decode"]})
     lines = ["Decode stage 1, per target: registers / bytes of registers spilled (stack frame) / main-loop "
              "SASS instructions per warp "
-             "/ warp-instructions per byte read / issue-bound ceiling in TB/s (BLOCK_N = 64 tokens per "
-             "iteration, 4 warps).\n",
+             "/ warp-instructions per byte read / issue-bound ceiling in TB/s; bytes/iteration: K and V "
+             "codes and metadata of one iteration's tokens of one KV head.\n",
              "| specialization | bytes/iteration | " + " | ".join(targets) + " |",
              "|---|---|" + "---|" * len(targets)]
     for name in decode:
