@@ -5,10 +5,14 @@ A cache is read as segments (`Segment`): the fp16 cache is one; the quantized ca
 a causal fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of
 queries times the G query heads that share a KV head form one tile (at least 16 rows), so the
 score and output products run on tensor cores (tl.dot); the split's tokens stream through in
-BLOCK_N blocks: packed codes are loaded, unpacked with shifts and masks (base-3 arithmetic for
-ternary), dequantized in registers with each channel's group (scale, low), or, for SVDq keys,
-rebuilt from latent codes with a tl.dot against the basis; pre-RoPE keys are rotated at their
-positions; then an fp32 online softmax; each split writes its partial output and log-sum-exp.
+BLOCK_N blocks: packed codes are loaded and unpacked with shifts and masks (base 3 by integer
+multiply-and-shift), each thread its own bytes, and enter the products as small integers, each
+token's group scale and low folded in around them (q . (c s + l) = s (q . c) + l sum(q), and
+p @ (c s + l) = (p s) @ c + p @ l), so nothing is dequantized per element; pre-RoPE keys are
+dequantized and rotated at their positions (angles built from rotations made before the loop);
+SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an fp32 online
+softmax; each split writes its partial output and log-sum-exp. The instructions this costs per
+byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
 by its share of the softmax mass. Decode (one query per sequence) splits segments by a fixed
 token length, so one sequence of 1M tokens still fills every SM; prefill (a chunk of queries)
