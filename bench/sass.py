@@ -186,7 +186,7 @@ def compile_for(launch: Launch, target: str):
     driver.set_active(StandInDriver(GPUS[target].capability))
     try:
         return JITFunction.run(launch.kernel, *launch.args, grid=launch.grid, warmup=True, **launch.kwargs)
-    except Exception as e:  # the compiler's message is the result
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raises, its message is the result
         lines = [line for line in str(e).splitlines() if line.strip()]
         return next((line.strip() for line in lines if "error" in line.lower()), lines[-1] if lines else repr(e))
 
@@ -361,10 +361,9 @@ def markdown(rows: list[dict]) -> str:
         return f"{r['registers']} / {r['spill_bytes']} ({r['stack_bytes']}) / {cost}"
 
     decode = sorted({r["specialization"] for r in rows if r["decode"]})
-    lines = ["Decode stage 1, per target: registers / bytes of registers spilled (stack frame) / main-loop "
-             "SASS instructions per warp "
-             "/ warp-instructions per byte read / issue-bound ceiling in TB/s; bytes/iteration: K and V "
-             "codes and metadata of one iteration's tokens of one KV head.\n",
+    lines = [("Decode stage 1, per target: registers / bytes of registers spilled (stack frame) / main-loop "
+              "SASS instructions per warp / warp-instructions per byte read / issue-bound ceiling in TB/s; "
+              "bytes/iteration: K and V codes and metadata of one iteration's tokens of one KV head.\n"),
              "| specialization | bytes/iteration | " + " | ".join(targets) + " |",
              "|---|---|" + "---|" * len(targets)]
     for name in decode:
@@ -396,8 +395,8 @@ def before_after(before: list[dict], after: list[dict], target: str = "sm_90") -
         return (f"{r['loop_instructions']} x {r['warps']} / {r.get('warp_instructions_per_byte', 0):.2f} / "
                 f"{r.get('stack_bytes', r['spill_bytes'])}")
 
-    lines = [f"{target}: main-loop instructions per warp x warps / warp-instructions per byte read / stack frame "
-             "bytes (spills, or sin/cos's local array), before and after.\n",
+    lines = [(f"{target}: main-loop instructions per warp x warps / warp-instructions per byte read / stack "
+              "frame bytes (spills, or sin/cos's local array), before and after.\n"),
              "| specialization | bytes/iteration | before | after |", "|---|---|---|---|"]
     for r in sorted((r for r in after if r["target"] == target and r["decode"]), key=lambda r: r["specialization"]):
         lines.append(f"| {r['specialization']} | {r.get('bytes_per_iteration', '')} | "

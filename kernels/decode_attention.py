@@ -310,10 +310,12 @@ def _attend_stage1(
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
-    # Only splits that saw tokens write their output: stage 2 never reads the others' (weight 0),
-    # so a grid sized by capacity (1M tokens: 1024 splits) writes D floats per live split only.
+    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0), so
+    # a grid sized by capacity (1M tokens: 1024 splits) writes D floats per live split only. (The
+    # test is the split's, not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
+    live = (rows * 0 + start) < end
     tl.store(out_rows + split_column * stride_os + v_channel[None, :], out,
-             mask=(real_row & has_tokens)[:, None] & v_real[None, :])
+             mask=(real_row & live)[:, None] & v_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
 
