@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench-attention bench-decode bench-memory tiny-model clean
+.PHONY: setup test demo bench-attention bench-decode bench-memory sass tiny-model clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ bench-decode: setup
 
 bench-memory: setup
 	$(PY) -m bench.memory
+
+# No GPU needed: every kernel specialization compiled for sm_80/89/90, SASS costs into bench/results/sass.json.
+sass: setup
+	$(PY) -m bench.sass
 
 # Retrains the shipped model from the King James Bible (needs apt-get for the corpus).
 tiny-model: setup

@@ -6,7 +6,12 @@ kernel holds a row as a tile [WORDS_PAD, PER_WORD_PAD] whose element (w, j) is c
 w * PER_WORD + j. Both sizes are padded to powers of two, as Triton tiles must be: only ternary
 (5 digits per byte) pads the digit axis, and for every power-of-two width the tile reshaped to
 [WORDS_PAD * PER_WORD_PAD] is the n codes in order.
+
+Metadata in fp8 e4m3 reaches the kernels as its raw bytes (`as_bytes`) and is converted with
+integer operations (`e4m3_to_float`, `float_to_e4m3`): Triton's fp8 types need compute capability
+8.9, and the default cache must run on an A100 with the same bytes.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -19,6 +24,38 @@ def code_layout(n: int, bits) -> dict:
     words = triton.cdiv(n, per_word)
     return dict(RADIX=radix, PER_WORD=per_word, WORD_BYTES=word_bytes, ROW_BYTES=packed_size(n, bits),
                 WORDS_PAD=triton.next_power_of_2(words), PER_WORD_PAD=triton.next_power_of_2(per_word))
+
+
+def as_bytes(meta: torch.Tensor) -> torch.Tensor:
+    """fp8 e4m3 metadata as its raw bytes (the same memory, uint8); fp16 metadata as it is."""
+    return meta.view(torch.uint8) if meta.dtype == torch.float8_e4m3fn else meta
+
+
+@triton.jit
+def metadata_to_float(x):
+    """Loaded metadata -> fp32: uint8 holds e4m3 bits (see as_bytes), anything else is a float."""
+    if x.dtype == tl.uint8:
+        return e4m3_to_float(x)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def e4m3_to_float(byte):
+    """e4m3 bits (uint8) -> fp32, exactly. e4m3's 7 magnitude bits shifted into fp16's exponent and
+    mantissa are the value times 2^-8 (bias 7 against 15), subnormals included, which fp16, unlike
+    fp32 on a GPU, never flushes."""
+    b = byte.to(tl.int32)
+    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    return half.to(tl.float32) * 256.0
+
+
+@triton.jit
+def float_to_e4m3(x):
+    """fp32 x that is an e4m3 value (kernels/quantize.py rounds to one first) -> its bits, uint8:
+    e4m3_to_float's inverse (x * 2^-8 is exact in fp16)."""
+    half = (x * (1.0 / 256.0)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return (((half >> 8) & 0x80) | ((half >> 7) & 0x7F)).to(tl.uint8)
 
 
 @triton.jit
@@ -54,18 +91,42 @@ def load_words(row_ptrs, valid, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, R
 
 
 @triton.jit
+def _digit(words, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Digit j of every word of a power-of-two radix, int32, in the words' own layout."""
+    if j >= PER_WORD:
+        return tl.zeros(words.shape, tl.int32)
+    else:
+        return (words >> (j * DIGIT_BITS)) & (RADIX - 1)
+
+
+@triton.jit
 def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
                  PER_WORD_PAD: tl.constexpr):
-    """words [R, WORDS_PAD] int32 -> codes [R, WORDS_PAD * PER_WORD_PAD] fp32 in tile order."""
-    j = tl.arange(0, PER_WORD_PAD)[None, None, :]
+    """words [R, WORDS_PAD] int32 -> codes [R, WORDS_PAD * PER_WORD_PAD] int32 in tile order. Each
+    digit position is unpacked in the words' own layout and the positions joined along new minor
+    axes, which stay within each thread: no word is fetched again per digit. tl.join appends the
+    most minor axis, so the last join picks digit bit 0: join(join(d0, d2), join(d1, d3))."""
+    B: tl.constexpr = 8 * WORD_BYTES // PER_WORD
     if RADIX == 3:
-        # Base-3 digits without integer division: for a byte x < 243, (x + 1/2) / 3**j lies at
-        # least 1/162 from an integer, far beyond fp32 rounding, so floor() is exact; likewise t % 3.
-        x = words[:, :, None].to(tl.float32) + 0.5
-        t = tl.floor(x * (1.0 / _digit_place(j, RADIX, 0).to(tl.float32)))
-        digits = t - 3.0 * tl.floor((t + 0.5) * (1.0 / 3.0))
+        # Base 3, 5 digits a byte x < 243: t_j = x // 3^j is (x * ceil(2^16 / 3^j)) >> 16, exact for
+        # every byte, and digit j is t_j - 3 t_(j+1). Digits 5-7 pad the axis to 8.
+        t1, t2 = (words * 21846) >> 16, (words * 7282) >> 16
+        t3, t4 = (words * 2428) >> 16, (words * 810) >> 16
+        zero = tl.zeros(words.shape, tl.int32)
+        digits = tl.join(tl.join(tl.join(words - 3 * t1, t4), tl.join(t2 - 3 * t3, zero)),
+                         tl.join(tl.join(t1 - 3 * t2, zero), tl.join(t3 - 3 * t4, zero)))
+    elif PER_WORD_PAD == 1:
+        digits = words
+    elif PER_WORD_PAD == 2:
+        digits = tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 1, RADIX, PER_WORD, B))
+    elif PER_WORD_PAD == 4:
+        digits = tl.join(tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 2, RADIX, PER_WORD, B)),
+                         tl.join(_digit(words, 1, RADIX, PER_WORD, B), _digit(words, 3, RADIX, PER_WORD, B)))
     else:
-        digits = ((words[:, :, None] >> (j * (8 * WORD_BYTES // PER_WORD))) & (RADIX - 1)).to(tl.float32)
+        digits = tl.join(tl.join(tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 4, RADIX, PER_WORD, B)),
+                                 tl.join(_digit(words, 2, RADIX, PER_WORD, B), _digit(words, 6, RADIX, PER_WORD, B))),
+                         tl.join(tl.join(_digit(words, 1, RADIX, PER_WORD, B), _digit(words, 5, RADIX, PER_WORD, B)),
+                                 tl.join(_digit(words, 3, RADIX, PER_WORD, B), _digit(words, 7, RADIX, PER_WORD, B))))
     return tl.reshape(digits, [words.shape[0], words.shape[1] * PER_WORD_PAD])
 
 

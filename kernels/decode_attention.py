@@ -5,10 +5,14 @@ A cache is read as segments (`Segment`): the fp16 cache is one; the quantized ca
 a causal fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of
 queries times the G query heads that share a KV head form one tile (at least 16 rows), so the
 score and output products run on tensor cores (tl.dot); the split's tokens stream through in
-BLOCK_N blocks: packed codes are loaded, unpacked with shifts and masks (base-3 arithmetic for
-ternary), dequantized in registers with each channel's group (scale, low), or, for SVDq keys,
-rebuilt from latent codes with a tl.dot against the basis; pre-RoPE keys are rotated at their
-positions; then an fp32 online softmax; each split writes its partial output and log-sum-exp.
+BLOCK_N blocks: packed codes are loaded and unpacked with shifts and masks (base 3 by integer
+multiply-and-shift), each thread its own bytes, and enter the products as small integers, each
+token's group scale and low folded in around them (q . (c s + l) = s (q . c) + l sum(q), and
+p @ (c s + l) = (p s) @ c + p @ l), so nothing is dequantized per element; pre-RoPE keys are
+dequantized and rotated at their positions (angles built from rotations made before the loop);
+SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an fp32 online
+softmax; each split writes its partial output and log-sum-exp. The instructions this costs per
+byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
 by its share of the softmax mass. Decode (one query per sequence) splits segments by a fixed
 token length, so one sequence of 1M tokens still fills every SM; prefill (a chunk of queries)
@@ -25,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.codes import code_layout, load_words, tile_codes, unpack_words
+from kernels.codes import (
+    as_bytes,
+    code_layout,
+    load_words,
+    metadata_to_float,
+    tile_codes,
+    unpack_words,
+)
 
 SPLIT_TOKENS = 1024  # tokens per split: 1M tokens -> 1024 splits per (sequence, KV head)
 BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in registers
@@ -71,7 +82,8 @@ def _operand(x, side: str, D: int) -> dict:
     args = {f"{side}_ptr": rows, **_strides(f"stride_{side}", rows)}
     if isinstance(x, torch.Tensor):
         return args  # the kernel's defaults describe full-precision rows
-    args.update({f"{side}_scale_ptr": x.scale, f"{side}_low_ptr": x.low, **_strides(f"stride_{side}m", x.scale)})
+    args.update({f"{side}_scale_ptr": as_bytes(x.scale), f"{side}_low_ptr": as_bytes(x.low),
+                 **_strides(f"stride_{side}m", x.scale)})
     if hasattr(x, "basis_t"):  # latent keys, rebuilt in-kernel as full-precision rows of D channels
         one_basis = x.basis_t.shape[0] == 1  # shared by every sequence: batch stride 0
         return {**args, "k_basis_ptr": x.basis_t, "stride_kbb": 0 if one_basis else x.basis_t.stride(0),
@@ -99,30 +111,31 @@ def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS
 
 
 @triton.jit
-def _load_tile(ptr, scale_ptr, low_ptr, rows, meta_rows, valid, channel, group,
-               FULL: tl.constexpr, GROUPS: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
-               WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-               PER_WORD_PAD: tl.constexpr):
-    """K or V of BLOCK_N tokens of one head, fp32 [BLOCK_N, len(channel)]. rows, meta_rows
-    [BLOCK_N]: element offsets of each token's row in the data and in the metadata."""
-    if FULL:
-        return tl.load(ptr + rows[:, None] + channel[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    else:
-        codes = unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
-                             RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)                # (BLOCK_N, DX)
-        if GROUPS == 1:
-            scale = tl.load(scale_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-            low = tl.load(low_ptr + meta_rows, mask=valid, other=0.0).to(tl.float32)[:, None]
-        else:
-            scale = tl.zeros(codes.shape, tl.float32)
-            low = tl.zeros(codes.shape, tl.float32)
-            for g in tl.static_range(GROUPS):
-                in_group = (group == g)[None, :]
-                scale = tl.where(in_group, tl.load(scale_ptr + meta_rows + g, mask=valid, other=0.0)
-                                 .to(tl.float32)[:, None], scale)
-                low = tl.where(in_group, tl.load(low_ptr + meta_rows + g, mask=valid, other=0.0)
-                               .to(tl.float32)[:, None], low)
-        return codes * scale + low
+def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
+                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
+    """Packed codes of BLOCK_N tokens of one head, int32 [BLOCK_N, WORDS_PAD * PER_WORD_PAD] in tile
+    order (kernels/codes.py). rows [BLOCK_N]: element offset of each token's row."""
+    return unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
+                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)
+
+
+@triton.jit
+def _metadata(ptr, meta_rows, valid, g):
+    """Scale or low of channel group g of BLOCK_N tokens, fp32 [BLOCK_N]."""
+    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0))
+
+
+@triton.jit
+def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr):
+    """codes int32 [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
+    pre-RoPE keys need this: elsewhere scale and low fold into the products (see stage 1)."""
+    scale = tl.zeros(codes.shape, tl.float32)
+    low = tl.zeros(codes.shape, tl.float32)
+    for g in tl.static_range(GROUPS):
+        in_group = (group == g)[None, :]
+        scale = tl.where(in_group, _metadata(scale_ptr, meta_rows, valid, g)[:, None], scale)
+        low = tl.where(in_group, _metadata(low_ptr, meta_rows, valid, g)[:, None], low)
+    return codes.to(tl.float32) * scale + low
 
 
 @triton.jit
@@ -192,6 +205,15 @@ def _attend_stage1(
             q_lo = (q_lo * tl.load(k_smoothing_ptr + kv_head * D + half)[None, :]).to(q_ptr.dtype.element_ty)
             q_hi = (q_hi * tl.load(k_smoothing_ptr + kv_head * D + D // 2 + half)[None, :]).to(q_ptr.dtype.element_ty)
         inv_freq = tl.load(inv_freq_ptr + half)
+        # Angles position * inv_freq without a sin/cos per token: the block's first position
+        # (carried from block to block by a rotation of BLOCK_N positions) and, for its token
+        # 8a + b, rotations by 8a and by b positions. sin/cos run here only, before the loop.
+        a_angle = (8 * tl.arange(0, BLOCK_N // 8)).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N / 8, D/2)
+        b_angle = tl.arange(0, 8).to(tl.float32)[:, None] * inv_freq[None, :]                  # (8, D/2)
+        cos_a, sin_a, cos_b, sin_b = tl.cos(a_angle), tl.sin(a_angle), tl.cos(b_angle), tl.sin(b_angle)
+        cos_step, sin_step = tl.cos(BLOCK_N * inv_freq), tl.sin(BLOCK_N * inv_freq)
+        block_angle = (first_position + split * SPLIT).to(tl.float32) * inv_freq
+        cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
@@ -227,18 +249,36 @@ def _attend_stage1(
             z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
                  + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
             k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
+        elif K_FULL:
+            k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None], other=0.0)
         else:
-            k = _load_tile(k_base, k_scale_ptr, k_low_ptr, slots * stride_kt, k_meta + slots * stride_kmt, valid,
-                           k_channel, k_group, K_FULL, K_GROUPS, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                           K_WORDS_PAD, K_PER_WORD_PAD)                                # (BLOCK_N, D) fp32
+            k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
+                            K_WORDS_PAD, K_PER_WORD_PAD)                              # (BLOCK_N, DX) int32
+            if ROPE:
+                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS)
         if ROPE:
-            angle = (first_position + tokens).to(tl.float32)[:, None] * inv_freq[None, :]  # (BLOCK_N, D/2)
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k, [BLOCK_N, 2, D // 2]), (0, 2, 1)))
+            cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a                      # (BLOCK_N / 8, D/2)
+            sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
+            cos = tl.reshape(cos_a8[:, None, :] * cos_b[None, :, :] - sin_a8[:, None, :] * sin_b[None, :, :],
+                             [BLOCK_N, D // 2])
+            sin = tl.reshape(sin_a8[:, None, :] * cos_b[None, :, :] + cos_a8[:, None, :] * sin_b[None, :, :],
+                             [BLOCK_N, D // 2])
+            cos_block, sin_block = (cos_block * cos_step - sin_block * sin_step,
+                                    sin_block * cos_step + cos_block * sin_step)
+            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
             s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
-        else:
+        elif K_FULL or K_SVD:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
+        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group
+            k = k.to(q.dtype)  # small integers: exact
+            s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for g in tl.static_range(K_GROUPS):
+                q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
+                scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
+                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g)
+                s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
+                      + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
@@ -248,10 +288,20 @@ def _attend_stage1(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, v_scale_ptr, v_low_ptr, slots * stride_vt, v_meta + slots * stride_vmt, valid,
-                       v_channel, v_group, V_FULL, V_GROUPS, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
-                       V_WORDS_PAD, V_PER_WORD_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+        if V_FULL:
+            v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
+            pv = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group
+            v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
+                            V_WORDS_PAD, V_PER_WORD_PAD).to(q_ptr.dtype.element_ty)   # (BLOCK_N, DX)
+            pv = tl.zeros(acc.shape, tl.float32)
+            for g in tl.static_range(V_GROUPS):
+                scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
+                low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
+                pv_g = (tl.dot((p * scale[None, :]).to(v.dtype), v)
+                        + tl.sum(p * low[None, :], 1)[:, None])
+                pv += pv_g if V_GROUPS == 1 else tl.where((v_group == g)[None, :], pv_g, 0.0)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
@@ -260,7 +310,12 @@ def _attend_stage1(
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
-    tl.store(out_rows + split_column * stride_os + v_channel[None, :], out, mask=real_row[:, None] & v_real[None, :])
+    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0), so
+    # a grid sized by capacity (1M tokens: 1024 splits) writes D floats per live split only. (The
+    # test is the split's, not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
+    live = (rows * 0 + start) < end
+    tl.store(out_rows + split_column * stride_os + v_channel[None, :], out,
+             mask=(real_row & live)[:, None] & v_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
 
@@ -292,6 +347,18 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
     tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
 
 
+def _tile(segment: Segment, Q: int) -> tuple[int, int]:
+    """(tokens per step, warps) of a segment's stage 1: BLOCK_N and 4 warps, but where that spills
+    registers (measured: python -m bench.sass) 8 warps, for prefill's 64-row query tiles, SVDq
+    keys rebuilt in-kernel and several channel groups per head, and half blocks for SVDq keys
+    and for packed history under prefill's tiles."""
+    packed = [x for x in (segment.keys, segment.values) if not isinstance(x, torch.Tensor)]
+    latent = hasattr(segment.keys, "basis_t")
+    several_groups = any(x.scale.shape[-1] > 1 for x in packed if hasattr(x, "bits"))
+    block = BLOCK_N // 2 if latent or (Q > 1 and packed) else BLOCK_N
+    return block, 8 if Q > 1 or latent or several_groups else 4
+
+
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
            inv_freq: torch.Tensor | None = None, split_tokens: int | None = None) -> torch.Tensor:
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
@@ -314,6 +381,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
+        block_n, num_warps = _tile(segment, Q)
         q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
         where = {}
         if segment.first_slot is not None:
@@ -332,7 +400,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=capacity,
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(BLOCK_N, split_tokens), **where)
+            BLOCK_N=min(block_n, split_tokens), num_warps=num_warps, **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)

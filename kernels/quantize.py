@@ -13,15 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.codes import code_layout, store_codes, tile_codes
+from kernels.codes import as_bytes, code_layout, float_to_e4m3, store_codes, tile_codes
 from quant.packing import n_levels
 
 
 @triton.jit
 def _round_to_e4m3(x):
-    """x fp32 rounded to the nearest fp8 e4m3 value (ties to even), still in fp32. The cast to fp8
-    that follows is then exact, on a GPU and in Triton's interpreter alike (the interpreter rounds
-    fp32 -> fp8 wrongly when rounding carries into the exponent: 1.96 -> 1.0)."""
+    """x fp32 rounded to the nearest fp8 e4m3 value (ties to even), still in fp32, with integer
+    operations (as kernels/codes.py stores e4m3: no fp8 type, which A100s lack)."""
     # Normal range: keep 3 of fp32's 23 mantissa bits, rounding on the 20 dropped.
     bits = x.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
@@ -60,11 +59,14 @@ def _quantize_tokens(x_ptr, smoothing_ptr, group_ptr, codes_ptr, scale_ptr, low_
         hi, lo = tl.where(empty, 0.0, hi), tl.where(empty, 0.0, lo)
         scale = tl.maximum(tl.div_rn(clip * (hi - lo), LEVELS - 1.0), FLOOR)
         low = clip * lo
-        if META_FP8:
+        if META_FP8:  # e4m3 bits into uint8 buffers (kernels/codes.py as_bytes)
             scale, low = _round_to_e4m3(scale), _round_to_e4m3(low)
-        scale, low = scale.to(scale_ptr.dtype.element_ty), low.to(low_ptr.dtype.element_ty)
-        tl.store(scale_ptr + meta + g, scale, mask=keep)
-        tl.store(low_ptr + meta + g, low, mask=keep)
+            tl.store(scale_ptr + meta + g, float_to_e4m3(scale), mask=keep)
+            tl.store(low_ptr + meta + g, float_to_e4m3(low), mask=keep)
+        else:
+            scale, low = scale.to(scale_ptr.dtype.element_ty), low.to(low_ptr.dtype.element_ty)
+            tl.store(scale_ptr + meta + g, scale, mask=keep)
+            tl.store(low_ptr + meta + g, low, mask=keep)
         scale_x = tl.where(in_group, scale.to(tl.float32), scale_x)
         low_x = tl.where(in_group, low.to(tl.float32), low_x)
     codes = tl.floor(tl.div_rn(x - low_x, scale_x) + 0.5)
@@ -85,7 +87,7 @@ def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, 
     n, (_, Hkv, _, D) = batch.shape[0], x.shape
     if n == 0:
         return
-    codes, scale, low = store.codes, store.scale, store.low
+    codes, scale, low = store.codes, as_bytes(store.scale), as_bytes(store.low)
     assert x.stride(-1) == codes.stride(-1) == scale.stride(-1) == 1 and store.group_index.is_contiguous()
     batch, source, row = batch.contiguous(), source.contiguous(), row.contiguous()
     _quantize_tokens[(n, Hkv)](
@@ -93,5 +95,5 @@ def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, 
         x.stride(0), x.stride(1), x.stride(2), codes.stride(0), codes.stride(1), codes.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2), store.clip,
         D=D, GROUPS=scale.shape[-1], LEVELS=n_levels(store.bits),
-        FLOOR=2.0 ** -9 if scale.dtype == torch.float8_e4m3fn else 1e-6,
-        META_FP8=scale.dtype == torch.float8_e4m3fn, **code_layout(D, store.bits))
+        FLOOR=2.0 ** -9 if store.scale.dtype == torch.float8_e4m3fn else 1e-6,
+        META_FP8=store.scale.dtype == torch.float8_e4m3fn, **code_layout(D, store.bits))

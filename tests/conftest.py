@@ -14,6 +14,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the long sweeps marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long sweep, skipped unless pytest runs with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="a long sweep: pytest --slow runs it"))
+
+
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
              rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)

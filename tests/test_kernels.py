@@ -6,11 +6,14 @@ run (the kernels allocate their outputs with torch.empty, which the fixture belo
 skipped lane shows). On the CPU the kernels run in Triton's interpreter (tests/conftest.py)."""
 import pytest
 import torch
-
+import triton
+import triton.language as tl
 from conftest import DEVICE
+
 from engine.cache import make_cache
 from engine.runner import decode_one_token, prefill
 from engine.stores import LatentStore, TokenStore
+from kernels.codes import e4m3_to_float, float_to_e4m3
 from kernels.decode_attention import Segment, attend, decode_attention
 from kernels.quantize import quantize_tokens
 from kernels.reference import attention
@@ -152,6 +155,25 @@ def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D):
                 assert torch.equal(got[b, :, r].view(torch.uint8), want[b, t].view(torch.uint8))
     for got, old in zip((codes, scale, low), before):
         assert torch.equal(got.transpose(1, 2)[~written].view(torch.uint8), old.transpose(1, 2)[~written].view(torch.uint8))
+
+
+@triton.jit
+def _e4m3_round_trip(bytes_ptr, values_ptr, again_ptr, n):
+    i = tl.arange(0, 256)
+    value = e4m3_to_float(tl.load(bytes_ptr + i, mask=i < n))
+    tl.store(values_ptr + i, value, mask=i < n)
+    tl.store(again_ptr + i, float_to_e4m3(value), mask=i < n)
+
+
+def test_e4m3_bytes_convert_exactly_with_integer_operations():
+    """Every e4m3 value but NaN, subnormals and -0 included: bits -> fp32 as torch reads them,
+    and back to the same bits."""
+    e4m3 = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8, device=DEVICE)
+    values = torch.empty(len(e4m3), device=DEVICE)
+    again = torch.empty_like(e4m3)
+    _e4m3_round_trip[(1,)](e4m3, values, again, len(e4m3))
+    assert torch.equal(values, e4m3.view(torch.float8_e4m3fn).float())
+    assert torch.equal(again, e4m3)
 
 
 def random_model(n_kv_heads, head_dim):
