@@ -91,42 +91,69 @@ def load_words(row_ptrs, valid, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, R
 
 
 @triton.jit
-def _digit(words, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """Digit j of every word of a power-of-two radix, int32, in the words' own layout."""
-    if j >= PER_WORD:
-        return tl.zeros(words.shape, tl.int32)
+def _to_half(lanes, WORD_BYTES: tl.constexpr):
+    """Digits < 1024 (uint32 [R, W]) -> fp16 exactly: with one-byte words two digits sit in the
+    16-bit lanes, lane 0 first in [R, 2 W]. A lane ORed with 0x6400 is the fp16 1024 + digit
+    (the digit fills the mantissa), so one integer op and one subtraction per value, no
+    integer-to-float conversion."""
+    biased = lanes | 0x64006400
+    low = (biased & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+    if WORD_BYTES == 1:
+        high = (biased >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+        return tl.reshape(tl.join(low, high), [lanes.shape[0], 2 * lanes.shape[1]])
     else:
-        return (words >> (j * DIGIT_BITS)) & (RADIX - 1)
+        return low
+
+
+@triton.jit
+def _digit(lanes, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr,
+           WORD_BYTES: tl.constexpr):
+    """Digit j of every word of a power-of-two radix, fp16, in the words' own layout."""
+    if j >= PER_WORD:
+        return tl.zeros([lanes.shape[0], lanes.shape[1] * (2 if WORD_BYTES == 1 else 1)], tl.float16)
+    else:
+        lane_mask: tl.constexpr = (RADIX - 1) * (0x00010001 if WORD_BYTES == 1 else 1)
+        return _to_half((lanes >> (j * DIGIT_BITS)) & lane_mask, WORD_BYTES)
 
 
 @triton.jit
 def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
                  PER_WORD_PAD: tl.constexpr):
-    """words [R, WORDS_PAD] int32 -> codes [R, WORDS_PAD * PER_WORD_PAD] int32 in tile order. Each
-    digit position is unpacked in the words' own layout and the positions joined along new minor
-    axes, which stay within each thread: no word is fetched again per digit. tl.join appends the
-    most minor axis, so the last join picks digit bit 0: join(join(d0, d2), join(d1, d3))."""
+    """words [R, WORDS_PAD] int32 -> codes [R, WORDS_PAD * PER_WORD_PAD] fp16 (exact small
+    integers) in tile order. One-byte words are paired into the 16-bit lanes of a uint32, so each
+    integer op below works on two words; each digit position is unpacked in the pairs' own
+    layout and the positions joined along new minor axes, which stay within each thread: no word
+    is fetched again per digit. tl.join appends the most minor axis, so the last join picks digit
+    bit 0: join(join(d0, d2), join(d1, d3))."""
     B: tl.constexpr = 8 * WORD_BYTES // PER_WORD
+    if WORD_BYTES == 1:  # two words in the 16-bit lanes of a uint32
+        even, odd = tl.split(tl.reshape(words.to(tl.uint32), [words.shape[0], words.shape[1] // 2, 2]))
+        lanes = even | (odd << 16)                                              # (R, WORDS_PAD / 2)
+    else:  # 3-bit codes: 24-bit words, one a lane
+        lanes = words.to(tl.uint32)
     if RADIX == 3:
-        # Base 3, 5 digits a byte x < 243: t_j = x // 3^j is (x * ceil(2^16 / 3^j)) >> 16, exact for
-        # every byte, and digit j is t_j - 3 t_(j+1). Digits 5-7 pad the axis to 8.
-        t1, t2 = (words * 21846) >> 16, (words * 7282) >> 16
-        t3, t4 = (words * 2428) >> 16, (words * 810) >> 16
-        zero = tl.zeros(words.shape, tl.int32)
-        digits = tl.join(tl.join(tl.join(words - 3 * t1, t4), tl.join(t2 - 3 * t3, zero)),
-                         tl.join(tl.join(t1 - 3 * t2, zero), tl.join(t3 - 3 * t4, zero)))
+        # Base 3, 5 digits a byte x < 243: x // 3 is (x * 171) >> 9, exact for x < 243 and under
+        # 2^16, so both lanes divide at once; digit j is t_j - 3 t_(j+1). Digits 5-7 pad to 8.
+        t1 = ((lanes * 171) >> 9) & 0x007F007F
+        t2 = ((t1 * 171) >> 9) & 0x007F007F
+        t3 = ((t2 * 171) >> 9) & 0x007F007F
+        t4 = ((t3 * 171) >> 9) & 0x007F007F
+        zero = tl.zeros(words.shape, tl.float16)
+        digits = tl.join(tl.join(tl.join(_to_half(lanes - 3 * t1, 1), _to_half(t4, 1)),
+                                 tl.join(_to_half(t2 - 3 * t3, 1), zero)),
+                         tl.join(tl.join(_to_half(t1 - 3 * t2, 1), zero), tl.join(_to_half(t3 - 3 * t4, 1), zero)))
     elif PER_WORD_PAD == 1:
-        digits = words
+        digits = _to_half(lanes, WORD_BYTES)
     elif PER_WORD_PAD == 2:
-        digits = tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 1, RADIX, PER_WORD, B))
+        digits = tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES))
     elif PER_WORD_PAD == 4:
-        digits = tl.join(tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 2, RADIX, PER_WORD, B)),
-                         tl.join(_digit(words, 1, RADIX, PER_WORD, B), _digit(words, 3, RADIX, PER_WORD, B)))
+        digits = tl.join(tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 2, RADIX, PER_WORD, B, WORD_BYTES)),
+                         tl.join(_digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 3, RADIX, PER_WORD, B, WORD_BYTES)))
     else:
-        digits = tl.join(tl.join(tl.join(_digit(words, 0, RADIX, PER_WORD, B), _digit(words, 4, RADIX, PER_WORD, B)),
-                                 tl.join(_digit(words, 2, RADIX, PER_WORD, B), _digit(words, 6, RADIX, PER_WORD, B))),
-                         tl.join(tl.join(_digit(words, 1, RADIX, PER_WORD, B), _digit(words, 5, RADIX, PER_WORD, B)),
-                                 tl.join(_digit(words, 3, RADIX, PER_WORD, B), _digit(words, 7, RADIX, PER_WORD, B))))
+        digits = tl.join(tl.join(tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 4, RADIX, PER_WORD, B, WORD_BYTES)),
+                                 tl.join(_digit(lanes, 2, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 6, RADIX, PER_WORD, B, WORD_BYTES))),
+                         tl.join(tl.join(_digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 5, RADIX, PER_WORD, B, WORD_BYTES)),
+                                 tl.join(_digit(lanes, 3, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 7, RADIX, PER_WORD, B, WORD_BYTES))))
     return tl.reshape(digits, [words.shape[0], words.shape[1] * PER_WORD_PAD])
 
 

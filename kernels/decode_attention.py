@@ -5,8 +5,9 @@ A cache is read as segments (`Segment`): the fp16 cache is one; the quantized ca
 a causal fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of
 queries times the G query heads that share a KV head form one tile (at least 16 rows), so the
 score and output products run on tensor cores (tl.dot); the split's tokens stream through in
-BLOCK_N blocks: packed codes are loaded and unpacked with shifts and masks (base 3 by integer
-multiply-and-shift), each thread its own bytes, and enter the products as small integers, each
+BLOCK_N blocks: packed codes are loaded and unpacked with shifts and masks, two bytes a uint32
+(base 3 by integer multiply-and-shift), each thread its own bytes, into fp16 through the mantissa
+(kernels/codes.py), and enter the products as small integers, each
 token's group scale and low folded in around them (q . (c s + l) = s (q . c) + l sum(q), and
 p @ (c s + l) = (p s) @ c + p @ l), so nothing is dequantized per element; pre-RoPE keys are
 dequantized and rotated at their positions (angles built from rotations made before the loop);
@@ -288,20 +289,22 @@ def _attend_stage1(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
         if V_FULL:
             v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
-            pv = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+            acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
         else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group
             v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
                             V_WORDS_PAD, V_PER_WORD_PAD).to(q_ptr.dtype.element_ty)   # (BLOCK_N, DX)
-            pv = tl.zeros(acc.shape, tl.float32)
             for g in tl.static_range(V_GROUPS):
                 scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                 low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
-                pv_g = (tl.dot((p * scale[None, :]).to(v.dtype), v)
-                        + tl.sum(p * low[None, :], 1)[:, None])
-                pv += pv_g if V_GROUPS == 1 else tl.where((v_group == g)[None, :], pv_g, 0.0)
-        acc = acc * alpha[:, None] + pv
+                p_scale = (p * scale[None, :]).to(v.dtype)
+                p_low = tl.sum(p * low[None, :], 1)[:, None]
+                if V_GROUPS == 1:
+                    acc = tl.dot(p_scale, v, acc) + p_low
+                else:
+                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low, 0.0)
         m = m_new
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
