@@ -15,8 +15,21 @@ with s the store's smoothing (keys': folded into q; values': applied to the bloc
 Pre-RoPE keys must be rotated token by token, so they are dequantized in the block; SVDq keys are
 rebuilt from their latent codes with a matmul against the basis, as in the Triton kernel.
 The whole-sequence reference it is tested against is kernels/reference.py.
+
+Decode over a packed history is where the bytes are, and element-wise torch cannot unpack them at
+memory speed: there kernels/packed_history.c, compiled on first use with the system's C compiler
+(`cc`, cached under ~/.cache/kvq), reads the codes byte by byte through tables and never unpacks
+them. Without a compiler, or for what it does not cover (several channel groups, pre-RoPE or
+latent keys, 3-bit codes, prefill chunks), the torch block step above runs.
 """
+import ctypes
+import functools
+import hashlib
 import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -61,6 +74,8 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     state = _Softmax(B, Hkv, G * Q, D)
     n = block_tokens(B, Hkv, G * Q, D)
     for segment in segments:
+        if inv_freq is None and _packed_history(queries, segment, state):
+            continue
         counts = segment.count.tolist()
         # Per sequence, the segment's token index of the first query: causality masks only before it.
         first_query = (q_position - segment.first_position).tolist() if segment.causal else None
@@ -92,6 +107,15 @@ class _Softmax:
         self.l = self.l * rescale + p.sum(-1, keepdim=True)
         self.acc = self.acc * rescale + weighted_sum(p)
         self.m = m
+
+    def merge(self, m, l, acc):
+        """Another part of the softmax over other tokens: its max m, mass l [B, Hkv, M, 1] and output acc."""
+        new = torch.maximum(self.m, m)
+        new = new.masked_fill(new == -math.inf, 0.0)
+        mine, theirs = (self.m - new).exp(), (m - new).exp()
+        self.l = self.l * mine + l * theirs
+        self.acc = self.acc * mine + acc * theirs
+        self.m = new
 
     def output(self):
         return self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)
@@ -216,3 +240,76 @@ class _Operand:
         per_group = weighted.unflatten(2, (self.n_groups, -1)) * self.one_hot[None, :, :, None]
         lows = (p @ _rows(self.x.low, slots).float()) @ self.one_hot                      # (B, Hkv, M, width)
         return ((per_group.sum(2) + lows) * self.smoothing[None, :, None])[..., :self.D]
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled decode over a packed history (kernels/packed_history.c).
+
+MAX_COMPILED_ROWS = 16  # query rows per KV head the C kernel takes: its tables grow with them
+_META_KINDS = {torch.float16: 0, torch.float8_e4m3fn: 1}
+
+
+class _PackedOperand(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64),
+                ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("mb", ctypes.c_int64), ("mh", ctypes.c_int64), ("mt", ctypes.c_int64),
+                ("row_bytes", ctypes.c_int), ("radix", ctypes.c_int), ("per_byte", ctypes.c_int),
+                ("meta_kind", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, store):
+        radix, per_byte, _ = WIDTHS[store.bits]
+        return cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(), store.low.data_ptr(),
+                   *store.scale.stride()[:3], store.codes.shape[-1], radix, per_byte, _META_KINDS[store.scale.dtype])
+
+
+@functools.cache
+def compiled_kernel():
+    """kernels/packed_history.c as a loaded library, built once per source and machine; None
+    where there is no C compiler (or it fails): the torch path then runs."""
+    source = Path(__file__).with_name("packed_history.c")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or os.environ.get("KVQ_NO_COMPILE"):
+        return None
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
+        if Path("/proc/cpuinfo").exists() else []
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
+    library = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvq" / f"packed_history-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")  # concurrent builds must not read half a file
+        built = subprocess.run([compiler, *flags, str(source), "-o", str(partial), "-lm"], capture_output=True)
+        if built.returncode:
+            return None
+        partial.rename(library)
+    kernel = ctypes.CDLL(str(library)).attend_packed
+    kernel.restype = None
+    kernel.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
+        + [ctypes.c_int]
+    return kernel
+
+
+def _compiles(x) -> bool:
+    """Whether the C kernel reads this store: a TokenStore of whole-byte codes, one group per head."""
+    return (not isinstance(x, torch.Tensor) and not hasattr(x, "basis_t") and x.bits in _TABLES
+            and x.scale.shape[-1] == 1 and x.scale.dtype in _META_KINDS)
+
+
+def _packed_history(queries, segment, state) -> bool:
+    """The segment through the C kernel, merged into state, if it applies (a packed history,
+    post-RoPE keys, few query rows); False otherwise."""
+    B, Hkv, M, D = queries.shape
+    if segment.causal or segment.first_slot is not None or M > MAX_COMPILED_ROWS \
+            or not (_compiles(segment.keys) and _compiles(segment.values)) or compiled_kernel() is None:
+        return False
+    keys, values = segment.keys, segment.values
+    scaled = (queries * keys.smoothing[None, :, None]).contiguous()
+    m, l = torch.empty(2, B, Hkv, M, 1)
+    acc = torch.empty(B, Hkv, M, D)
+    count = segment.count.to(torch.int64).contiguous()
+    compiled_kernel()(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys),
+                      _PackedOperand.of(values), values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(),
+                      acc.data_ptr(), torch.get_num_threads())
+    state.merge(m, l, acc)
+    return True

@@ -1,0 +1,166 @@
+/* Decode attention over one packed history segment, on the CPU: kernels/streaming.py compiles this
+ * file with the system's C compiler and calls it through ctypes where it applies (token stores with
+ * one channel group per head, codes of whole bytes: 1, 2, 4, 8 bits or ternary; post-RoPE keys; a
+ * few query rows), and streams in plain torch elsewhere.
+ *
+ * Nothing is unpacked. A row of packed codes is a run of bytes, each holding `per_byte` codes
+ * (quant/packing.py), so with the head's queries q (times the keys' smoothing) a key's dot product
+ * is a sum of one table entry per byte:
+ *     q . codes(t) = sum_j key_table[j][byte_tj][m],  key_table[j][v][m] = sum_i q[m][j*per_byte+i] digit_i(v)
+ * and the values' weighted sum is a histogram of the weights by byte, expanded once at the end:
+ *     sum_t w_t codes(t)[j*per_byte+i] = sum_v value_hist[j][v][m] digit_i(v)
+ * Each token costs one table read per key byte and one add per value byte, per query row. An fp32
+ * online softmax runs over blocks of BLOCK tokens; the histogram is rescaled when a block raises
+ * the running maximum. Output: the segment's softmax state per (sequence, KV head, row): max m,
+ * mass l and unnormalized output acc, merged with the other segments' by the caller.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 512  /* tokens per online-softmax step: their scores stay in L1 */
+
+/* Metadata dtypes: 0 fp16, 1 fp8 e4m3fn. */
+static float fp8_e4m3[256];
+
+static void init_fp8(void) {
+    for (int v = 0; v < 256; v++) {
+        int sign = v >> 7, exponent = (v >> 3) & 15, mantissa = v & 7;
+        float x = exponent ? ldexpf(1.0f + mantissa / 8.0f, exponent - 7) : ldexpf(mantissa / 8.0f, -6);
+        if (exponent == 15 && mantissa == 7) x = NAN;
+        fp8_e4m3[v] = sign ? -x : x;
+    }
+}
+
+static inline float meta(const void *p, int64_t i, int kind) {
+    return kind == 0 ? (float)((const _Float16 *)p)[i] : fp8_e4m3[((const uint8_t *)p)[i]];
+}
+
+/* digits[radix][v][i]: digit i of byte v in base radix (radix ** per_byte <= 256) */
+static float digits[257][256][8];
+
+static void init_digits(void) {
+    int radices[] = {2, 3, 4, 16, 256};
+    for (int n = 0; n < 5; n++)
+        for (int v = 0; v < 256; v++)
+            for (int i = 0, x = v; i < 8; i++, x /= radices[n])
+                digits[radices[n]][v][i] = x % radices[n];
+}
+
+typedef struct {
+    const uint8_t *codes;                    /* [B, Hkv, T, row_bytes] at strides (sb, sh, st) */
+    int64_t sb, sh, st;
+    const void *scale, *low;                 /* [B, Hkv, T, 1] at strides (mb, mh, mt) */
+    int64_t mb, mh, mt;
+    int row_bytes, radix, per_byte, meta_kind;
+} Operand;
+
+/* One (sequence b, KV head h). M, the query rows, is a constant where the caller inlines it,
+ * so that the per-byte loops over rows unroll. */
+static inline __attribute__((always_inline)) void attend_head(
+        int b, int h, int Hkv, const int M, int D, const float *q, const int64_t *count,
+        const Operand k, const Operand v, const float *v_smoothing, float *m_out, float *l_out, float *acc_out) {
+    const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
+    float *key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
+    float *value_hist = calloc((size_t)v.row_bytes * 256 * M, sizeof(float));
+    float *scores = malloc(sizeof(float) * BLOCK * M);
+    float *q_sum = calloc(M, sizeof(float)), *low_sum = calloc(M, sizeof(float));
+    float *m_run = malloc(sizeof(float) * M), *l_run = calloc(M, sizeof(float));
+    for (int r = 0; r < M; r++) m_run[r] = -INFINITY;
+    for (int j = 0; j < k.row_bytes; j++)
+        for (int x = 0; x < 256; x++)
+            for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++) {
+                float d = digits[k.radix][x][i];
+                for (int r = 0; r < M; r++)
+                    key_table[((int64_t)j * 256 + x) * M + r] += qh[r * D + j * k.per_byte + i] * d;
+            }
+    for (int r = 0; r < M; r++)
+        for (int d = 0; d < D; d++) q_sum[r] += qh[r * D + d];
+    const uint8_t *kc = k.codes + b * k.sb + h * k.sh, *vc = v.codes + b * v.sb + h * v.sh;
+    int64_t km = b * k.mb + h * k.mh, vm = b * v.mb + h * v.mh, n = count[b];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        for (int t = 0; t < len; t++) {
+            const uint8_t *row = kc + (start + t) * k.st;
+            float *s = scores + t * M;
+            for (int r = 0; r < M; r++) s[r] = 0.0f;
+            for (int j = 0; j < k.row_bytes; j++) {
+                const float *entry = key_table + ((int64_t)j * 256 + row[j]) * M;
+                for (int r = 0; r < M; r++) s[r] += entry[r];
+            }
+            float scale = meta(k.scale, km + (start + t) * k.mt, k.meta_kind);
+            float low = meta(k.low, km + (start + t) * k.mt, k.meta_kind);
+            for (int r = 0; r < M; r++) s[r] = s[r] * scale + low * q_sum[r];
+        }
+        for (int r = 0; r < M; r++) {
+            float block_max = -INFINITY;
+            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[t * M + r]);
+            if (block_max > m_run[r]) {  /* rescale what was accumulated under the old maximum */
+                float factor = expf(m_run[r] - block_max);
+                for (int64_t e = r; e < (int64_t)v.row_bytes * 256 * M; e += M) value_hist[e] *= factor;
+                l_run[r] *= factor;
+                low_sum[r] *= factor;
+                m_run[r] = block_max;
+            }
+            float mass = 0.0f;
+            for (int t = 0; t < len; t++) {
+                float p = expf(scores[t * M + r] - m_run[r]);
+                scores[t * M + r] = p;
+                mass += p;
+            }
+            l_run[r] += mass;
+        }
+        for (int t = 0; t < len; t++) {
+            const uint8_t *row = vc + (start + t) * v.st;
+            float scale = meta(v.scale, vm + (start + t) * v.mt, v.meta_kind);
+            float low = meta(v.low, vm + (start + t) * v.mt, v.meta_kind);
+            const float *p = scores + t * M;
+            for (int r = 0; r < M; r++) low_sum[r] += p[r] * low;
+            for (int j = 0; j < v.row_bytes; j++) {
+                float *bucket = value_hist + ((int64_t)j * 256 + row[j]) * M;
+                for (int r = 0; r < M; r++) bucket[r] += p[r] * scale;
+            }
+        }
+    }
+    int64_t at = ((int64_t)b * Hkv + h) * M;
+    for (int r = 0; r < M; r++) {
+        float *acc = acc_out + (at + r) * D;
+        for (int d = 0; d < D; d++) acc[d] = low_sum[r];
+        for (int j = 0; j < v.row_bytes; j++)
+            for (int x = 0; x < 256; x++) {
+                float w = value_hist[((int64_t)j * 256 + x) * M + r];
+                if (w == 0.0f) continue;
+                for (int i = 0; i < v.per_byte && j * v.per_byte + i < D; i++)
+                    acc[j * v.per_byte + i] += w * digits[v.radix][x][i];
+            }
+        for (int d = 0; d < D; d++) acc[d] *= v_smoothing[h * D + d];
+        m_out[at + r] = m_run[r];
+        l_out[at + r] = l_run[r];
+    }
+    free(key_table); free(value_hist); free(scores); free(q_sum); free(low_sum); free(m_run); free(l_run);
+}
+
+/* For every (b, h): q [B, Hkv, M, D] fp32 contiguous, already scaled by 1/sqrt(D) and the keys'
+ * smoothing; count [B] tokens; v_smoothing [Hkv, D]. Writes m_out, l_out [B, Hkv, M] and
+ * acc_out [B, Hkv, M, D] (times the values' smoothing). */
+void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *count,
+                   Operand k, Operand v, const float *v_smoothing,
+                   float *m_out, float *l_out, float *acc_out, int threads) {
+    static int ready = 0;
+    if (!ready) { init_fp8(); init_digits(); ready = 1; }
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < Hkv; h++) {
+            #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, m_out, l_out, acc_out)
+            switch (M) {
+                case 1: HEAD(1); break;
+                case 2: HEAD(2); break;
+                case 4: HEAD(4); break;
+                case 8: HEAD(8); break;
+                default: HEAD(M);
+            }
+            #undef HEAD
+        }
+    }
+}
