@@ -49,13 +49,13 @@ def block_tokens(batch: int, kv_heads: int, rows: int, head_dim: int) -> int:
 
 
 def working_bytes(batch: int, kv_heads: int, rows: int, head_dim: int) -> int:
-    """Peak transient bytes of attend: three block-sized fp32 copies of the scores (scores,
-    masked, probabilities), the unpacked K and V (their int64 table indices too), and the
-    queries, running output and merge state, fp32 [B, Hkv, rows, D] each."""
+    """Peak transient bytes of attend for `rows` query rows per KV head: a block's scores,
+    probabilities and masks [B, Hkv, rows, N], and about seven fp32 [B, Hkv, rows, D + 8]: the
+    queries (as given, scaled, smoothed), the running output and a block's weighted values
+    (measured on a 4096-token prefill chunk over a packed history, glibc's mmap threshold fixed:
+    engine/planner.py return_freed_memory)."""
     n = block_tokens(batch, kv_heads, rows, head_dim)
-    scores = 3 * 4 * batch * kv_heads * rows * n
-    codes = 2 * (4 + 8) * batch * kv_heads * n * (head_dim + 8)
-    return scores + codes + 4 * 4 * batch * kv_heads * rows * head_dim
+    return 4 * batch * kv_heads * rows * (3 * n + 7 * (head_dim + 8))
 
 
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
@@ -85,7 +85,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             scores = keys.scores(slots, segment, start, inv_freq)                     # (B, Hkv, M, N)
             visible = _visible(segment, counts, first_query, start, scores.shape[-1], row_position)
             if visible is not None:
-                scores = scores.masked_fill(~visible, -math.inf)
+                scores.masked_fill_(~visible, -math.inf)
             state.add(scores, lambda p: values.weighted_sum(p, slots))
     return state.output().view(B, H, Q, D).transpose(1, 2).to(q.dtype)
 
@@ -99,13 +99,13 @@ class _Softmax:
         self.acc = torch.zeros(B, Hkv, M, D)
 
     def add(self, scores, weighted_sum):
-        """scores [B, Hkv, M, N] of a block; weighted_sum(p [B, Hkv, M, N]) -> [B, Hkv, M, D]."""
+        """scores [B, Hkv, M, N] of a block (overwritten); weighted_sum(p [B, Hkv, M, N]) -> [B, Hkv, M, D]."""
         m = torch.maximum(self.m, scores.amax(-1, keepdim=True))
-        m = m.masked_fill(m == -math.inf, 0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
-        p = (scores - m).exp_()
+        m.masked_fill_(m == -math.inf, 0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
+        p = scores.sub_(m).exp_()
         rescale = (self.m - m).exp_()
-        self.l = self.l * rescale + p.sum(-1, keepdim=True)
-        self.acc = self.acc * rescale + weighted_sum(p)
+        self.l.mul_(rescale).add_(p.sum(-1, keepdim=True))
+        self.acc.mul_(rescale).add_(weighted_sum(p))
         self.m = m
 
     def merge(self, m, l, acc):
@@ -163,11 +163,10 @@ class _Operand:
     a TokenStore or a LatentStore (kernels/decode_attention.py Segment)."""
 
     def __init__(self, x, queries):
-        self.x, self.D = x, queries.shape[-1]
+        self.x, self.D, self.raw_queries = x, queries.shape[-1], queries
         self.full = isinstance(x, torch.Tensor)
         self.latent = hasattr(x, "basis_t")
         if self.full or self.latent:
-            self.queries = queries
             return
         n_groups = x.scale.shape[-1]
         width = self.D if x.bits not in _TABLES else x.codes.shape[-1] * _TABLES[x.bits].shape[1]
@@ -176,11 +175,27 @@ class _Operand:
         one_hot[:, :, :self.D] = torch.nn.functional.one_hot(x.group_index.long(), n_groups).transpose(1, 2).float()
         self.one_hot, self.n_groups = one_hot, n_groups
         self.smoothing = torch.nn.functional.pad(x.smoothing, (0, width - self.D))    # (Hkv, width)
-        scaled = queries * x.smoothing[None, :, None]                                  # (B, Hkv, M, D)
-        self.queries = torch.nn.functional.pad(scaled, (0, width - self.D))
-        # Per group, the queries restricted to it, and their sums (what `low` multiplies).
-        self.group_queries = (self.queries[:, :, None] * one_hot[None, :, :, None]).flatten(2, 3)  # (B, Hkv, gM, width)
-        self.group_sums = self.group_queries.sum(-1).unflatten(2, (n_groups, -1))[..., None]     # (B, Hkv, g, M, 1)
+
+    @functools.cached_property
+    def queries(self) -> torch.Tensor:
+        """[B, Hkv, M, width]: the queries as the keys' dot products take them (smoothing folded in)."""
+        if self.full or self.latent:
+            return self.raw_queries
+        return self.raw_queries * self.smoothing[None, :, None, :self.D] if self.D == self.smoothing.shape[-1] \
+            else torch.nn.functional.pad(self.raw_queries * self.x.smoothing[None, :, None],
+                                         (0, self.smoothing.shape[-1] - self.D))
+
+    @functools.cached_property
+    def group_queries(self) -> torch.Tensor:
+        """[B, Hkv, groups * M, width]: per group, the queries restricted to its channels."""
+        if self.n_groups == 1:
+            return self.queries * self.one_hot[None, :, 0, None]
+        return (self.queries[:, :, None] * self.one_hot[None, :, :, None]).flatten(2, 3)
+
+    @functools.cached_property
+    def group_sums(self) -> torch.Tensor:
+        """[B, Hkv, groups, M, 1]: their sums, what each group's `low` multiplies."""
+        return self.group_queries.sum(-1).unflatten(2, (self.n_groups, -1))[..., None]
 
     def _codes(self, slots) -> torch.Tensor:
         """The block's codes unpacked, fp32 [B, Hkv, N, width]: one table lookup per byte."""
@@ -207,7 +222,8 @@ class _Operand:
         if inv_freq is not None:
             B, N = k.shape[0], k.shape[2]
             positions = segment.first_position[:, None] + torch.arange(start, start + N)       # (B, N)
-            k = torch.cat([apply_rope(k[..., :self.D], *rope_cos_sin(positions, inv_freq)), k[..., self.D:]], -1)
+            rotated = apply_rope(k[..., :self.D], *rope_cos_sin(positions, inv_freq))
+            k = rotated if k.shape[-1] == self.D else torch.cat([rotated, k[..., self.D:]], -1)
         return k
 
     def _latent_keys(self, slots) -> torch.Tensor:
@@ -216,10 +232,13 @@ class _Operand:
         assert isinstance(slots, slice) and slots.start % x.token_group == 0, "latent keys are read in whole blocks"
         rows = _rows(x.codes, slots)                                                     # (B, Hkv, N, bytes)
         offset, width = x.bit_layout.long()
-        codes = (rows[..., offset // 8].long() >> (offset % 8)) & ((1 << width) - 1)     # (B, Hkv, N, R)
-        blocks = slice(slots.start // x.token_group, slots.start // x.token_group + rows.shape[2] // x.token_group)
-        scale, low = (t[:, :, blocks].float().repeat_interleave(x.token_group, 2) for t in (x.scale, x.low))
-        latent = codes.float() * scale + low                                             # (B, Hkv, N, R)
+        shift, mask = (offset % 8).to(torch.uint8), ((1 << width) - 1).to(torch.uint8)
+        codes = (rows[..., offset // 8] >> shift) & mask                                  # (B, Hkv, N, R) uint8
+        B, Hkv, N, R = codes.shape
+        first = slots.start // x.token_group
+        scale, low = (t[:, :, first:first + N // x.token_group, None].float() for t in (x.scale, x.low))
+        latent = codes.float().view(B, Hkv, -1, x.token_group, R) * scale + low          # (B, Hkv, blocks, G, R)
+        latent = latent.view(B, Hkv, N, R)
         return latent @ x.basis_t.float() + x.mean.float()[:, :, None]
 
     def scores(self, slots, segment, start, inv_freq) -> torch.Tensor:
@@ -236,10 +255,13 @@ class _Operand:
         if self.full:
             return p @ _rows(self.x, slots).float()
         scale, _ = self._meta(slots)
-        weighted = (p[:, :, None] * scale).flatten(2, 3) @ self._codes(slots)            # (B, Hkv, gM, width)
-        per_group = weighted.unflatten(2, (self.n_groups, -1)) * self.one_hot[None, :, :, None]
         lows = (p @ _rows(self.x.low, slots).float()) @ self.one_hot                      # (B, Hkv, M, width)
-        return ((per_group.sum(2) + lows) * self.smoothing[None, :, None])[..., :self.D]
+        if self.n_groups == 1:  # in place: these are the largest temporaries of a prefill chunk
+            out = (p * scale[:, :, 0]) @ self._codes(slots)                              # (B, Hkv, M, width)
+        else:
+            weighted = (p[:, :, None] * scale).flatten(2, 3) @ self._codes(slots)        # (B, Hkv, gM, width)
+            out = (weighted.unflatten(2, (self.n_groups, -1)) * self.one_hot[None, :, :, None]).sum(2)
+        return out.add_(lows).mul_(self.smoothing[None, :, None])[..., :self.D]
 
 
 # ---------------------------------------------------------------------------------------------
