@@ -316,7 +316,7 @@ def cpu_markdown(result) -> str:
         row = [f"{cell[(*c, context)]['step_ms']:,.1f}" if (*c, context) in cell else "—" for c in columns]
         fp32 = cell.get(("ours", "fp16", "streaming", context))
         rate = f"{fp32['kv_bytes'] / fp32['step_ms'] / 1e6:.1f}" if fp32 else "—"
-        lines.append(f"| {context // 1024}K | {' | '.join(row)} | {rate} |")
+        lines.append(f"| {f'{context // 1024}K' if context % 1024 == 0 else context} | {' | '.join(row)} | {rate} |")
     load = result["load_average"]
     lines.append(f"\n{result['device']}; {result['model']}, batch 1, synthetic history, ms per decode token "
                  f"(median of {result['steps']}), torch.set_num_threads({result['threads']}), read bandwidth "

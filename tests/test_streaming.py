@@ -33,14 +33,21 @@ def rotation(D):
 
 @pytest.mark.parametrize("k_bits, v_bits", BITS + [(1.5, 2)])
 @pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64)])
-@pytest.mark.parametrize("variant", ["post-RoPE, one group, fp16 metadata",
+@pytest.mark.parametrize("variant", ["post-RoPE, one group, fp16 metadata, compiled",
+                                     "post-RoPE, one group, fp8 metadata, torch",
                                      "pre-RoPE, four groups, smoothing, fp8 metadata"])
-def test_decode_matches_reference(k_bits, v_bits, group, D, variant):
-    """Packed history (empty; within one block; several blocks) and a ring window."""
+def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch):
+    """Packed history (empty; within one block; several blocks) and a ring window; a history of
+    whole-byte codes in one group through kernels/packed_history.c, or through torch alone."""
     pre_rope = variant.startswith("pre")
     if pre_rope and k_bits == 1.5:
         pytest.skip("pre-RoPE keys cannot be ternary")
-    n_groups, meta = (4, torch.float8_e4m3fn) if pre_rope else (1, torch.float16)
+    if variant.endswith("torch"):
+        monkeypatch.setattr(streaming, "compiled_kernel", lambda: None)
+    elif variant.endswith("compiled") and k_bits != 3 and v_bits != 3:
+        assert streaming.compiled_kernel() is not None, "no C compiler here: the compiled path is untested"
+    n_groups = 4 if pre_rope else 1
+    meta = torch.float16 if "fp16" in variant else torch.float8_e4m3fn
     B, Hkv, capacity, W = 3, 2, 300, 16
     history_count, window_count = torch.tensor([0, 37, 300]), torch.tensor([5, 16, 16])
     first_slot = torch.randint(W, (B,))
