@@ -105,7 +105,13 @@ def main(args):
     import torch
 
     from engine.cache import make_cache
-    from engine.planner import Request, largest_context, plan, resident_bytes, return_freed_memory
+    from engine.planner import (
+        Request,
+        largest_context,
+        plan,
+        resident_bytes,
+        return_freed_memory,
+    )
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, Tokenizer
     from model import Llama, LlamaConfig

@@ -86,7 +86,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             visible = _visible(segment, counts, first_query, start, scores.shape[-1], row_position)
             if visible is not None:
                 scores.masked_fill_(~visible, -math.inf)
-            state.add(scores, lambda p: values.weighted_sum(p, slots))
+            state.add(scores, functools.partial(values.weighted_sum, slots=slots))
     return state.output().view(B, H, Q, D).transpose(1, 2).to(q.dtype)
 
 
@@ -220,8 +220,7 @@ class _Operand:
             per_channel = lambda t: (t[:, :, :, 0].transpose(-1, -2) @ self.one_hot)          # (B, Hkv, N, width)
             k = self._codes(slots) * per_channel(scale) + per_channel(low)
         if inv_freq is not None:
-            B, N = k.shape[0], k.shape[2]
-            positions = segment.first_position[:, None] + torch.arange(start, start + N)       # (B, N)
+            positions = segment.first_position[:, None] + torch.arange(start, start + k.shape[2])  # (B, N)
             rotated = apply_rope(k[..., :self.D], *rope_cos_sin(positions, inv_freq))
             k = rotated if k.shape[-1] == self.D else torch.cat([rotated, k[..., self.D:]], -1)
         return k
@@ -245,7 +244,6 @@ class _Operand:
         """[B, Hkv, M, N]: the queries against the block's keys."""
         if self.full or self.latent or inv_freq is not None:
             return self.queries @ self.keys(slots, segment, start, inv_freq).transpose(-1, -2)
-        B, Hkv = self.queries.shape[:2]
         scale, low = self._meta(slots)
         dots = (self.group_queries @ self._codes(slots).transpose(-1, -2)).unflatten(2, (self.n_groups, -1))
         return (dots * scale + self.group_sums * low).sum(2)                            # (B, Hkv, M, N)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_kernels import BITS, packed, rope, write_all
 
 from engine.cache import make_cache
 from engine.stores import LatentStore
@@ -17,7 +18,6 @@ from kernels.reference import attention
 from quant.calibrate import Calibration
 from quant.kvspec import parse
 from quant.svdq import basis_from_keys, svdq_keys
-from test_kernels import BITS, packed, rope, write_all
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # fp32, sums in another order: as tests/test_kernels.py
 
