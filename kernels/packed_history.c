@@ -14,6 +14,7 @@
  * the running maximum. Output: the segment's softmax state per (sequence, KV head, row): max m,
  * mass l and unnormalized output acc, merged with the other segments' by the caller.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +32,23 @@ static void init_fp8(void) {
         if (exponent == 15 && mantissa == 7) x = NAN;
         fp8_e4m3[v] = sign ? -x : x;
     }
+}
+
+/* e^x for x <= 0 (clamped at -87, where it is below 2^-125), relative error about 1e-7: 2^(x log2 e)
+ * split into an integer power, set in the exponent bits, and a degree-6 polynomial for the
+ * fraction. Unlike expf, the compiler vectorizes it. */
+static inline float exp_nonpositive(float x) {
+    float t = (x < -87.0f ? -87.0f : x) * 1.4426950409f;
+    float n = floorf(t), f = t - n;
+    float p = 1.535336188e-4f;
+    p = p * f + 1.339887440e-3f;
+    p = p * f + 9.618437357e-3f;
+    p = p * f + 5.550332471e-2f;
+    p = p * f + 2.402264791e-1f;
+    p = p * f + 6.931472028e-1f;
+    p = p * f + 1.0f;
+    union { int32_t i; float f; } power = { .i = ((int32_t)n + 127) << 23 };
+    return p * power.f;
 }
 
 static inline float meta(const void *p, int64_t i, int kind) {
@@ -97,7 +115,7 @@ static inline __attribute__((always_inline)) void attend_head(
             float block_max = -INFINITY;
             for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[t * M + r]);
             if (block_max > m_run[r]) {  /* rescale what was accumulated under the old maximum */
-                float factor = expf(m_run[r] - block_max);
+                float factor = exp_nonpositive(m_run[r] - block_max);
                 for (int64_t e = r; e < (int64_t)v.row_bytes * 256 * M; e += M) value_hist[e] *= factor;
                 l_run[r] *= factor;
                 low_sum[r] *= factor;
@@ -105,7 +123,7 @@ static inline __attribute__((always_inline)) void attend_head(
             }
             float mass = 0.0f;
             for (int t = 0; t < len; t++) {
-                float p = expf(scores[t * M + r] - m_run[r]);
+                float p = exp_nonpositive(scores[t * M + r] - m_run[r]);
                 scores[t * M + r] = p;
                 mass += p;
             }
@@ -152,6 +170,10 @@ void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
+            /* Weights far below the maximum are subnormal, and x86 adds those a hundred times
+             * slower: flush them to zero here, and only here (the thread is torch's afterwards). */
+            unsigned int csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x8040);  /* flush-to-zero, denormals-are-zero */
             #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, m_out, l_out, acc_out)
             switch (M) {
                 case 1: HEAD(1); break;
@@ -161,6 +183,7 @@ void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *
                 default: HEAD(M);
             }
             #undef HEAD
+            _mm_setcsr(csr);
         }
     }
 }
