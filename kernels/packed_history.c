@@ -13,6 +13,10 @@
  * online softmax runs over blocks of BLOCK tokens; the histogram is rescaled when a block raises
  * the running maximum. Output: the segment's softmax state per (sequence, KV head, row): max m,
  * mass l and unnormalized output acc, merged with the other segments' by the caller.
+ *
+ * attend_full does the same over full-precision fp32 rows (the unquantized cache, the sinks and
+ * the ring window): for M = G query rows, BLAS runs q @ K^T as a thin matrix product well below
+ * the memory's speed; a dot product per row and key, in vector registers, does not.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -21,6 +25,8 @@
 #include <string.h>
 
 #define BLOCK 512  /* tokens per online-softmax step: their scores stay in L1 */
+
+typedef float lanes8 __attribute__((vector_size(32), aligned(4)));  /* 8 floats, one AVX register */
 
 /* Metadata dtypes: 0 fp16, 1 fp8 e4m3fn. */
 static float fp8_e4m3[256];
@@ -175,6 +181,81 @@ void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *
             unsigned int csr = _mm_getcsr();
             _mm_setcsr(csr | 0x8040);  /* flush-to-zero, denormals-are-zero */
             #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, m_out, l_out, acc_out)
+            switch (M) {
+                case 1: HEAD(1); break;
+                case 2: HEAD(2); break;
+                case 4: HEAD(4); break;
+                case 8: HEAD(8); break;
+                default: HEAD(M);
+            }
+            #undef HEAD
+            _mm_setcsr(csr);
+        }
+    }
+}
+
+/* One (b, h) of attend_full: keys, values [.., T, D] fp32 rows at strides; token i in slot
+ * (first + i) % ring. */
+static inline __attribute__((always_inline)) void attend_full_head(
+        int b, int h, int Hkv, const int M, int D, const float *q, int64_t n, int64_t first, int64_t ring,
+        const float *keys, const float *values, int64_t st, float *m_out, float *l_out, float *acc_out) {
+    const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
+    int64_t at = ((int64_t)b * Hkv + h) * M;
+    float *acc = acc_out + at * D, scores[BLOCK * M], m_run[M], l_run[M];
+    for (int r = 0; r < M; r++) { m_run[r] = -INFINITY; l_run[r] = 0.0f; }
+    for (int64_t e = 0; e < (int64_t)M * D; e++) acc[e] = 0.0f;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        for (int t = 0; t < len; t++) {
+            const lanes8 *key = (const lanes8 *)(keys + ((first + start + t) % ring) * st);
+            for (int r = 0; r < M; r++) {
+                const lanes8 *query = (const lanes8 *)(qh + r * D);
+                lanes8 sum = {0};
+                for (int d = 0; d < D / 8; d++) sum += query[d] * key[d];
+                scores[t * M + r] = sum[0] + sum[1] + sum[2] + sum[3] + sum[4] + sum[5] + sum[6] + sum[7];
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            float block_max = -INFINITY;
+            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[t * M + r]);
+            if (block_max > m_run[r]) {
+                float factor = exp_nonpositive(m_run[r] - block_max);
+                for (int d = 0; d < D; d++) acc[r * D + d] *= factor;
+                l_run[r] *= factor;
+                m_run[r] = block_max;
+            }
+            for (int t = 0; t < len; t++) {
+                float p = exp_nonpositive(scores[t * M + r] - m_run[r]);
+                scores[t * M + r] = p;
+                l_run[r] += p;
+            }
+        }
+        for (int t = 0; t < len; t++) {
+            const lanes8 *value = (const lanes8 *)(values + ((first + start + t) % ring) * st);
+            for (int r = 0; r < M; r++) {
+                lanes8 *out = (lanes8 *)(acc + r * D);
+                float p = scores[t * M + r];
+                for (int d = 0; d < D / 8; d++) out[d] += p * value[d];
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) { m_out[at + r] = m_run[r]; l_out[at + r] = l_run[r]; }
+}
+
+/* As attend_packed over full-precision rows: keys, values [B, Hkv, T, D] fp32 at strides (sb, sh,
+ * st), D a multiple of 8; sequence b's token i in slot (first_slot[b] + i) % T (first_slot NULL:
+ * slot i); q is not smoothed. */
+void attend_full(int B, int Hkv, int M, int D, const float *q, const int64_t *count, const int64_t *first_slot,
+                 int64_t T, const float *keys, const float *values, int64_t sb, int64_t sh, int64_t st,
+                 float *m_out, float *l_out, float *acc_out, int threads) {
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < Hkv; h++) {
+            unsigned int csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x8040);  /* as in attend_packed */
+            int64_t first = first_slot ? first_slot[b] : 0, offset = b * sb + h * sh;
+            #define HEAD(rows) attend_full_head(b, h, Hkv, rows, D, q, count[b], first, T, keys + offset, \
+                                                values + offset, st, m_out, l_out, acc_out)
             switch (M) {
                 case 1: HEAD(1); break;
                 case 2: HEAD(2); break;

@@ -74,7 +74,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     state = _Softmax(B, Hkv, G * Q, D)
     n = block_tokens(B, Hkv, G * Q, D)
     for segment in segments:
-        if inv_freq is None and _packed_history(queries, segment, state):
+        if inv_freq is None and _compiled(queries, segment, state, q_position, Q):
             continue
         counts = segment.count.tolist()
         # Per sequence, the segment's token index of the first query: causality masks only before it.
@@ -285,8 +285,8 @@ class _PackedOperand(ctypes.Structure):
 
 @functools.cache
 def compiled_kernel():
-    """kernels/packed_history.c as a loaded library, built once per source and machine; None
-    where there is no C compiler (or it fails): the torch path then runs."""
+    """kernels/packed_history.c's attend_packed and attend_full, built once per source and
+    machine; None where there is no C compiler (or it fails): the torch path then runs."""
     source = Path(__file__).with_name("packed_history.c")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or os.environ.get("KVQ_NO_COMPILE"):
@@ -303,33 +303,52 @@ def compiled_kernel():
         if built.returncode:
             return None
         partial.rename(library)
-    kernel = ctypes.CDLL(str(library)).attend_packed
-    kernel.restype = None
-    kernel.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
+    library = ctypes.CDLL(str(library))
+    packed, full = library.attend_packed, library.attend_full
+    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
-    return kernel
+    full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
+        + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    packed.restype = full.restype = None
+    return packed, full
 
 
 def _compiles(x) -> bool:
-    """Whether the C kernel reads this store: a TokenStore of whole-byte codes, one group per head."""
-    return (not isinstance(x, torch.Tensor) and not hasattr(x, "basis_t") and x.bits in _TABLES
-            and x.scale.shape[-1] == 1 and x.scale.dtype in _META_KINDS)
+    """Whether the C kernels read this store or tensor: a TokenStore of whole-byte codes, one
+    group per head; fp32 rows of a multiple of 8 channels."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[-1] % 8 == 0
+    return (not hasattr(x, "basis_t") and x.bits in _TABLES and x.scale.shape[-1] == 1
+            and x.scale.dtype in _META_KINDS)
 
 
-def _packed_history(queries, segment, state) -> bool:
-    """The segment through the C kernel, merged into state, if it applies (a packed history,
-    post-RoPE keys, few query rows); False otherwise."""
+def _compiled(queries, segment, state, q_position, Q) -> bool:
+    """The segment through a C kernel, merged into state, where one applies (a packed history or
+    fp32 rows; post-RoPE keys; few query rows; a causal segment only where every query sees every
+    token, as in decode); False otherwise."""
     B, Hkv, M, D = queries.shape
-    if segment.causal or segment.first_slot is not None or M > MAX_COMPILED_ROWS \
-            or not (_compiles(segment.keys) and _compiles(segment.values)) or compiled_kernel() is None:
-        return False
     keys, values = segment.keys, segment.values
-    scaled = (queries * keys.smoothing[None, :, None]).contiguous()
+    full = isinstance(keys, torch.Tensor)
+    if M > MAX_COMPILED_ROWS or full != isinstance(values, torch.Tensor) or not (_compiles(keys) and _compiles(values)):
+        return False
+    if segment.causal and not (Q == 1 and bool((q_position - segment.first_position >= segment.count - 1).all())):
+        return False
+    if (segment.first_slot is not None and not full) or compiled_kernel() is None:
+        return False
     m, l = torch.empty(2, B, Hkv, M, 1)
     acc = torch.empty(B, Hkv, M, D)
     count = segment.count.to(torch.int64).contiguous()
-    compiled_kernel()(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys),
-                      _PackedOperand.of(values), values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(),
-                      acc.data_ptr(), torch.get_num_threads())
+    packed, full_rows = compiled_kernel()
+    if full:
+        assert keys.stride() == values.stride()
+        first_slot = None if segment.first_slot is None else segment.first_slot.to(torch.int64).contiguous()
+        full_rows(B, Hkv, M, D, queries.contiguous().data_ptr(), count.data_ptr(),
+                  None if first_slot is None else first_slot.data_ptr(), keys.shape[2], keys.data_ptr(),
+                  values.data_ptr(), *keys.stride()[:3], m.data_ptr(), l.data_ptr(), acc.data_ptr(),
+                  torch.get_num_threads())
+    else:
+        scaled = (queries * keys.smoothing[None, :, None]).contiguous()
+        packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
+               values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(), torch.get_num_threads())
     state.merge(m, l, acc)
     return True
