@@ -107,7 +107,7 @@ static inline __attribute__((always_inline)) void attend_head(
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
         for (int t = 0; t < len; t++) {
             const uint8_t *row = kc + (start + t) * k.st;
-            float *s = scores + t * M;
+            float s[M];  /* in registers, as w below */
             for (int r = 0; r < M; r++) s[r] = 0.0f;
             for (int j = 0; j < k.row_bytes; j++) {
                 const float *entry = key_table + ((int64_t)j * 256 + row[j]) * M;
@@ -115,7 +115,7 @@ static inline __attribute__((always_inline)) void attend_head(
             }
             float scale = meta(k.scale, km + (start + t) * k.mt, k.meta_kind);
             float low = meta(k.low, km + (start + t) * k.mt, k.meta_kind);
-            for (int r = 0; r < M; r++) s[r] = s[r] * scale + low * q_sum[r];
+            for (int r = 0; r < M; r++) scores[t * M + r] = s[r] * scale + low * q_sum[r];
         }
         for (int r = 0; r < M; r++) {
             float block_max = -INFINITY;
@@ -139,11 +139,14 @@ static inline __attribute__((always_inline)) void attend_head(
             const uint8_t *row = vc + (start + t) * v.st;
             float scale = meta(v.scale, vm + (start + t) * v.mt, v.meta_kind);
             float low = meta(v.low, vm + (start + t) * v.mt, v.meta_kind);
-            const float *p = scores + t * M;
-            for (int r = 0; r < M; r++) low_sum[r] += p[r] * low;
+            float w[M];  /* in registers: the buckets cannot alias it */
+            for (int r = 0; r < M; r++) {
+                low_sum[r] += scores[t * M + r] * low;
+                w[r] = scores[t * M + r] * scale;
+            }
             for (int j = 0; j < v.row_bytes; j++) {
                 float *bucket = value_hist + ((int64_t)j * 256 + row[j]) * M;
-                for (int r = 0; r < M; r++) bucket[r] += p[r] * scale;
+                for (int r = 0; r < M; r++) bucket[r] += w[r];
             }
         }
     }
