@@ -230,7 +230,7 @@ def cpu_name() -> str:
                  "CPU")
     memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal:")), 0) if Path("/proc/meminfo").exists() else 0
-    return f"{model}, {torch.get_num_threads()} threads, {memory / GiB:.0f} GiB"
+    return f"{model}, {os.cpu_count()} cores, {memory / GiB:.0f} GiB"
 
 
 def read_bandwidth(nbytes: int = GiB) -> float:

@@ -16,11 +16,12 @@ Pre-RoPE keys must be rotated token by token, so they are dequantized in the blo
 rebuilt from their latent codes with a matmul against the basis, as in the Triton kernel.
 The whole-sequence reference it is tested against is kernels/reference.py.
 
-Decode over a packed history is where the bytes are, and element-wise torch cannot unpack them at
-memory speed: there kernels/packed_history.c, compiled on first use with the system's C compiler
-(`cc`, cached under ~/.cache/kvq), reads the codes byte by byte through tables and never unpacks
-them. Without a compiler, or for what it does not cover (several channel groups, pre-RoPE or
-latent keys, 3-bit codes, prefill chunks), the torch block step above runs.
+Decode (at most MAX_COMPILED_ROWS query rows per KV head) over a packed history or fp32 rows goes
+through kernels/packed_history.c instead, compiled on first use with the system's C compiler
+(`cc`, cached under ~/.cache/kvq): element-wise torch cannot unpack codes at memory speed, and
+BLAS runs the thin q @ K^T well below it. Without a compiler, or for what the C does not cover
+(several channel groups, pre-RoPE or latent keys, 3-bit codes, prefill chunks), the torch block
+step above runs.
 """
 import ctypes
 import functools
