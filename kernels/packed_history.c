@@ -26,6 +26,19 @@
 
 #define BLOCK 512  /* tokens per online-softmax step: their scores stay in L1 */
 
+/* HEAD(rows) with rows a constant where M is a common count, so that the loops over rows unroll. */
+#define FOR_ROWS(M, HEAD) switch (M) { \
+    case 1: HEAD(1); break; case 2: HEAD(2); break; case 4: HEAD(4); break; case 8: HEAD(8); break; \
+    default: HEAD(M); }
+
+/* Weights far below the maximum are subnormal, and x86 adds those a hundred times slower: flush
+ * them to zero (and treat them as zero) around `work` only, as the thread is torch's afterwards. */
+#define FLUSHING_SUBNORMALS(work) do { \
+    unsigned int csr = _mm_getcsr(); \
+    _mm_setcsr(csr | 0x8040); \
+    work; \
+    _mm_setcsr(csr); } while (0)
+
 typedef float lanes8 __attribute__((vector_size(32), aligned(4)));  /* 8 floats, one AVX register */
 
 /* Metadata dtypes: 0 fp16, 1 fp8 e4m3fn. */
@@ -179,20 +192,9 @@ void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            /* Weights far below the maximum are subnormal, and x86 adds those a hundred times
-             * slower: flush them to zero here, and only here (the thread is torch's afterwards). */
-            unsigned int csr = _mm_getcsr();
-            _mm_setcsr(csr | 0x8040);  /* flush-to-zero, denormals-are-zero */
             #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, m_out, l_out, acc_out)
-            switch (M) {
-                case 1: HEAD(1); break;
-                case 2: HEAD(2); break;
-                case 4: HEAD(4); break;
-                case 8: HEAD(8); break;
-                default: HEAD(M);
-            }
+            FLUSHING_SUBNORMALS(FOR_ROWS(M, HEAD));
             #undef HEAD
-            _mm_setcsr(csr);
         }
     }
 }
@@ -254,20 +256,11 @@ void attend_full(int B, int Hkv, int M, int D, const float *q, const int64_t *co
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            unsigned int csr = _mm_getcsr();
-            _mm_setcsr(csr | 0x8040);  /* as in attend_packed */
             int64_t first = first_slot ? first_slot[b] : 0, offset = b * sb + h * sh;
             #define HEAD(rows) attend_full_head(b, h, Hkv, rows, D, q, count[b], first, T, keys + offset, \
                                                 values + offset, st, m_out, l_out, acc_out)
-            switch (M) {
-                case 1: HEAD(1); break;
-                case 2: HEAD(2); break;
-                case 4: HEAD(4); break;
-                case 8: HEAD(8); break;
-                default: HEAD(M);
-            }
+            FLUSHING_SUBNORMALS(FOR_ROWS(M, HEAD));
             #undef HEAD
-            _mm_setcsr(csr);
         }
     }
 }
