@@ -1,7 +1,8 @@
-/* Decode attention over one packed history segment, on the CPU: kernels/streaming.py compiles this
- * file with the system's C compiler and calls it through ctypes where it applies (token stores with
- * one channel group per head, codes of whole bytes: 1, 2, 4, 8 bits or ternary; post-RoPE keys; a
- * few query rows), and streams in plain torch elsewhere.
+/* Decode attention over one segment of a cache (packed history, or fp32 rows), on the CPU:
+ * kernels/streaming.py compiles this file with the system's C compiler (x86-64: SSE control
+ * register for subnormals) and calls it through ctypes where it applies (token stores with one
+ * channel group per head, codes of whole bytes: 1, 2, 4, 8 bits or ternary; post-RoPE keys; a few
+ * query rows), and streams in plain torch elsewhere (or where it does not compile).
  *
  * Nothing is unpacked. A row of packed codes is a run of bytes, each holding `per_byte` codes
  * (quant/packing.py), so with the head's queries q (times the keys' smoothing) a key's dot product
