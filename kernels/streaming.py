@@ -304,7 +304,10 @@ def compiled_kernel():
         if built.returncode:
             return None
         partial.rename(library)
-    library = ctypes.CDLL(str(library))
+    try:
+        library = ctypes.CDLL(str(library))
+    except OSError:  # built for another machine, or broken: torch instead
+        return None
     packed, full = library.attend_packed, library.attend_full
     packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
