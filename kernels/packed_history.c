@@ -26,6 +26,7 @@
 #include <string.h>
 
 #define BLOCK 512  /* tokens per online-softmax step: their scores stay in L1 */
+#define VALUE_BYTES 8  /* value bytes summed per pass over a block: 8 x M sums in registers */
 
 /* HEAD(rows) with rows a constant where M is a common count, so that the loops over rows unroll. */
 #define FOR_ROWS(M, HEAD) switch (M) { \
@@ -71,8 +72,16 @@ static inline float exp_nonpositive(float x) {
     return p * power.f;
 }
 
-static inline float meta(const void *p, int64_t i, int kind) {
-    return kind == 0 ? (float)((const _Float16 *)p)[i] : fp8_e4m3[((const uint8_t *)p)[i]];
+/* out[t] = the metadata at p[first + t * stride] as fp32, t < len (contiguous fp16: vectorized) */
+static void read_meta(const void *p, int64_t first, int64_t stride, int kind, int len, float *out) {
+    const _Float16 *half = (const _Float16 *)p + first;
+    const uint8_t *fp8 = (const uint8_t *)p + first;
+    if (kind == 0 && stride == 1)
+        for (int t = 0; t < len; t++) out[t] = (float)half[t];
+    else if (kind == 0)
+        for (int t = 0; t < len; t++) out[t] = (float)half[t * stride];
+    else
+        for (int t = 0; t < len; t++) out[t] = fp8_e4m3[fp8[t * stride]];
 }
 
 /* digits[radix][v][i]: digit i of byte v in base radix (radix ** per_byte <= 256) */
@@ -94,6 +103,81 @@ typedef struct {
     int row_bytes, radix, per_byte, meta_kind;
 } Operand;
 
+#ifdef __AVX512F__
+/* Keys of 1, 2 or 4 bits hold whole codes in each nibble (4, 2 or 1 channels): a 16-entry table
+ * per nibble position p and query row r, nibble_table[p][r][v] = sum_i q[r][p*codes + i] digit_i(v),
+ * fills one zmm register, and vpermps looks up 16 tokens at once (one token per lane, its nibble
+ * as the lane's index: vpermps reads only an index's low 4 bits, so a shift alone selects the
+ * nibble). A gather brings dword w of 16 tokens' rows (8 nibbles each). Two sums per row (even,
+ * odd nibbles) halve the chain of dependent adds. Writes scores [M, BLOCK] for tokens 0..len-1 of
+ * rows at `codes` (stride st). */
+static inline __attribute__((always_inline)) void score_by_nibbles(
+        const uint8_t *codes, int64_t st, int len, int dwords, const int M, const float *nibble_table,
+        float *scores) {
+    const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                       14, 15), _mm512_set1_epi32((int)st));
+    for (int t = 0; t < len; t += 16) {
+        __mmask16 live = len - t >= 16 ? 0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+        const uint8_t *rows = codes + t * st;
+        __m512 even[M], odd[M];
+        for (int r = 0; r < M; r++) even[r] = odd[r] = _mm512_setzero_ps();
+        for (int w = 0; w < dwords; w++) {
+            __m512i nibbles = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, lane_offsets, rows + 4 * w, 1);
+            const float *table = nibble_table + (int64_t)w * 8 * M * 16;
+            for (int n = 0; n < 8; n += 2) {
+                __m512i low = _mm512_srli_epi32(nibbles, 4 * n), high = _mm512_srli_epi32(nibbles, 4 * n + 4);
+                for (int r = 0; r < M; r++) {
+                    even[r] = _mm512_add_ps(even[r], _mm512_permutexvar_ps(low, _mm512_load_ps(table + (n * M + r) * 16)));
+                    odd[r] = _mm512_add_ps(odd[r], _mm512_permutexvar_ps(high, _mm512_load_ps(table + ((n + 1) * M + r) * 16)));
+                }
+            }
+        }
+        for (int r = 0; r < M; r++) _mm512_mask_storeu_ps(scores + r * BLOCK + t, live, _mm512_add_ps(even[r], odd[r]));
+    }
+}
+
+/* nibble_table [2 * row_bytes, M, 16] (64-byte aligned) for the head's queries qh [M, D]; NULL
+ * where the keys' nibbles do not hold whole codes or rows are not whole dwords. */
+static float *nibble_tables(const float *qh, const int M, int D, Operand k) {
+    int bits = k.radix == 2 ? 1 : k.radix == 4 ? 2 : k.radix == 16 ? 4 : 0;
+    if (!bits || k.row_bytes % 4) return NULL;
+    int per_nibble = 4 / bits, nibbles = 2 * k.row_bytes;
+    float *table = aligned_alloc(64, sizeof(float) * nibbles * M * 16);
+    for (int p = 0; p < nibbles; p++)
+        for (int r = 0; r < M; r++)
+            for (int v = 0; v < 16; v++) {
+                float sum = 0.0f;
+                for (int i = 0; i < per_nibble && p * per_nibble + i < D; i++)
+                    sum += qh[r * D + p * per_nibble + i] * ((v >> (bits * i)) & (k.radix - 1));
+                table[(p * M + r) * 16 + v] = sum;
+            }
+    return table;
+}
+#endif
+
+/* The values' weighted sum, bytes j .. j + width - 1 of the rows at `codes` (stride st), tokens
+ * 0..len-1 weighted by w [M, BLOCK]: value_sum[r][j] (a row of `stride` lanes8) gains
+ * sum_t w[r][t] digits(byte_tj), the byte's digits as 8 fp32 lanes read from a table, one fused
+ * multiply-add per byte and row. With width a constant (VALUE_BYTES) the M x width sums stay in
+ * registers over the block. */
+static inline __attribute__((always_inline)) void sum_values(
+        const uint8_t *codes, int64_t st, int len, const int width, const int M, int radix, const float *w,
+        lanes8 *value_sum, int stride) {
+    lanes8 sums[M][width];
+    for (int r = 0; r < M; r++)
+        for (int j = 0; j < width; j++) sums[r][j] = value_sum[r * stride + j];
+    const lanes8 *table = (const lanes8 *)digits[radix];
+    for (int t = 0; t < len; t++) {
+        const uint8_t *row = codes + t * st;
+        for (int j = 0; j < width; j++) {
+            lanes8 d = table[row[j]];
+            for (int r = 0; r < M; r++) sums[r][j] += w[r * BLOCK + t] * d;
+        }
+    }
+    for (int r = 0; r < M; r++)
+        for (int j = 0; j < width; j++) value_sum[r * stride + j] = sums[r][j];
+}
+
 /* One (sequence b, KV head h). M, the query rows, is a constant where the caller inlines it,
  * so that the per-byte loops over rows unroll. */
 static inline __attribute__((always_inline)) void attend_head(
@@ -101,11 +185,15 @@ static inline __attribute__((always_inline)) void attend_head(
         const Operand k, const Operand v, const float *v_smoothing, float *m_out, float *l_out, float *acc_out) {
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
     float *key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
-    float *value_hist = calloc((size_t)v.row_bytes * 256 * M, sizeof(float));
-    float *scores = malloc(sizeof(float) * BLOCK * M);
+    lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
+    float *scores = malloc(sizeof(float) * BLOCK * M);  /* [M, BLOCK]: a row's scores in a run */
     float *q_sum = calloc(M, sizeof(float)), *low_sum = calloc(M, sizeof(float));
     float *m_run = malloc(sizeof(float) * M), *l_run = calloc(M, sizeof(float));
     for (int r = 0; r < M; r++) m_run[r] = -INFINITY;
+#ifdef __AVX512F__
+    float *nibble_table = nibble_tables(qh, M, D, k);
+    if (!nibble_table)
+#endif
     for (int j = 0; j < k.row_bytes; j++)
         for (int x = 0; x < 256; x++)
             for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++) {
@@ -119,6 +207,10 @@ static inline __attribute__((always_inline)) void attend_head(
     int64_t km = b * k.mb + h * k.mh, vm = b * v.mb + h * v.mh, n = count[b];
     for (int64_t start = 0; start < n; start += BLOCK) {
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
+#ifdef __AVX512F__
+        if (nibble_table) score_by_nibbles(kc + start * k.st, k.st, len, k.row_bytes / 4, M, nibble_table, scores);
+        else
+#endif
         for (int t = 0; t < len; t++) {
             const uint8_t *row = kc + (start + t) * k.st;
             float s[M];  /* in registers, as w below */
@@ -127,59 +219,63 @@ static inline __attribute__((always_inline)) void attend_head(
                 const float *entry = key_table + ((int64_t)j * 256 + row[j]) * M;
                 for (int r = 0; r < M; r++) s[r] += entry[r];
             }
-            float scale = meta(k.scale, km + (start + t) * k.mt, k.meta_kind);
-            float low = meta(k.low, km + (start + t) * k.mt, k.meta_kind);
-            for (int r = 0; r < M; r++) scores[t * M + r] = s[r] * scale + low * q_sum[r];
+            for (int r = 0; r < M; r++) scores[r * BLOCK + t] = s[r];
         }
+        float scale[BLOCK], low[BLOCK];
+        read_meta(k.scale, km + start * k.mt, k.mt, k.meta_kind, len, scale);
+        read_meta(k.low, km + start * k.mt, k.mt, k.meta_kind, len, low);
+        for (int r = 0; r < M; r++)
+            for (int t = 0; t < len; t++) scores[r * BLOCK + t] = scores[r * BLOCK + t] * scale[t] + low[t] * q_sum[r];
         for (int r = 0; r < M; r++) {
             float block_max = -INFINITY;
-            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[t * M + r]);
+            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[r * BLOCK + t]);
             if (block_max > m_run[r]) {  /* rescale what was accumulated under the old maximum */
                 float factor = exp_nonpositive(m_run[r] - block_max);
-                for (int64_t e = r; e < (int64_t)v.row_bytes * 256 * M; e += M) value_hist[e] *= factor;
+                for (int j = 0; j < v.row_bytes; j++) value_sum[r * v.row_bytes + j] *= factor;
                 l_run[r] *= factor;
                 low_sum[r] *= factor;
                 m_run[r] = block_max;
             }
             float mass = 0.0f;
             for (int t = 0; t < len; t++) {
-                float p = exp_nonpositive(scores[t * M + r] - m_run[r]);
-                scores[t * M + r] = p;
+                float p = exp_nonpositive(scores[r * BLOCK + t] - m_run[r]);
+                scores[r * BLOCK + t] = p;
                 mass += p;
             }
             l_run[r] += mass;
         }
-        for (int t = 0; t < len; t++) {
-            const uint8_t *row = vc + (start + t) * v.st;
-            float scale = meta(v.scale, vm + (start + t) * v.mt, v.meta_kind);
-            float low = meta(v.low, vm + (start + t) * v.mt, v.meta_kind);
-            float w[M];  /* in registers: the buckets cannot alias it */
-            for (int r = 0; r < M; r++) {
-                low_sum[r] += scores[t * M + r] * low;
-                w[r] = scores[t * M + r] * scale;
+        read_meta(v.scale, vm + start * v.mt, v.mt, v.meta_kind, len, scale);
+        read_meta(v.low, vm + start * v.mt, v.mt, v.meta_kind, len, low);
+        for (int r = 0; r < M; r++) {
+            float low_mass = 0.0f;
+            for (int t = 0; t < len; t++) {
+                low_mass += scores[r * BLOCK + t] * low[t];
+                scores[r * BLOCK + t] *= scale[t];
             }
-            for (int j = 0; j < v.row_bytes; j++) {
-                float *bucket = value_hist + ((int64_t)j * 256 + row[j]) * M;
-                for (int r = 0; r < M; r++) bucket[r] += w[r];
-            }
+            low_sum[r] += low_mass;
         }
+        const uint8_t *rows = vc + start * v.st;
+        int j = 0;
+        for (; j + VALUE_BYTES <= v.row_bytes; j += VALUE_BYTES)
+            sum_values(rows + j, v.st, len, VALUE_BYTES, M, v.radix, scores, value_sum + j, v.row_bytes);
+        if (j < v.row_bytes)
+            sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes);
     }
     int64_t at = ((int64_t)b * Hkv + h) * M;
     for (int r = 0; r < M; r++) {
         float *acc = acc_out + (at + r) * D;
         for (int d = 0; d < D; d++) acc[d] = low_sum[r];
         for (int j = 0; j < v.row_bytes; j++)
-            for (int x = 0; x < 256; x++) {
-                float w = value_hist[((int64_t)j * 256 + x) * M + r];
-                if (w == 0.0f) continue;
-                for (int i = 0; i < v.per_byte && j * v.per_byte + i < D; i++)
-                    acc[j * v.per_byte + i] += w * digits[v.radix][x][i];
-            }
+            for (int i = 0; i < v.per_byte && j * v.per_byte + i < D; i++)
+                acc[j * v.per_byte + i] += value_sum[r * v.row_bytes + j][i];
         for (int d = 0; d < D; d++) acc[d] *= v_smoothing[h * D + d];
         m_out[at + r] = m_run[r];
         l_out[at + r] = l_run[r];
     }
-    free(key_table); free(value_hist); free(scores); free(q_sum); free(low_sum); free(m_run); free(l_run);
+#ifdef __AVX512F__
+    free(nibble_table);
+#endif
+    free(key_table); free(value_sum); free(scores); free(q_sum); free(low_sum); free(m_run); free(l_run);
 }
 
 /* For every (b, h): q [B, Hkv, M, D] fp32 contiguous, already scaled by 1/sqrt(D) and the keys'
@@ -218,12 +314,12 @@ static inline __attribute__((always_inline)) void attend_full_head(
                 const lanes8 *query = (const lanes8 *)(qh + r * D);
                 lanes8 sum = {0};
                 for (int d = 0; d < D / 8; d++) sum += query[d] * key[d];
-                scores[t * M + r] = sum[0] + sum[1] + sum[2] + sum[3] + sum[4] + sum[5] + sum[6] + sum[7];
+                scores[r * BLOCK + t] = sum[0] + sum[1] + sum[2] + sum[3] + sum[4] + sum[5] + sum[6] + sum[7];
             }
         }
         for (int r = 0; r < M; r++) {
             float block_max = -INFINITY;
-            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[t * M + r]);
+            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[r * BLOCK + t]);
             if (block_max > m_run[r]) {
                 float factor = exp_nonpositive(m_run[r] - block_max);
                 for (int d = 0; d < D; d++) acc[r * D + d] *= factor;
@@ -231,8 +327,8 @@ static inline __attribute__((always_inline)) void attend_full_head(
                 m_run[r] = block_max;
             }
             for (int t = 0; t < len; t++) {
-                float p = exp_nonpositive(scores[t * M + r] - m_run[r]);
-                scores[t * M + r] = p;
+                float p = exp_nonpositive(scores[r * BLOCK + t] - m_run[r]);
+                scores[r * BLOCK + t] = p;
                 l_run[r] += p;
             }
         }
@@ -240,7 +336,7 @@ static inline __attribute__((always_inline)) void attend_full_head(
             const lanes8 *value = (const lanes8 *)(values + ((first + start + t) % ring) * st);
             for (int r = 0; r < M; r++) {
                 lanes8 *out = (lanes8 *)(acc + r * D);
-                float p = scores[t * M + r];
+                float p = scores[r * BLOCK + t];
                 for (int d = 0; d < D / 8; d++) out[d] += p * value[d];
             }
         }
