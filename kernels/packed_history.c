@@ -43,6 +43,22 @@
 
 typedef float lanes8 __attribute__((vector_size(32), aligned(4)));  /* 8 floats, one AVX register */
 
+/* max(x[0..len-1]); a vector of running maxima where AVX has one (a single running maximum is a
+ * chain the compiler will not vectorize without -ffinite-math-only) */
+static inline float max_of(const float *x, int len) {
+    float m = -INFINITY;
+    int t = 0;
+#ifdef __AVX__
+    __m256 lane_max = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= len; t += 8) lane_max = _mm256_max_ps(lane_max, _mm256_loadu_ps(x + t));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, lane_max);
+    for (int i = 0; i < 8; i++) m = fmaxf(m, lanes[i]);
+#endif
+    for (; t < len; t++) m = fmaxf(m, x[t]);
+    return m;
+}
+
 /* Metadata dtypes: 0 fp16, 1 fp8 e4m3fn. */
 static float fp8_e4m3[256];
 
@@ -76,12 +92,17 @@ static inline float exp_nonpositive(float x) {
 static void read_meta(const void *p, int64_t first, int64_t stride, int kind, int len, float *out) {
     const _Float16 *half = (const _Float16 *)p + first;
     const uint8_t *fp8 = (const uint8_t *)p + first;
+    int t = 0;
+#ifdef __F16C__
+    if (kind == 0 && stride == 1)  /* the compiler does not vectorize the conversion itself */
+        for (; t + 8 <= len; t += 8) _mm256_storeu_ps(out + t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(half + t))));
+#endif
     if (kind == 0 && stride == 1)
-        for (int t = 0; t < len; t++) out[t] = (float)half[t];
+        for (; t < len; t++) out[t] = (float)half[t];
     else if (kind == 0)
-        for (int t = 0; t < len; t++) out[t] = (float)half[t * stride];
+        for (; t < len; t++) out[t] = (float)half[t * stride];
     else
-        for (int t = 0; t < len; t++) out[t] = fp8_e4m3[fp8[t * stride]];
+        for (; t < len; t++) out[t] = fp8_e4m3[fp8[t * stride]];
 }
 
 /* digits[radix][v][i]: digit i of byte v in base radix (radix ** per_byte <= 256) */
@@ -104,35 +125,69 @@ typedef struct {
 } Operand;
 
 #ifdef __AVX512F__
+/* Dwords w0 .. w0 + count - 1 (count <= 8) of 16 rows at `rows` (stride st; rows from `live` on
+ * read as zeros) as out[w - w0] [16 lanes, one per row]: the rows in ymm halves (row i low, row
+ * i + 8 high), then the 8 x 8 transpose of AVX in both halves at once (interleave dwords, then
+ * qwords, then 128-bit lanes). Masked loads read nothing past a row's `count` dwords. */
+static inline __attribute__((always_inline)) void transpose_rows(
+        const uint8_t *rows, int64_t st, int live, int w0, int count, __m512i out[8]) {
+    __mmask8 dwords = (__mmask8)((1u << count) - 1);
+    __m512i a[8], b[8];
+    for (int i = 0; i < 8; i++) {
+        __m256i low = _mm256_maskz_loadu_epi32(i < live ? dwords : 0, rows + i * st + 4 * w0);
+        __m256i high = _mm256_maskz_loadu_epi32(i + 8 < live ? dwords : 0, rows + (i + 8) * st + 4 * w0);
+        a[i] = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    }
+    for (int i = 0; i < 8; i += 2) {
+        b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+        b[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        a[i] = _mm512_unpacklo_epi64(b[i], b[i + 2]);
+        a[i + 1] = _mm512_unpackhi_epi64(b[i], b[i + 2]);
+        a[i + 2] = _mm512_unpacklo_epi64(b[i + 1], b[i + 3]);
+        a[i + 3] = _mm512_unpackhi_epi64(b[i + 1], b[i + 3]);
+    }
+    const __m512i first_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i second_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int i = 0; i < 4; i++) {
+        out[i] = _mm512_permutex2var_epi64(a[i], first_lanes, a[i + 4]);
+        out[i + 4] = _mm512_permutex2var_epi64(a[i], second_lanes, a[i + 4]);
+    }
+}
+
 /* Keys of 1, 2 or 4 bits hold whole codes in each nibble (4, 2 or 1 channels): a 16-entry table
  * per nibble position p and query row r, nibble_table[p][r][v] = sum_i q[r][p*codes + i] digit_i(v),
  * fills one zmm register, and vpermps looks up 16 tokens at once (one token per lane, its nibble
  * as the lane's index: vpermps reads only an index's low 4 bits, so a shift alone selects the
- * nibble). A gather brings dword w of 16 tokens' rows (8 nibbles each). Two sums per row (even,
- * odd nibbles) halve the chain of dependent adds. Writes scores [M, BLOCK] for tokens 0..len-1 of
- * rows at `codes` (stride st). */
+ * nibble). A transpose brings dword w of 16 tokens' rows (8 nibbles each) into one register (a
+ * gather did the same at twice the cost). Two sums per row (even, odd nibbles) halve the chain of
+ * dependent adds. Writes scores [M, BLOCK] for tokens 0..len-1 of rows at `codes` (stride st). */
 static inline __attribute__((always_inline)) void score_by_nibbles(
         const uint8_t *codes, int64_t st, int len, int dwords, const int M, const float *nibble_table,
         float *scores) {
-    const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                                       14, 15), _mm512_set1_epi32((int)st));
     for (int t = 0; t < len; t += 16) {
-        __mmask16 live = len - t >= 16 ? 0xFFFF : (__mmask16)((1u << (len - t)) - 1);
-        const uint8_t *rows = codes + t * st;
+        int live = len - t < 16 ? len - t : 16;
         __m512 even[M], odd[M];
         for (int r = 0; r < M; r++) even[r] = odd[r] = _mm512_setzero_ps();
-        for (int w = 0; w < dwords; w++) {
-            __m512i nibbles = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, lane_offsets, rows + 4 * w, 1);
-            const float *table = nibble_table + (int64_t)w * 8 * M * 16;
-            for (int n = 0; n < 8; n += 2) {
-                __m512i low = _mm512_srli_epi32(nibbles, 4 * n), high = _mm512_srli_epi32(nibbles, 4 * n + 4);
-                for (int r = 0; r < M; r++) {
-                    even[r] = _mm512_add_ps(even[r], _mm512_permutexvar_ps(low, _mm512_load_ps(table + (n * M + r) * 16)));
-                    odd[r] = _mm512_add_ps(odd[r], _mm512_permutexvar_ps(high, _mm512_load_ps(table + ((n + 1) * M + r) * 16)));
+        for (int w0 = 0; w0 < dwords; w0 += 8) {
+            int count = dwords - w0 < 8 ? dwords - w0 : 8;
+            __m512i transposed[8];
+            transpose_rows(codes + t * st, st, live, w0, count, transposed);
+            for (int w = 0; w < count; w++) {
+                const float *table = nibble_table + (int64_t)(w0 + w) * 8 * M * 16;
+                for (int n = 0; n < 8; n += 2) {
+                    __m512i low = _mm512_srli_epi32(transposed[w], 4 * n);
+                    __m512i high = _mm512_srli_epi32(transposed[w], 4 * n + 4);
+                    for (int r = 0; r < M; r++) {
+                        even[r] = _mm512_add_ps(even[r], _mm512_permutexvar_ps(low, _mm512_load_ps(table + (n * M + r) * 16)));
+                        odd[r] = _mm512_add_ps(odd[r], _mm512_permutexvar_ps(high, _mm512_load_ps(table + ((n + 1) * M + r) * 16)));
+                    }
                 }
             }
         }
-        for (int r = 0; r < M; r++) _mm512_mask_storeu_ps(scores + r * BLOCK + t, live, _mm512_add_ps(even[r], odd[r]));
+        __mmask16 stored = (__mmask16)((1u << live) - 1);
+        for (int r = 0; r < M; r++) _mm512_mask_storeu_ps(scores + r * BLOCK + t, stored, _mm512_add_ps(even[r], odd[r]));
     }
 }
 
@@ -227,8 +282,7 @@ static inline __attribute__((always_inline)) void attend_head(
         for (int r = 0; r < M; r++)
             for (int t = 0; t < len; t++) scores[r * BLOCK + t] = scores[r * BLOCK + t] * scale[t] + low[t] * q_sum[r];
         for (int r = 0; r < M; r++) {
-            float block_max = -INFINITY;
-            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[r * BLOCK + t]);
+            float block_max = max_of(scores + r * BLOCK, len);
             if (block_max > m_run[r]) {  /* rescale what was accumulated under the old maximum */
                 float factor = exp_nonpositive(m_run[r] - block_max);
                 for (int j = 0; j < v.row_bytes; j++) value_sum[r * v.row_bytes + j] *= factor;
@@ -318,8 +372,7 @@ static inline __attribute__((always_inline)) void attend_full_head(
             }
         }
         for (int r = 0; r < M; r++) {
-            float block_max = -INFINITY;
-            for (int t = 0; t < len; t++) block_max = fmaxf(block_max, scores[r * BLOCK + t]);
+            float block_max = max_of(scores + r * BLOCK, len);
             if (block_max > m_run[r]) {
                 float factor = exp_nonpositive(m_run[r] - block_max);
                 for (int d = 0; d < D; d++) acc[r * D + d] *= factor;

@@ -292,7 +292,7 @@ def compiled_kernel():
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
     cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
         if Path("/proc/cpuinfo").exists() else []
     key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
