@@ -168,6 +168,7 @@ static inline __attribute__((always_inline)) void score_by_nibbles(
         float *scores) {
     for (int t = 0; t < len; t += 16) {
         int live = len - t < 16 ? len - t : 16;
+        for (int64_t byte = 0; byte < 16 * st; byte += 64) __builtin_prefetch(codes + (t + BLOCK) * st + byte);
         __m512 even[M], odd[M];
         for (int r = 0; r < M; r++) even[r] = odd[r] = _mm512_setzero_ps();
         for (int w0 = 0; w0 < dwords; w0 += 8) {
@@ -217,13 +218,14 @@ static float *nibble_tables(const float *qh, const int M, int D, Operand k) {
  * registers over the block. */
 static inline __attribute__((always_inline)) void sum_values(
         const uint8_t *codes, int64_t st, int len, const int width, const int M, int radix, const float *w,
-        lanes8 *value_sum, int stride) {
+        lanes8 *value_sum, int stride, int prefetch) {
     lanes8 sums[M][width];
     for (int r = 0; r < M; r++)
         for (int j = 0; j < width; j++) sums[r][j] = value_sum[r * stride + j];
     const lanes8 *table = (const lanes8 *)digits[radix];
     for (int t = 0; t < len; t++) {
         const uint8_t *row = codes + t * st;
+        if (prefetch && t % 4 == 0) __builtin_prefetch(row + BLOCK * st);
         for (int j = 0; j < width; j++) {
             lanes8 d = table[row[j]];
             for (int r = 0; r < M; r++) sums[r][j] += w[r * BLOCK + t] * d;
@@ -311,9 +313,9 @@ static inline __attribute__((always_inline)) void attend_head(
         const uint8_t *rows = vc + start * v.st;
         int j = 0;
         for (; j + VALUE_BYTES <= v.row_bytes; j += VALUE_BYTES)
-            sum_values(rows + j, v.st, len, VALUE_BYTES, M, v.radix, scores, value_sum + j, v.row_bytes);
+            sum_values(rows + j, v.st, len, VALUE_BYTES, M, v.radix, scores, value_sum + j, v.row_bytes, j == 0);
         if (j < v.row_bytes)
-            sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes);
+            sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes, j == 0);
     }
     int64_t at = ((int64_t)b * Hkv + h) * M;
     for (int r = 0; r < M; r++) {
