@@ -218,14 +218,13 @@ static float *nibble_tables(const float *qh, const int M, int D, Operand k) {
  * registers over the block. */
 static inline __attribute__((always_inline)) void sum_values(
         const uint8_t *codes, int64_t st, int len, const int width, const int M, int radix, const float *w,
-        lanes8 *value_sum, int stride, int prefetch) {
+        lanes8 *value_sum, int stride) {
     lanes8 sums[M][width];
     for (int r = 0; r < M; r++)
         for (int j = 0; j < width; j++) sums[r][j] = value_sum[r * stride + j];
     const lanes8 *table = (const lanes8 *)digits[radix];
     for (int t = 0; t < len; t++) {
         const uint8_t *row = codes + t * st;
-        if (prefetch && t % 4 == 0) __builtin_prefetch(row + BLOCK * st);
         for (int j = 0; j < width; j++) {
             lanes8 d = table[row[j]];
             for (int r = 0; r < M; r++) sums[r][j] += w[r * BLOCK + t] * d;
@@ -313,9 +312,9 @@ static inline __attribute__((always_inline)) void attend_head(
         const uint8_t *rows = vc + start * v.st;
         int j = 0;
         for (; j + VALUE_BYTES <= v.row_bytes; j += VALUE_BYTES)
-            sum_values(rows + j, v.st, len, VALUE_BYTES, M, v.radix, scores, value_sum + j, v.row_bytes, j == 0);
+            sum_values(rows + j, v.st, len, VALUE_BYTES, M, v.radix, scores, value_sum + j, v.row_bytes);
         if (j < v.row_bytes)
-            sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes, j == 0);
+            sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes);
     }
     int64_t at = ((int64_t)b * Hkv + h) * M;
     for (int r = 0; r < M; r++) {
