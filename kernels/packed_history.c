@@ -15,11 +15,12 @@
  * and query row (sum_values):
  *     value_sum[m][j][i] = sum_t w_t digit_i(byte_tj) = sum_t w_t codes(t)[j*per_byte+i]
  * An fp32 online softmax runs over blocks of BLOCK tokens; the sums are rescaled when a block raises
- * the running maximum. Output: the segment's softmax state per (sequence, KV head, row): max m,
- * mass l and unnormalized output acc, merged with the other segments' by the caller. Measured on
- * a 2-core AMD EPYC (one thread, 2-bit keys, ternary values, 2 query rows): 36 ns per token and
- * KV head with scalar tables and a value histogram; 13-14 ns with the nibble tables and digit
- * vectors (keys about 4, values about 8, softmax and metadata about 2).
+ * the running maximum. The softmax state per (sequence, KV head, row), max m, mass l and
+ * unnormalized output acc, comes in holding the segments read before and goes out including this
+ * one (one online softmax across segments, no merge in torch). Measured on a 2-core AMD EPYC
+ * (one thread, 2-bit keys, ternary values, 2 query rows): 36 ns per token and KV head with
+ * scalar tables and a value histogram; 13-14 ns with the nibble tables and digit vectors (keys
+ * about 4, values about 8, softmax and metadata about 2).
  *
  * attend_full does the same over full-precision fp32 rows (the unquantized cache, the sinks and
  * the ring window): for M = G query rows, BLAS runs q @ K^T as a thin matrix product well below
@@ -250,8 +251,10 @@ static inline __attribute__((always_inline)) void attend_head(
     lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
     float *scores = malloc(sizeof(float) * BLOCK * M);  /* [M, BLOCK]: a row's scores in a run */
     float *q_sum = calloc(M, sizeof(float)), *low_sum = calloc(M, sizeof(float));
-    float *m_run = malloc(sizeof(float) * M), *l_run = calloc(M, sizeof(float));
-    for (int r = 0; r < M; r++) m_run[r] = -INFINITY;
+    int64_t at = ((int64_t)b * Hkv + h) * M;
+    /* the softmax so far (other segments'), carried: its output is rescaled as l is */
+    float m_run[M], l_run[M], carried[M];
+    for (int r = 0; r < M; r++) { m_run[r] = m_out[at + r]; l_run[r] = l_out[at + r]; carried[r] = 1.0f; }
 #ifdef __AVX512F__
     float *nibble_table = nibble_tables(qh, M, D, k);
     if (!nibble_table)
@@ -294,6 +297,7 @@ static inline __attribute__((always_inline)) void attend_head(
                 float factor = exp_nonpositive(m_run[r] - block_max);
                 for (int j = 0; j < v.row_bytes; j++) value_sum[r * v.row_bytes + j] *= factor;
                 l_run[r] *= factor;
+                carried[r] *= factor;
                 low_sum[r] *= factor;
                 m_run[r] = block_max;
             }
@@ -322,26 +326,26 @@ static inline __attribute__((always_inline)) void attend_head(
         if (j < v.row_bytes)
             sum_values(rows + j, v.st, len, v.row_bytes - j, M, v.radix, scores, value_sum + j, v.row_bytes);
     }
-    int64_t at = ((int64_t)b * Hkv + h) * M;
     for (int r = 0; r < M; r++) {
-        float *acc = acc_out + (at + r) * D;
-        for (int d = 0; d < D; d++) acc[d] = low_sum[r];
+        float *acc = acc_out + (at + r) * D, fresh[D];
+        for (int d = 0; d < D; d++) fresh[d] = low_sum[r];
         for (int j = 0; j < v.row_bytes; j++)
             for (int i = 0; i < v.per_byte && j * v.per_byte + i < D; i++)
-                acc[j * v.per_byte + i] += value_sum[r * v.row_bytes + j][i];
-        for (int d = 0; d < D; d++) acc[d] *= v_smoothing[h * D + d];
+                fresh[j * v.per_byte + i] += value_sum[r * v.row_bytes + j][i];
+        for (int d = 0; d < D; d++) acc[d] = acc[d] * carried[r] + fresh[d] * v_smoothing[h * D + d];
         m_out[at + r] = m_run[r];
         l_out[at + r] = l_run[r];
     }
 #ifdef __AVX512F__
     free(nibble_table);
 #endif
-    free(key_table); free(value_sum); free(scores); free(q_sum); free(low_sum); free(m_run); free(l_run);
+    free(key_table); free(value_sum); free(scores); free(q_sum); free(low_sum);
 }
 
 /* For every (b, h): q [B, Hkv, M, D] fp32 contiguous, already scaled by 1/sqrt(D) and the keys'
- * smoothing; count [B] tokens; v_smoothing [Hkv, D]. Writes m_out, l_out [B, Hkv, M] and
- * acc_out [B, Hkv, M, D] (times the values' smoothing). */
+ * smoothing; count [B] tokens; v_smoothing [Hkv, D]. m_out, l_out [B, Hkv, M] and acc_out
+ * [B, Hkv, M, D] hold the softmax state of the segments before (m = -inf, l = acc = 0: none) and
+ * are updated in place to include this one (acc times the values' smoothing). */
 void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *count,
                    Operand k, Operand v, const float *v_smoothing,
                    float *m_out, float *l_out, float *acc_out, int threads) {
@@ -365,8 +369,7 @@ static inline __attribute__((always_inline)) void attend_full_head(
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
     int64_t at = ((int64_t)b * Hkv + h) * M;
     float *acc = acc_out + at * D, scores[BLOCK * M], m_run[M], l_run[M];
-    for (int r = 0; r < M; r++) { m_run[r] = -INFINITY; l_run[r] = 0.0f; }
-    for (int64_t e = 0; e < (int64_t)M * D; e++) acc[e] = 0.0f;
+    for (int r = 0; r < M; r++) { m_run[r] = m_out[at + r]; l_run[r] = l_out[at + r]; }  /* the state so far */
     for (int64_t start = 0; start < n; start += BLOCK) {
         int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
         for (int t = 0; t < len; t++) {

@@ -109,15 +109,6 @@ class _Softmax:
         self.acc.mul_(rescale).add_(weighted_sum(p))
         self.m = m
 
-    def merge(self, m, l, acc):
-        """Another part of the softmax over other tokens: its max m, mass l [B, Hkv, M, 1] and output acc."""
-        new = torch.maximum(self.m, m)
-        new = new.masked_fill(new == -math.inf, 0.0)
-        mine, theirs = (self.m - new).exp(), (m - new).exp()
-        self.l = self.l * mine + l * theirs
-        self.acc = self.acc * mine + acc * theirs
-        self.m = new
-
     def output(self):
         return self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -330,7 +321,7 @@ def _compiles(x) -> bool:
 
 
 def _compiled(queries, segment, state, q_position, Q) -> bool:
-    """The segment through a C kernel, merged into state, where one applies (a packed history or
+    """The segment through a C kernel, folded into state in place, where one applies (a packed history or
     fp32 rows; post-RoPE keys; few query rows; a causal segment only where every query sees every
     token, as in decode); False otherwise."""
     B, Hkv, M, D = queries.shape
@@ -342,8 +333,8 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
         return False
     if (segment.first_slot is not None and not full) or compiled_kernel() is None:
         return False
-    m, l = torch.empty(2, B, Hkv, M, 1)
-    acc = torch.empty(B, Hkv, M, D)
+    m, l, acc = state.m, state.l, state.acc  # updated in place by the kernel
+    assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous()
     count = segment.count.to(torch.int64).contiguous()
     packed, full_rows = compiled_kernel()
     if full:
@@ -357,5 +348,4 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
         scaled = (queries * keys.smoothing[None, :, None]).contiguous()
         packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
                values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(), torch.get_num_threads())
-    state.merge(m, l, acc)
     return True
