@@ -114,7 +114,7 @@ def main(args):
     import torch
 
     from engine.cache import make_cache
-    from engine.planner import Request, largest_context, plan
+    from engine.planner import Request, largest_context, plan, resident_bytes, return_freed_memory
     from engine.runner import generate
     from engine.tokenizer import StreamDecoder, eos_ids, has_tokenizer, load_tokenizer
     from model import Llama, LlamaConfig
@@ -183,7 +183,10 @@ def main(args):
         print(f"note: no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis", file=sys.stderr)
     if tokenizer is None:
         print(f"note: no tokenizer in {args.model}: stdout gets the new token ids", file=sys.stderr)
+    if device.type == "cpu":
+        return_freed_memory()
     cache = make_cache(spec, cfg, 1, memory.context, device, dtype, calibration)
+    resident = resident_bytes()  # weights and cache: what the forwards' working memory comes on top of
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -220,6 +223,10 @@ def main(args):
           f"KV cache ({spec}, {stored}): {cache.max_context} tokens, {cache.nbytes() / 2**20:.2f} MiB allocated, "
           f"{cache.bytes_per_token():.0f} bytes/token, {cache.bits_per_element():.3f} bits/element"
           + (" in the quantized history, metadata included" if spec.quantized else ""), file=sys.stderr)
+    if device.type == "cpu":
+        print(f"working memory: {(resident_bytes(peak=True) - resident) / 2**30:.2f} GiB at its peak "
+              f"(resident memory over that of weights and cache), planned {memory.working / 2**30:.2f} GiB",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def run(args):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), commit=git_commit(), command=" ".join(sys.argv),
+                python=platform.python_version(), commit=git_commit(), command=command_line(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 copy_bandwidth_gb_per_s=bandwidth / 1e9, split_tokens=SPLIT_TOKENS,
                 kv_values="random (speed does not depend on values)", rows=rows)
@@ -201,6 +201,12 @@ def markdown(result) -> str:
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+
+
+def command_line() -> str:
+    """How this benchmark was run, as a reader would type it: `python -m bench.NAME ARGS`."""
+    module = ".".join(Path(sys.argv[0]).resolve().relative_to(ROOT).with_suffix("").parts)
+    return " ".join(["python -m", module, *sys.argv[1:]])
 
 
 def git_commit() -> str:

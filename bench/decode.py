@@ -14,17 +14,29 @@ bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against co
     python -m bench.decode                                  # the sweep, on a GPU
     python -m bench.decode --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
     python -m bench.decode --smoke                          # tiny shapes on any device
+
+On the CPU (`--device cpu`) it measures another table instead (`cpu_table`): the shipped model
+(weights/kjv-tiny) at batch 1 over a synthetic history, milliseconds per decode token for our
+caches through the streaming path generate.py runs ("after") and through the whole-sequence
+reference ("before"), beside transformers' LlamaForCausalLM (SDPA) with its DynamicCache and
+its QuantizedCache (quanto int2, residual 128), all in one process; JSON to bench/results/ and
+the table into bench/RESULTS.md.
+
+    python -m bench.decode --device cpu                     # 4K, 32K, 128K: about 10 minutes
+    python -m bench.decode --device cpu --contexts 4096,32768
 """
 import argparse
 import json
-from dataclasses import replace
+import os
+import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.attention import ROOT, copy_bandwidth, device_name, git_commit
+from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
 from engine.cache import KVCache, make_cache
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
 from engine.runner import decode_one_token, prefill
@@ -101,8 +113,8 @@ def largest_batch(request: Request, context: int, budget: int, limit: int = 4096
     return longest(lambda batch: replace(request, batch=batch).cache_bytes(context) <= budget, limit)
 
 
-def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> float:
-    """Median seconds per decode step (eager, or replays of one captured step)."""
+def time_steps(model, cache, batch: int, steps: int, graph: bool, device, warmup: int = 3) -> float:
+    """Median seconds per decode step (eager, or replays of one captured step), after `warmup`."""
     token = torch.zeros(batch, dtype=torch.long, device=device)
     step = lambda: decode_one_token(model, token, cache)
     if graph:
@@ -117,7 +129,7 @@ def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> flo
             step()
         step = captured.replay
     times = []
-    for i in range(steps + 3):
+    for i in range(steps + warmup):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -129,7 +141,7 @@ def time_steps(model, cache, batch: int, steps: int, graph: bool, device) -> flo
             begin = time.perf_counter()
             step()
             seconds = time.perf_counter() - begin
-        if i >= 3:  # warm-up steps compile kernels
+        if i >= warmup:  # warm-up steps compile kernels
             times.append(seconds)
     return sorted(times)[len(times) // 2]
 
@@ -184,7 +196,7 @@ def run(args):
             if args.prefill:
                 rows.append(real_prefill(model, name, spec, args, device, dtype))
         del model
-    return dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=" ".join(sys.argv),
+    return dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=command_line(),
                 copy_bandwidth_gb_per_s=bandwidth / 1e9, weights="random", history="synthetic (random)", rows=rows)
 
 
@@ -203,6 +215,125 @@ def real_prefill(model, name, spec, args, device, dtype) -> dict:
                prefill_s=seconds, prefill_tokens_per_s=n / seconds, step_ms=step * 1e3, tokens_per_s=1 / step)
     print(f"real prefill of {n} tokens ({name}, {spec}): {seconds:.1f} s, {n / seconds:.0f} tokens/s", file=sys.stderr)
     return row
+
+
+CPU_CACHES = ["fp16", "skvq-k2v1.5", "svdq-k1.25v1.5"]
+CPU_MODEL = ROOT / "weights" / "kjv-tiny"
+TABLE_START = "<!-- cpu decode table: written by python -m bench.decode --device cpu -->"
+TABLE_END = "<!-- end of cpu decode table -->"
+
+
+def cpu_name() -> str:
+    """The machine, in words: CPU model, cores, memory."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "CPU")
+    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), 0) if Path("/proc/meminfo").exists() else 0
+    return f"{model}, {os.cpu_count()} cores, {memory / GiB:.0f} GiB"
+
+
+def read_bandwidth(nbytes: int = GiB) -> float:
+    """Bytes per second a reduction over an fp32 tensor reads, median of 5 (the CPU's read ceiling)."""
+    x = torch.randn(nbytes // 4)
+    times = []
+    for _ in range(6):
+        begin = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - begin)
+    return nbytes / sorted(times[1:])[2]
+
+
+def ours(model, spec, context: int, reference: bool, steps: int) -> dict:
+    """One of our caches at `context` tokens of synthetic history, through the reference path or not."""
+    cache = make_cache(spec, model.config, 1, context + steps + 1, "cpu", torch.float32, reference=reference)
+    fill_synthetic(cache, context)
+    seconds = time_steps(model, cache, 1, steps, False, torch.device("cpu"), warmup=1)
+    return dict(engine="ours", kv=str(spec), path="reference" if reference else "streaming", context=context,
+                step_ms=seconds * 1e3, kv_bytes=kv_bytes_read(cache, context), cache_gib=cache.nbytes() / GiB)
+
+
+def transformers_cache(hf, kind: str, context: int, steps: int) -> dict:
+    """transformers' LlamaForCausalLM (SDPA) decoding after `context` synthetic tokens in its
+    DynamicCache (fp32; cropped back to `context` after each step) or its QuantizedCache (quanto
+    int2, residual 128, as its own prefill would leave it: the history quantized whole)."""
+    from transformers import DynamicCache, QuantizedCache
+
+    cfg = hf.config
+    if kind == "DynamicCache":
+        cache = DynamicCache(config=cfg)
+    else:
+        cache = QuantizedCache("quanto", cfg, nbits=2, residual_length=128)
+    shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape) * 0.1, torch.randn(shape) * 0.1, layer)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    times = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            begin = time.perf_counter()
+            hf(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[context + i]]), use_cache=True)
+            times.append(time.perf_counter() - begin)
+            if kind == "DynamicCache":
+                cache.crop(-1)  # back to `context` tokens
+    return dict(engine="transformers", kv=kind, path="sdpa", context=context, step_ms=sorted(times[1:])[steps // 2] * 1e3)
+
+
+def cpu_table(args) -> dict:
+    """The CPU decode table: every cache at every context, in one process (see the module doc)."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = Llama.from_pretrained(CPU_MODEL, "cpu", torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(CPU_MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
+    bandwidth = read_bandwidth()
+    print(f"machine: {cpu_name()}; read bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for context in args.contexts:
+        for spec in [parse(kv) for kv in CPU_CACHES]:
+            for reference in (True, False):
+                rows.append(ours(model, spec, context, reference, args.steps))
+                print(f"{context} {rows[-1]['kv']} {rows[-1]['path']}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
+        for kind in ("DynamicCache", "QuantizedCache"):
+            rows.append(transformers_cache(hf, kind, context, args.steps))
+            print(f"{context} transformers {kind}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return dict(device=cpu_name(), threads=args.threads, model="kjv-tiny", batch=1, torch=torch.__version__,
+                commit=git_commit(), command=command_line(), read_bandwidth_gb_per_s=bandwidth / 1e9,
+                load_average=load, history="synthetic (random)", steps=args.steps, rows=rows)
+
+
+def cpu_markdown(result) -> str:
+    """The table: ms per decode token, one row per context; "before" is the reference path."""
+    columns = [("ours", kv, path) for kv in CPU_CACHES for path in ("reference", "streaming")]
+    columns += [("transformers", "DynamicCache", "sdpa"), ("transformers", "QuantizedCache", "sdpa")]
+    names = [f"ours {kv}, {'before' if path == 'reference' else 'after'}" for _, kv, path in columns[:-2]]
+    names += ["transformers SDPA, DynamicCache fp32", "transformers QuantizedCache (quanto int2, residual 128)"]
+    cell = {(r["engine"], r["kv"], r["path"], r["context"]): r for r in result["rows"]}
+    lines = [f"| context | {' | '.join(names)} | fp32 after: K/V GB/s (of {result['read_bandwidth_gb_per_s']:.1f}) |",
+             "|---" * (len(columns) + 2) + "|"]
+    for context in sorted({r["context"] for r in result["rows"]}):
+        row = [f"{cell[(*c, context)]['step_ms']:,.1f}" if (*c, context) in cell else "—" for c in columns]
+        fp32 = cell.get(("ours", "fp16", "streaming", context))
+        rate = f"{fp32['kv_bytes'] / fp32['step_ms'] / 1e6:.1f}" if fp32 else "—"
+        lines.append(f"| {f'{context // 1024}K' if context % 1024 == 0 else context} | {' | '.join(row)} | {rate} |")
+    load = result["load_average"]
+    lines.append(f"\n{result['device']}; {result['model']}, batch 1, synthetic history, ms per decode token "
+                 f"(median of {result['steps']}), torch.set_num_threads({result['threads']}), read bandwidth "
+                 f"{result['read_bandwidth_gb_per_s']:.1f} GB/s (a sum over 1 GiB), load average "
+                 f"{load:.1f} at the end; commit {result['commit']}: `{result['command']}`")
+    return "\n".join(lines)
+
+
+def write_markdown(table: str, path: Path):
+    """Puts the table between the markers in `path` (appended with them where they are absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
+    if TABLE_START in text and TABLE_END in text:
+        text = text[:text.index(TABLE_START)] + block + text[text.index(TABLE_END) + len(TABLE_END):]
+    else:
+        text += f"\n{block}\n"
+    path.write_text(text)
 
 
 def format_row(r) -> str:
@@ -256,6 +387,9 @@ def main(argv=None):
     p.add_argument("--copy-bytes", type=int, default=1 << 30)
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--threads", type=int, default=2, help="CPU table: torch threads")
+    p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md",
+                   help="CPU table: the markdown file it writes the table into")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.contexts, args.batches, args.steps = ["tiny"], [300], ["2"], 3
@@ -268,6 +402,18 @@ def main(argv=None):
         args.kv = [parse(kv) for kv in args.kv]
     except ValueError as e:
         p.error(f"--kv: {e}")
+    if args.device == "cpu" and not args.smoke:
+        if "--contexts" not in " ".join(argv if argv is not None else sys.argv):
+            args.contexts = [4096, 32768, 131072]
+        if "--steps" not in " ".join(argv if argv is not None else sys.argv):
+            args.steps = 5
+        result = cpu_table(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"decode-cpu-{platform.node() or 'cpu'}.json").write_text(json.dumps(result, indent=1) + "\n")
+        table = cpu_markdown(result)
+        write_markdown(table, args.results_md)
+        print(table)
+        return
     if any(spec.method == "kivi" for spec in args.kv):
         p.error("--kv: kivi is simulated only (python -m quant.eval), not a cache the engine runs")
     result = run(args)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.attention import ROOT, device_name, git_commit
+from bench.attention import ROOT, command_line, device_name, git_commit
 from bench.decode import CONFIGS, random_model
 from engine.cache import make_cache
 from engine.planner import HEADROOM, GiB, Request, largest_context, longest, usable_bytes, working_bytes
@@ -73,7 +73,7 @@ def main(argv=None):
             print(rows[-1], file=sys.stderr)
         del model
         torch.cuda.empty_cache()
-    result = dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=" ".join(sys.argv),
+    result = dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=command_line(),
                   weights="random fp16, on the device", headroom=HEADROOM, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"memory-{result['device'].replace(' ', '_')}.json"

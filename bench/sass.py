@@ -42,7 +42,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from bench.attention import ROOT, SETTINGS, SHAPES, git_commit, make_inputs
+from bench.attention import ROOT, SETTINGS, SHAPES, command_line, git_commit, make_inputs
 from bench.decode import CONFIGS
 from engine.cache import make_cache
 from quant.kvspec import parse
@@ -422,7 +422,7 @@ def main(argv=None):
     torch.manual_seed(0)
     launches, steps = all_launches(args.models, args.settings)
     rows = analyse_all(launches, args.targets)
-    result = dict(triton=triton.__version__, torch=torch.__version__, commit=git_commit(), command=" ".join(sys.argv),
+    result = dict(triton=triton.__version__, torch=torch.__version__, commit=git_commit(), command=command_line(),
                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   budgets={t: dict(gpu=g.name, warp_instructions_per_byte=g.budget, tb_per_s=g.tb_per_s)
                            for t, g in GPUS.items()}, decode_step=steps, rows=rows)

@@ -7,13 +7,16 @@ first n_new[b] are real (prompts in a batch are right-padded), `positions = cach
 gives the tokens' positions [B, T] and counts the real ones in `cache.lengths`.
 
 `make_cache(spec, ...)` builds the cache a quant/kvspec.py KvSpec names. On CUDA the caches attend
-through kernels/decode_attention.py; elsewhere through kernels/reference.py in plain torch.
+through kernels/decode_attention.py; elsewhere through kernels/streaming.py in plain torch, over
+the same segments. `reference=True` keeps the whole-sequence kernels/reference.py path (history
+dequantized whole, then one attention), what the tests and bench/decode.py compare against.
 """
 import torch
 
 from cli import UserError
 from engine.stores import make_store
-from kernels.decode_attention import Segment, attend, decode_attention
+from kernels import decode_attention, streaming
+from kernels.decode_attention import Segment
 from kernels.reference import attention
 from model import LlamaConfig, apply_rope, rope_cos_sin, rope_inv_freq
 from quant.calibrate import quantizers_for
@@ -21,11 +24,13 @@ from quant.calibrate import quantizers_for
 
 class Cache:
     """What every cache shares: per-sequence lengths and the reserve step of the protocol.
-    `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch."""
+    `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch;
+    `reference`: in plain torch, through the whole-sequence reference rather than streaming."""
 
     keys_pre_rope = False
 
-    def __init__(self, batch_size: int, max_context: int, device, use_kernels: bool | None = None):
+    def __init__(self, batch_size: int, max_context: int, device, use_kernels: bool | None = None,
+                 reference: bool = False):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
         self.n_new = torch.zeros_like(self.lengths)  # real tokens per sequence in the current forward
         self.max_context = max_context
@@ -33,6 +38,12 @@ class Cache:
         # against it costs no device sync (lengths may live on the GPU, and a decode step has none).
         self.reserved = 0
         self.use_kernels = torch.device(device).type == "cuda" if use_kernels is None else use_kernels
+        self.reference = reference and not self.use_kernels
+
+    def _attend(self, q, segments, q_position=None, inv_freq=None):
+        """q [B, H, T, D] over segments: the Triton kernels or their streaming torch twin."""
+        attend = decode_attention.attend if self.use_kernels else streaming.attend
+        return attend(q.transpose(1, 2), segments, q_position, inv_freq).transpose(1, 2)
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
@@ -57,8 +68,8 @@ class KVCache(Cache):
     (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
-                 use_kernels: bool | None = None):
-        super().__init__(batch_size, max_context, device, use_kernels)
+                 use_kernels: bool | None = None, reference: bool = False):
+        super().__init__(batch_size, max_context, device, use_kernels, reference)
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_context, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
@@ -70,10 +81,10 @@ class KVCache(Cache):
         index = positions[:, None, :, None].expand(B, Hkv, T, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
-        if self.use_kernels:  # causal over the held tokens; the queries are at positions[:, 0] on
+        if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
             segment = Segment(self.k[layer], self.v[layer], self.lengths, None, torch.zeros_like(self.lengths),
                               causal=True)
-            return attend(q.transpose(1, 2), [segment], positions[:, 0]).transpose(1, 2)
+            return self._attend(q, [segment], positions[:, 0])
         # Attend over the stored prefix only, never over the whole preallocated capacity.
         S = int(positions.max()) + 1
         return attention(q, self.k[layer, :, :, :S], self.v[layer, :, :, :S], positions)
@@ -99,13 +110,15 @@ class QuantizedCache(Cache):
     Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
     With `use_kernels`, attention is kernels/decode_attention.py over three segments (sinks,
     window, history; a prefill chunk adds itself, causally) and token stores evict through
-    kernels/quantize.py, a decode step with no host sync; otherwise the history is dequantized
-    in plain torch for kernels/reference.py.
+    kernels/quantize.py, a decode step with no host sync; otherwise kernels/streaming.py reads the
+    same segments block by block in plain torch (or, with `reference`, the history is dequantized
+    whole for kernels/reference.py).
     """
 
     def __init__(self, spec, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
-                 key_quantizers: list, value_quantizers: list, use_kernels: bool | None = None):
-        super().__init__(batch_size, max_context, device, use_kernels)
+                 key_quantizers: list, value_quantizers: list, use_kernels: bool | None = None,
+                 reference: bool = False):
+        super().__init__(batch_size, max_context, device, use_kernels, reference)
         assert spec.key_schedule == spec.value_schedule, f"{spec.method} is simulated only (quant/eval.py)"
         L, B, Hkv, D = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim
         self.spec, self.schedule, self.keys_pre_rope = spec, spec.key_schedule, spec.keys_pre_rope
@@ -127,17 +140,16 @@ class QuantizedCache(Cache):
         inv_freq = self.inv_freq if self.keys_pre_rope else None
         if k.shape[2] > 1:  # a prompt, or the next chunk of one: it attends to the cache so far and to itself exactly
             old = self.lengths - self.n_new
-            if self.use_kernels:
-                chunk = Segment(k, v, self.n_new, None, old, causal=True)
-                segments = self._segments(layer, self.held_spans) + [chunk]
-                out = attend(q.transpose(1, 2), segments, old, inv_freq).transpose(1, 2)
-            else:
+            if self.reference:
                 out = attention(q, *self._with_chunk(layer, k, v, positions), positions)
+            else:
+                chunk = Segment(k, v, self.n_new, None, old, causal=True)
+                out = self._attend(q, self._segments(layer, self.held_spans) + [chunk], old, inv_freq)
             self._store_chunk(layer, k, v)
             return out
         self._append(layer, k[:, :, 0], v[:, :, 0], positions[:, 0])
-        if self.use_kernels:
-            return decode_attention(q[:, :, 0], self._segments(layer, self.spans), inv_freq)[:, :, None]
+        if not self.reference:
+            return self._attend(q, self._segments(layer, self.spans), None, inv_freq)
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
@@ -282,11 +294,11 @@ class QuantizedCache(Cache):
 
 
 def make_cache(spec, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype, calibration=None,
-               use_kernels: bool | None = None) -> Cache:
+               use_kernels: bool | None = None, reference: bool = False) -> Cache:
     """The cache quant/kvspec.py `spec` names, for batch_size sequences of up to max_context
     tokens, its quantizers from `calibration` (quant/calibrate.py quantizers_for)."""
     if not spec.quantized:
-        return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels)
+        return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels, reference)
     if spec.key_schedule != spec.value_schedule:
         raise UserError(f"{spec} is simulated only (quant/methods.py simulated_cache); caches run fp16, skvq and svdq")
     try:
@@ -294,4 +306,4 @@ def make_cache(spec, cfg: LlamaConfig, batch_size: int, max_context: int, device
     except ValueError as e:
         raise UserError(f"{spec}: {e}")
     quantizers = quantizers_for(spec, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, calibration)
-    return QuantizedCache(spec, cfg, batch_size, max_context, device, dtype, *quantizers, use_kernels)
+    return QuantizedCache(spec, cfg, batch_size, max_context, device, dtype, *quantizers, use_kernels, reference)

@@ -5,6 +5,7 @@ that allocates it, so there is no second formula to drift from it. The working m
 forward is priced from the shapes engine/runner.py, engine/cache.py and the kernels use (a
 prefill chunk's activations and its attention).
 """
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from engine.cache import make_cache
 from engine.runner import PREFILL_CHUNK
+from kernels import streaming
 from model import LlamaConfig
 from quant.kvspec import KvSpec
 
@@ -53,16 +55,37 @@ def free_bytes(device) -> int:
 def working_bytes(cfg, batch: int, prompt_tokens: int, dtype, kernels: bool) -> int:
     """Peak transient memory of the largest forward: one prefill chunk's MLP and logits, and its
     attention: with the kernels, fp32 partial outputs per segment [B, chunk, H, 4, D]; in plain
-    torch, the K/V it reads [B, Hkv, prompt, D] and the scores [B, H, chunk, prompt] in fp32."""
+    torch, kernels/streaming.py's blocks for the chunk's queries. Neither grows with the prompt."""
     chunk = min(prompt_tokens, PREFILL_CHUNK)
     size = torch.finfo(dtype).bits // 8
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     mlp = batch * chunk * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * size
     if kernels:
-        attention = 4 * batch * chunk * cfg.num_attention_heads * 4 * (cfg.head_dim + 1)
-    else:
-        attention = 4 * batch * prompt_tokens * (2 * cfg.num_key_value_heads * cfg.head_dim
-                                                 + cfg.num_attention_heads * chunk)
-    return mlp + attention + 4 * batch * cfg.vocab_size
+        attention = mlp + 4 * batch * chunk * H * 4 * (D + 1)
+    else:  # the residual, its norm, q, k, v and the rotated q, k live while kernels/streaming.py attends
+        projections = batch * chunk * (2 * cfg.hidden_size + (2 * H + 3 * Hkv) * D) * size
+        attention = max(mlp, projections + streaming.working_bytes(batch, Hkv, chunk * H // Hkv, D))
+    return attention + 4 * batch * cfg.vocab_size
+
+
+def return_freed_memory():
+    """On the CPU, with glibc: fix the mmap threshold at 1 MiB. glibc otherwise raises it to the
+    largest block freed (up to 32 MiB) and serves later blocks below it from a heap it keeps, so
+    the peak resident memory of a prefill reaches up to twice what it holds live; fixed, every
+    block over 1 MiB goes back to the system when freed, and the peak is what working_bytes prices."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:  # not glibc
+        pass
+
+
+def resident_bytes(peak: bool = False) -> int:
+    """This process's resident memory now, or its peak so far (VmRSS, VmHWM)."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 @dataclass

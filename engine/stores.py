@@ -44,9 +44,10 @@ class TokenStore:
         if kernels:
             quantize_tokens(x, batch, source, row, self)
             return
-        keep = row >= 0
-        at = batch[keep], slice(None), row[keep]
-        self.codes[at], self.scale[at], self.low[at] = self.quantizer.quantize(x[batch[keep], :, source[keep]])
+        keep = (row >= 0).nonzero()[:, 0]  # once, not once per boolean index: a decode step evicts one token
+        batch, source, row = batch[keep], source[keep], row[keep]
+        self.codes[batch, :, row], self.scale[batch, :, row], self.low[batch, :, row] = \
+            self.quantizer.quantize(x[batch, :, source])
 
     def read(self, n_rows: int) -> torch.Tensor:
         """The first n_rows of every sequence, dequantized: [B, Hkv, n_rows, D] fp32."""

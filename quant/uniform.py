@@ -21,10 +21,15 @@ def quantize_groups(x: torch.Tensor, bits, group_index: torch.Tensor, n_groups: 
     Returns codes uint8 [..., C], scale and low [..., n_groups] in meta_dtype (0 for an empty group)."""
     levels = n_levels(bits)
     xf = x.float()
-    index = group_index.to(x.device).expand_as(xf)
     shape = (*xf.shape[:-1], n_groups)
-    hi = torch.full(shape, -torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amax")
-    lo = torch.full(shape, torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amin")
+    if n_groups == 1:  # the extremes without scatters, the metadata without gathers: a decode step quantizes one token
+        hi, lo = xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True)
+        per_channel = lambda t: t.float()
+    else:
+        index = group_index.to(x.device).expand_as(xf)
+        hi = torch.full(shape, -torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amax")
+        lo = torch.full(shape, torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amin")
+        per_channel = lambda t: t.float().gather(-1, index)
     empty = hi < lo
     hi, lo = hi.masked_fill(empty, 0.0), lo.masked_fill(empty, 0.0)
     # A constant group has max == min: any positive scale reproduces it exactly (code 0). The
@@ -32,7 +37,7 @@ def quantize_groups(x: torch.Tensor, bits, group_index: torch.Tensor, n_groups: 
     floor = 2.0 ** -9 if meta_dtype == torch.float8_e4m3fn else 1e-6
     scale = (clip * (hi - lo) / (levels - 1)).clamp_min(floor).to(meta_dtype)
     low = (clip * lo).to(meta_dtype)
-    codes = ((xf - low.float().gather(-1, index)) / scale.float().gather(-1, index) + 0.5).floor()
+    codes = ((xf - per_channel(low)) / per_channel(scale) + 0.5).floor()
     return codes.clamp_(0, levels - 1).to(torch.uint8), scale, low
 
 

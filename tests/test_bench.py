@@ -37,3 +37,21 @@ def test_decode_benchmark_smoke_run(tmp_path):
     # The quantized caches read fewer bytes per step than the fp16 cache at the same context.
     fp16, *quantized = [row["bytes_per_step"] for row in result["rows"]]
     assert all(b < fp16 for b in quantized)
+
+
+def test_cpu_decode_table_smoke_run(tmp_path):
+    """The CPU table on a short context: every cell measured, the table written between its markers."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# before\n")
+    r = subprocess.run([sys.executable, "-m", "bench.decode", "--device", "cpu", "--contexts", "300", "--steps", "1",
+                        "--out", str(tmp_path), "--results-md", str(results)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(next(tmp_path.glob("decode-cpu-*.json")).read_text())
+    assert result["read_bandwidth_gb_per_s"] > 0 and result["model"] == "kjv-tiny"
+    cells = {(row["kv"], row["path"]) for row in result["rows"]}
+    assert cells == {(kv, path) for kv in ["fp16", "skvq-k2v1.5", "svdq-k1.25v1.5"] for path in ["reference", "streaming"]} \
+        | {("DynamicCache", "sdpa"), ("QuantizedCache", "sdpa")}
+    assert all(row["step_ms"] > 0 and row["context"] == 300 for row in result["rows"])
+    text = results.read_text()
+    assert text.startswith("# before\n") and "| 300 |" in text and "<!-- end of cpu decode table -->" in text

@@ -116,7 +116,8 @@ def test_cache_invariants(trial, use_kernels):
 @pytest.mark.parametrize("pre_rope", [False, True])
 def test_window_covering_everything_equals_fp16_cache(pre_rope):
     """With the window large enough that nothing is quantized, the quantized cache computes
-    exactly what the unquantized one does."""
+    what the unquantized one does, to fp32 rounding (sinks and window are separate segments of
+    the online softmax, the unquantized cache one)."""
     torch.manual_seed(int(torch.randint(1000, ())))
     cfg = tiny_config()
     model = Llama(cfg)
@@ -128,11 +129,11 @@ def test_window_covering_everything_equals_fp16_cache(pre_rope):
     spec = parse(f"skvq-k2v2:sinks=3:window={T - 3}:group-size=8" + (":pre-rope-keys" if pre_rope else ""))
     quantized = make_cache(spec, cfg, 2, T, "cpu", torch.float32)
     a, b = prefill(model, tokens, lengths, fp16), prefill(model, tokens, lengths, quantized)
-    assert torch.equal(a, b) if not pre_rope else torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for _ in range(T - 14):
         token = a.argmax(-1)
         a, b = decode_one_token(model, token, fp16), decode_one_token(model, token, quantized)
-        assert torch.equal(a, b) if not pre_rope else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])

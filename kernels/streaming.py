@@ -1,0 +1,351 @@
+"""Attention streamed over a cache's segments in blocks of tokens, in plain torch: the CPU path.
+
+It reads what kernels/decode_attention.py reads (the same `Segment`s, full-precision tensors and
+engine/stores.py stores, in place) and computes what that kernel computes, block by block: a
+block's codes are unpacked by table lookup, scored against the queries with one matmul, folded
+into an fp32 online softmax, and its values accumulated with another. Never the whole history
+in fp32, never K/V copied per query head (the G query heads of a KV head are rows of one
+matrix), never a mask wider than a block; memory is bounded by `block_tokens`.
+
+Dequantization is folded around the matmuls rather than done element by element. For a token t
+with code vector c_t and, per channel group g, (scale, low):
+    score(q, t)  = sum_g scale_tg * ((q * s) . (c_t on g)) + low_tg * sum((q * s) on g)
+    sum_t p_t v_t = s * sum_g [ (p * scale_g) @ c + (p @ low_g) ] on g
+with s the store's smoothing (keys': folded into q; values': applied to the block's output).
+Pre-RoPE keys must be rotated token by token, so they are dequantized in the block; SVDq keys are
+rebuilt from their latent codes with a matmul against the basis, as in the Triton kernel.
+The whole-sequence reference it is tested against is kernels/reference.py.
+
+Decode (at most MAX_COMPILED_ROWS query rows per KV head) over a packed history or fp32 rows goes
+through kernels/packed_history.c instead, compiled on first use with the system's C compiler
+(`cc`, cached under ~/.cache/kvq): element-wise torch cannot unpack codes at memory speed, and
+BLAS runs the thin q @ K^T well below it. Without a compiler, or for what the C does not cover
+(several channel groups, pre-RoPE or latent keys, 3-bit codes, prefill chunks), the torch block
+step above runs.
+"""
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from kernels.decode_attention import Segment
+from model import apply_rope, rope_cos_sin
+from quant.packing import WIDTHS, unpack
+
+WORK_BYTES = 16 << 20  # fp32 bytes of one block's scores and unpacked K/V: sizes the block
+
+
+def block_tokens(batch: int, kv_heads: int, rows: int, head_dim: int) -> int:
+    """Tokens per block for `rows` query rows per KV head (queries x query heads of the group):
+    the block's scores [B, Hkv, rows, N] and unpacked keys and values [B, Hkv, N, D] fit in
+    WORK_BYTES, in multiples of 128 tokens (an SVDq block of keys never straddles two)."""
+    per_token = 4 * batch * kv_heads * (rows + 2 * (head_dim + 8))
+    return max(128, WORK_BYTES // per_token // 128 * 128)
+
+
+def working_bytes(batch: int, kv_heads: int, rows: int, head_dim: int) -> int:
+    """Peak transient bytes of attend for `rows` query rows per KV head: a block's scores,
+    probabilities and masks [B, Hkv, rows, N], and about seven fp32 [B, Hkv, rows, D + 8]: the
+    queries (as given, scaled, smoothed), the running output and a block's weighted values
+    (measured on a 4096-token prefill chunk over a packed history, glibc's mmap threshold fixed:
+    engine/planner.py return_freed_memory)."""
+    n = block_tokens(batch, kv_heads, rows, head_dim)
+    return 4 * batch * kv_heads * rows * (3 * n + 7 * (head_dim + 8))
+
+
+def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
+           inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """As kernels/decode_attention.py attend: q [B, Q, H, D], Q queries per sequence, the i-th
+    at position q_position[b] + i, attend to every token of every segment (a causal segment: to
+    its tokens at or before them). inv_freq [D/2]: keys are pre-RoPE. Returns [B, Q, H, D]."""
+    B, Q, H, D = q.shape
+    Hkv = segments[0].rows.shape[1]
+    G = H // Hkv
+    # Rows of one KV head's query matrix: query head g of the group, query i -> row g * Q + i.
+    queries = (q.float() * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G * Q, D)       # (B, Hkv, M, D)
+    row_position = None
+    if q_position is not None:
+        row_position = (q_position[:, None] + torch.arange(Q).repeat(G)).view(B, 1, G * Q, 1)  # (B, 1, M, 1)
+    state = _Softmax(B, Hkv, G * Q, D)
+    n = block_tokens(B, Hkv, G * Q, D)
+    for segment in segments:
+        if inv_freq is None and _compiled(queries, segment, state, q_position, Q):
+            continue
+        counts = segment.count.tolist()
+        # Per sequence, the segment's token index of the first query: causality masks only before it.
+        first_query = (q_position - segment.first_position).tolist() if segment.causal else None
+        keys, values = _Operand(segment.keys, queries), _Operand(segment.values, queries)
+        for start in range(0, max(counts), n):
+            slots = _slots(segment, start, min(n, max(counts) - start))
+            scores = keys.scores(slots, segment, start, inv_freq)                     # (B, Hkv, M, N)
+            visible = _visible(segment, counts, first_query, start, scores.shape[-1], row_position)
+            if visible is not None:
+                scores.masked_fill_(~visible, -math.inf)
+            state.add(scores, functools.partial(values.weighted_sum, slots=slots))
+    return state.output().view(B, H, Q, D).transpose(1, 2).to(q.dtype)
+
+
+class _Softmax:
+    """The online softmax over blocks: running max m, mass l and output acc per query row."""
+
+    def __init__(self, B, Hkv, M, D):
+        self.m = torch.full((B, Hkv, M, 1), -math.inf)
+        self.l = torch.zeros(B, Hkv, M, 1)
+        self.acc = torch.zeros(B, Hkv, M, D)
+
+    def add(self, scores, weighted_sum):
+        """scores [B, Hkv, M, N] of a block (overwritten); weighted_sum(p [B, Hkv, M, N]) -> [B, Hkv, M, D]."""
+        m = torch.maximum(self.m, scores.amax(-1, keepdim=True))
+        m.masked_fill_(m == -math.inf, 0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
+        p = scores.sub_(m).exp_()
+        rescale = (self.m - m).exp_()
+        self.l.mul_(rescale).add_(p.sum(-1, keepdim=True))
+        self.acc.mul_(rescale).add_(weighted_sum(p))
+        self.m = m
+
+    def output(self):
+        return self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _slots(segment: Segment, start: int, n: int):
+    """Rows of tokens start .. start + n - 1: a slice, or for a ring [B, n] slot indices."""
+    if segment.first_slot is None:
+        return slice(start, start + n)
+    return (segment.first_slot[:, None] + torch.arange(start, start + n)) % segment.rows.shape[2]
+
+
+def _rows(x: torch.Tensor, slots) -> torch.Tensor:
+    """x [B, Hkv, T, ...] at the block's slots -> [B, Hkv, N, ...] (a view for a slice)."""
+    if isinstance(slots, slice):
+        return x[:, :, slots]
+    index = slots[:, None].expand(x.shape[0], x.shape[1], -1)
+    return x.gather(2, index.reshape(*index.shape, *[1] * (x.dim() - 3)).expand(*index.shape, *x.shape[3:]))
+
+
+def _visible(segment, counts, first_query, start, n, row_position):
+    """[B, 1, M or 1, n] which tokens of the block each query row sees, or None for all."""
+    causal = segment.causal and min(first_query) < start + n - 1
+    if not causal and min(counts) >= start + n:
+        return None
+    token = torch.arange(start, start + n)
+    visible = (token < segment.count[:, None]).view(-1, 1, 1, n)                       # (B, 1, 1, n)
+    if causal:
+        position = (segment.first_position[:, None] + token).view(-1, 1, 1, n)
+        visible = visible & (position <= row_position)
+    return visible
+
+
+def _lookup_table(bits) -> torch.Tensor:
+    """[256, codes per byte] fp32: the codes a byte holds (quant/packing.py order)."""
+    radix, per_word, _ = WIDTHS[bits]
+    return (torch.arange(256)[:, None] // radix ** torch.arange(per_word) % radix).float()
+
+
+_TABLES = {bits: _lookup_table(bits) for bits, (_, _, word_bytes) in WIDTHS.items() if word_bytes == 1}
+
+
+class _Operand:
+    """The keys or the values of a segment, as a block step reads them: a full-precision tensor,
+    a TokenStore or a LatentStore (kernels/decode_attention.py Segment)."""
+
+    def __init__(self, x, queries):
+        self.x, self.D, self.raw_queries = x, queries.shape[-1], queries
+        self.full = isinstance(x, torch.Tensor)
+        self.latent = hasattr(x, "basis_t")
+        if self.full or self.latent:
+            return
+        n_groups = x.scale.shape[-1]
+        width = self.D if x.bits not in _TABLES else x.codes.shape[-1] * _TABLES[x.bits].shape[1]
+        # Each channel's group as a one-hot [Hkv, groups, width]; unpacked padding channels in none.
+        one_hot = torch.zeros(x.group_index.shape[0], n_groups, width)
+        one_hot[:, :, :self.D] = torch.nn.functional.one_hot(x.group_index.long(), n_groups).transpose(1, 2).float()
+        self.one_hot, self.n_groups = one_hot, n_groups
+        self.smoothing = torch.nn.functional.pad(x.smoothing, (0, width - self.D))    # (Hkv, width)
+
+    @functools.cached_property
+    def queries(self) -> torch.Tensor:
+        """[B, Hkv, M, width]: the queries as the keys' dot products take them (smoothing folded in)."""
+        if self.full or self.latent:
+            return self.raw_queries
+        return self.raw_queries * self.smoothing[None, :, None, :self.D] if self.D == self.smoothing.shape[-1] \
+            else torch.nn.functional.pad(self.raw_queries * self.x.smoothing[None, :, None],
+                                         (0, self.smoothing.shape[-1] - self.D))
+
+    @functools.cached_property
+    def group_queries(self) -> torch.Tensor:
+        """[B, Hkv, groups * M, width]: per group, the queries restricted to its channels."""
+        if self.n_groups == 1:
+            return self.queries * self.one_hot[None, :, 0, None]
+        return (self.queries[:, :, None] * self.one_hot[None, :, :, None]).flatten(2, 3)
+
+    @functools.cached_property
+    def group_sums(self) -> torch.Tensor:
+        """[B, Hkv, groups, M, 1]: their sums, what each group's `low` multiplies."""
+        return self.group_queries.sum(-1).unflatten(2, (self.n_groups, -1))[..., None]
+
+    def _codes(self, slots) -> torch.Tensor:
+        """The block's codes unpacked, fp32 [B, Hkv, N, width]: one table lookup per byte."""
+        codes = _rows(self.x.codes, slots)
+        if self.x.bits in _TABLES:
+            return _TABLES[self.x.bits][codes.long()].flatten(-2)
+        return unpack(codes, self.x.bits, self.D).float()
+
+    def _meta(self, slots):
+        """scale, low [B, Hkv, groups, 1, N] fp32."""
+        return [_rows(t, slots).float().transpose(-1, -2)[:, :, :, None] for t in (self.x.scale, self.x.low)]
+
+    def keys(self, slots, segment, start, inv_freq) -> torch.Tensor:
+        """The block's keys, fp32 [B, Hkv, N, width] (latent: rebuilt; tokens: dequantized without
+        smoothing), rotated at their positions when inv_freq is given."""
+        if self.full:
+            k = _rows(self.x, slots).float()
+        elif self.latent:
+            k = self._latent_keys(slots)
+        else:
+            scale, low = self._meta(slots)
+            per_channel = lambda t: (t[:, :, :, 0].transpose(-1, -2) @ self.one_hot)          # (B, Hkv, N, width)
+            k = self._codes(slots) * per_channel(scale) + per_channel(low)
+        if inv_freq is not None:
+            positions = segment.first_position[:, None] + torch.arange(start, start + k.shape[2])  # (B, N)
+            rotated = apply_rope(k[..., :self.D], *rope_cos_sin(positions, inv_freq))
+            k = rotated if k.shape[-1] == self.D else torch.cat([rotated, k[..., self.D:]], -1)
+        return k
+
+    def _latent_keys(self, slots) -> torch.Tensor:
+        """SVDq: codes -> latent channels (scale, low per block of token_group tokens) -> keys."""
+        x = self.x
+        assert isinstance(slots, slice) and slots.start % x.token_group == 0, "latent keys are read in whole blocks"
+        rows = _rows(x.codes, slots)                                                     # (B, Hkv, N, bytes)
+        offset, width = x.bit_layout.long()
+        shift, mask = (offset % 8).to(torch.uint8), ((1 << width) - 1).to(torch.uint8)
+        codes = (rows[..., offset // 8] >> shift) & mask                                  # (B, Hkv, N, R) uint8
+        B, Hkv, N, R = codes.shape
+        first = slots.start // x.token_group
+        scale, low = (t[:, :, first:first + N // x.token_group, None].float() for t in (x.scale, x.low))
+        latent = codes.float().view(B, Hkv, -1, x.token_group, R) * scale + low          # (B, Hkv, blocks, G, R)
+        latent = latent.view(B, Hkv, N, R)
+        return latent @ x.basis_t.float() + x.mean.float()[:, :, None]
+
+    def scores(self, slots, segment, start, inv_freq) -> torch.Tensor:
+        """[B, Hkv, M, N]: the queries against the block's keys."""
+        if self.full or self.latent or inv_freq is not None:
+            return self.queries @ self.keys(slots, segment, start, inv_freq).transpose(-1, -2)
+        scale, low = self._meta(slots)
+        dots = (self.group_queries @ self._codes(slots).transpose(-1, -2)).unflatten(2, (self.n_groups, -1))
+        return (dots * scale + self.group_sums * low).sum(2)                            # (B, Hkv, M, N)
+
+    def weighted_sum(self, p, slots) -> torch.Tensor:
+        """[B, Hkv, M, D]: the block's values weighted by p [B, Hkv, M, N]."""
+        if self.full:
+            return p @ _rows(self.x, slots).float()
+        scale, _ = self._meta(slots)
+        lows = (p @ _rows(self.x.low, slots).float()) @ self.one_hot                      # (B, Hkv, M, width)
+        if self.n_groups == 1:  # in place: these are the largest temporaries of a prefill chunk
+            out = (p * scale[:, :, 0]) @ self._codes(slots)                              # (B, Hkv, M, width)
+        else:
+            weighted = (p[:, :, None] * scale).flatten(2, 3) @ self._codes(slots)        # (B, Hkv, gM, width)
+            out = (weighted.unflatten(2, (self.n_groups, -1)) * self.one_hot[None, :, :, None]).sum(2)
+        return out.add_(lows).mul_(self.smoothing[None, :, None])[..., :self.D]
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled decode over a packed history (kernels/packed_history.c).
+
+MAX_COMPILED_ROWS = 16  # query rows per KV head the C kernel takes: its tables grow with them
+_META_KINDS = {torch.float16: 0, torch.float8_e4m3fn: 1}
+
+
+class _PackedOperand(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64),
+                ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("mb", ctypes.c_int64), ("mh", ctypes.c_int64), ("mt", ctypes.c_int64),
+                ("row_bytes", ctypes.c_int), ("radix", ctypes.c_int), ("per_byte", ctypes.c_int),
+                ("meta_kind", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, store):
+        radix, per_byte, _ = WIDTHS[store.bits]
+        return cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(), store.low.data_ptr(),
+                   *store.scale.stride()[:3], store.codes.shape[-1], radix, per_byte, _META_KINDS[store.scale.dtype])
+
+
+@functools.cache
+def compiled_kernel():
+    """kernels/packed_history.c's attend_packed and attend_full, built once per source and
+    machine; None where there is no C compiler (or it fails): the torch path then runs."""
+    source = Path(__file__).with_name("packed_history.c")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    # Sums reassociated (fp32 either way; the tests' tolerance): a running sum or maximum over a block vectorizes.
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+             "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
+        if Path("/proc/cpuinfo").exists() else []
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
+    library = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvq" / f"packed_history-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")  # concurrent builds must not read half a file
+        built = subprocess.run([compiler, *flags, str(source), "-o", str(partial), "-lm"], capture_output=True,
+                               check=False)
+        if built.returncode:
+            return None
+        partial.rename(library)
+    try:
+        library = ctypes.CDLL(str(library))
+    except OSError:  # built for another machine, or broken: torch instead
+        return None
+    packed, full = library.attend_packed, library.attend_full
+    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
+        + [ctypes.c_int]
+    full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
+        + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    packed.restype = full.restype = None
+    return packed, full
+
+
+def _compiles(x) -> bool:
+    """Whether the C kernels read this store or tensor: a TokenStore of whole-byte codes, one
+    group per head; fp32 rows of a multiple of 8 channels."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[-1] % 8 == 0
+    return (not hasattr(x, "basis_t") and x.bits in _TABLES and x.scale.shape[-1] == 1
+            and x.scale.dtype in _META_KINDS)
+
+
+def _compiled(queries, segment, state, q_position, Q) -> bool:
+    """The segment through a C kernel, folded into state in place, where one applies (a packed history or
+    fp32 rows; post-RoPE keys; few query rows; a causal segment only where every query sees every
+    token, as in decode); False otherwise."""
+    B, Hkv, M, D = queries.shape
+    keys, values = segment.keys, segment.values
+    full = isinstance(keys, torch.Tensor)
+    if M > MAX_COMPILED_ROWS or full != isinstance(values, torch.Tensor) or not (_compiles(keys) and _compiles(values)):
+        return False
+    if segment.causal and not (Q == 1 and bool((q_position - segment.first_position >= segment.count - 1).all())):
+        return False
+    if (segment.first_slot is not None and not full) or compiled_kernel() is None:
+        return False
+    m, l, acc = state.m, state.l, state.acc  # updated in place by the kernel
+    assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous()
+    count = segment.count.to(torch.int64).contiguous()
+    packed, full_rows = compiled_kernel()
+    if full:
+        assert keys.stride() == values.stride()
+        first_slot = None if segment.first_slot is None else segment.first_slot.to(torch.int64).contiguous()
+        full_rows(B, Hkv, M, D, queries.contiguous().data_ptr(), count.data_ptr(),
+                  None if first_slot is None else first_slot.data_ptr(), keys.shape[2], keys.data_ptr(),
+                  values.data_ptr(), *keys.stride()[:3], m.data_ptr(), l.data_ptr(), acc.data_ptr(),
+                  torch.get_num_threads())
+    else:
+        scaled = (queries * keys.smoothing[None, :, None]).contiguous()
+        packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
+               values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(), torch.get_num_threads())
+    return True
