@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the long sweeps marked slow")
 
