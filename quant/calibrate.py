@@ -64,15 +64,23 @@ def token_major(records: list, n_layers: int) -> dict:
     return {key: torch.cat(xs) for key, xs in chunks.items()}
 
 
+def window_tokens(ids: list[int], w: int, seq_len: int, bos: int | None) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of window w of seq_len tokens of `ids`: fed as [BOS] + window[:-1], as a
+    prompt is at generation time, so every token of the window is predicted once. A model with no
+    BOS (null in config.json) is fed window[:-1] and predicts window[1:]."""
+    window = ids[w * seq_len:(w + 1) * seq_len]
+    return ([bos] + window[:-1], window) if bos is not None else (window[:-1], window[1:])
+
+
 @torch.no_grad()
 def capture(model, ids: list[int], seq_len: int, max_windows: int) -> CaptureCache:
     """A full-precision forward over up to max_windows windows of seq_len tokens of `ids`, each
-    fed as BOS + window[:-1] as perplexity does, recorded by a CaptureCache."""
+    fed as perplexity feeds it (window_tokens), recorded by a CaptureCache."""
     cache = CaptureCache(model.inv_freq)
     n_windows = max(1, min(len(ids) // seq_len, max_windows))
     for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr, disable=n_windows == 1):
-        window = [model.config.bos_token_id] + ids[w * seq_len:(w + 1) * seq_len - 1]
-        window = torch.tensor(window, device=model.inv_freq.device)[None]
+        window = torch.tensor(window_tokens(ids, w, seq_len, model.config.bos_token_id)[0],
+                              device=model.inv_freq.device)[None]
         model(window, torch.arange(window.shape[1], device=window.device)[None], cache)
     return cache
 

@@ -26,6 +26,7 @@ from quant.calibrate import (
     load_calibration,
     quantizers_for,
     token_major,
+    window_tokens,
 )
 from quant.kivi import kivi_quantizers
 from quant.methods import SimulatedCache, per_block, simulated_cache
@@ -46,13 +47,14 @@ SKVQ_VARIANTS = ["grouping=equal:metadata=fp16", "group-size=32:grouping=equal:m
 def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float:
     """exp(mean NLL per token) over the consecutive seq_len-token windows of `ids` (text tokens,
     no BOS); a tail shorter than seq_len is dropped unless it is all there is. Each window is fed
-    as [BOS] + window[:-1], as a prompt is at generation time, so every token is predicted once."""
+    as quant/calibrate.py window_tokens says: [BOS] + window[:-1], so every token is predicted once."""
     n_windows = max(1, len(ids) // seq_len)
     total, count = 0.0, 0
     with torch.no_grad():
         for w in range(n_windows):
-            targets = torch.tensor(ids[w * seq_len:(w + 1) * seq_len], device=model.inv_freq.device)
-            inputs = torch.cat([targets.new_full((1,), model.config.bos_token_id), targets[:-1]])[None]  # (1, T)
+            inputs, targets = (torch.tensor(x, device=model.inv_freq.device)
+                               for x in window_tokens(ids, w, seq_len, model.config.bos_token_id))
+            inputs = inputs[None]                                                   # (1, T)
             positions = torch.arange(inputs.shape[1], device=inputs.device)[None]
             cache = cache_factory() if cache_factory else None
             logits = model(inputs, positions if cache else None, cache)
@@ -217,8 +219,7 @@ def quanto_perplexity(model_dir: Path, ids: list[int], seq_len: int, nbits: int)
     total, count, bits = 0.0, 0, None
     with torch.no_grad():
         for w in tqdm(range(n_windows), desc=f"transformers QuantizedCache {nbits}-bit", file=sys.stderr):
-            targets = torch.tensor(ids[w * seq_len:(w + 1) * seq_len])
-            inputs = torch.cat([torch.tensor([hf.config.bos_token_id]), targets[:-1]])
+            inputs, targets = map(torch.tensor, window_tokens(ids, w, seq_len, hf.config.bos_token_id))
             cache = QuantizedCache(backend="quanto", config=hf.config, nbits=nbits, q_group_size=64, residual_length=128)
             for t in range(len(inputs)):
                 logits = hf(inputs[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]

@@ -174,6 +174,19 @@ def test_perplexity_matches_transformers_loss(checkpoint):
     assert math.isclose(perplexity(ours, ids, 50), math.exp(nll / 100), rel_tol=1e-5)
 
 
+def test_perplexity_without_bos_matches_transformers_loss(checkpoint):
+    """A model with a null BOS: each window's first token is context, the rest are predicted."""
+    from transformers import LlamaForCausalLM
+
+    path, _ = checkpoint(num_key_value_heads=2, bos_token_id=None)
+    ours = Llama.from_pretrained(path, device="cpu", dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(3, 300, (100,)).tolist()
+    with torch.no_grad():
+        nll = sum(hf(window, labels=window).loss.item() * 49 for window in (torch.tensor([ids[w:w + 50]]) for w in (0, 50)))
+    assert math.isclose(perplexity(ours, ids, 50), math.exp(nll / 98), rel_tol=1e-5)
+
+
 def test_attention_error_grows_as_bits_fall():
     records = synthetic_attention_inputs(n_layers=1, T=300, seed=int(torch.randint(100, ())))
     errors = []

@@ -230,7 +230,7 @@ def test_calibrate_adapts_its_group_sizes_to_head_dim(capsys, tmp_path, tokenize
     assert default_group_sizes(80) == [80]
     path = tmp_path / "hd64"
     make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                  num_hidden_layers=1).save_pretrained(path)
+                  num_hidden_layers=1, bos_token_id=None).save_pretrained(path)  # calibration needs no BOS
     shutil.copy(tokenizer_path, path / "tokenizer.model")
     text = tmp_path / "text.txt"
     text.write_text("the lord said unto moses and the light was day " * 40)
