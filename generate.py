@@ -264,7 +264,8 @@ def run(args, parallel, device):
     except RuntimeError as e:  # a collective failed: another rank stopped, or did not answer in time
         if parallel.world == 1:
             raise
-        raise UserError(f"rank {parallel.rank} stopped: {str(e).splitlines()[0]}") from e
+        raise UserError(f"rank {parallel.rank}: a collective failed: another rank stopped or did not answer "
+                        f"({str(e).splitlines()[0]})") from e
     # The end: bytes of a character that never completed, and a line break for the shell.
     show((stream.flush() if stream else "") + "\n")
     sync()
