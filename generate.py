@@ -30,7 +30,7 @@ DTYPES = {"float32", "float16", "bfloat16"}
 # A prompt file larger than its context times this is refused unread: a token is a few bytes of
 # text (4 on average in English; 3 per CJK character), never 64.
 PROMPT_BYTES_PER_TOKEN = 64
-AUTO_CONTEXT = 2 ** 22  # the longest prompt --max-context auto may take: past what one GPU holds
+AUTO_CONTEXT = 2 ** 22  # the longest prompt --max-context auto may take per GPU: past what one holds
 # The flags that change one setting of --kv (quant/kvspec.py): flag -> KvSpec field.
 KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
@@ -149,8 +149,9 @@ def load(args, parallel, device):
     except ValueError as e:
         raise FlagError(f"--kv {args.kv}: {e}")
     parallel.shard_config(cfg)  # a --tp the model's heads cannot take, likewise
-    # The longest prompt that can be held (auto: as long as one GPU could hold).
-    longest_prompt = {None: cfg.max_position_embeddings, "auto": AUTO_CONTEXT}.get(args.max_context, args.max_context)
+    # The longest prompt that can be held (auto: as long as the group's GPUs could hold).
+    longest_prompt = {None: cfg.max_position_embeddings, "auto": AUTO_CONTEXT * parallel.world}.get(
+        args.max_context, args.max_context)
     if (args.prompt_tokens or 0) >= longest_prompt:
         raise FlagError(f"--prompt-tokens {args.prompt_tokens}: " + (
             f"the model's context is {longest_prompt} (--max-context N for a longer one)" if args.max_context is None

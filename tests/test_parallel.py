@@ -221,3 +221,15 @@ def test_attention_over_parts_merges_to_attention_over_all(attend, Q):
     lse = [torch.logsumexp(torch.einsum("qhd,htd->qht", q[b], keys[b, :, :n]) * D ** -0.5, -1)
            for b, n in enumerate(history.count.tolist())]
     torch.testing.assert_close(parts[0][1], torch.stack(lse), atol=1e-5, rtol=1e-5)
+
+
+def test_the_group_holds_what_its_ranks_hold():
+    """The planner on meta (bench/memory.py --plan-gib): cp 2 holds twice one GPU's context, less
+    the gathered outputs' working memory; tp 2 more than twice (each rank also holds half the
+    weights). Llama-2-7B, K2V1.5, 80 GiB GPUs."""
+    from bench.memory import planned
+    from quant.kvspec import parse
+
+    one, cp2, tp2 = (planned("llama2-7b", parse("skvq-k2v1.5"), 80 * 2 ** 30, tp, cp, 1)["planner_context"]
+                     for tp, cp in [(1, 1), (1, 2), (2, 1)])
+    assert 1_000_000 < one and 0.9999 * 2 * one < cp2 <= 2 * one and tp2 > 2.1 * one
