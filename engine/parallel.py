@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from cli import FlagError, UserError, world_mismatch
+from model import Llama
 
 TIMEOUT = timedelta(minutes=5)  # the longest wait on another rank: loading a large checkpoint included
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split: weight dim 0
@@ -208,8 +209,6 @@ def local_device(device_type: str) -> torch.device:
 def load_model(path, device, dtype, parallel: Parallel):
     """The checkpoint's model, or under tensor parallelism this rank's part of it: each rank reads
     only its slices of the safetensors files, and the row-parallel projections all-reduce."""
-    from model import Llama
-
     model = Llama.from_pretrained(path, device, dtype, shard=parallel if parallel.tp > 1 else None)
     return parallel.attach(model)
 

@@ -10,6 +10,7 @@ request's config is the rank's (its heads and MLP columns), its cache the rank's
 memory the least of any rank's; the group holds what each rank holds.
 """
 import ctypes
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,10 @@ class Request:
 
 
 def usable_bytes(device) -> int:
-    """What a plan may use: the free memory less HEADROOM."""
-    return free_bytes(device) - HEADROOM
+    """What a plan may use: the free memory less HEADROOM. On the CPU, the processes torchrun
+    started on this machine (LOCAL_WORLD_SIZE) share the host's memory: each may use its part."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.device(device).type == "cpu" else 1
+    return (free_bytes(device) - HEADROOM) // ranks_here
 
 
 def free_bytes(device) -> int:
