@@ -68,8 +68,9 @@ def write_calibration(path, n_layers, n_heads, head_dim):
               metadata={"settings": json.dumps(calibration.settings)})
 
 
-def logits_through_cache(path, kv: str, parallel: Parallel) -> torch.Tensor:
-    """Chunked prefill of PROMPTS then DECODE_STEPS fixed tokens: logits [steps + 1, B, vocab]."""
+def logits_through_cache(path, kv: str, parallel: Parallel, kernels: bool = False):
+    """Chunked prefill of PROMPTS then DECODE_STEPS fixed tokens: logits [steps + 1, B, vocab] and
+    the cache's bytes; `kernels`: attention and eviction through the Triton kernels (interpreted)."""
     from engine.cache import make_cache
     from engine.parallel import load_model
     from engine.runner import decode_one_token, prefill
@@ -80,7 +81,7 @@ def logits_through_cache(path, kv: str, parallel: Parallel) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, model.config.vocab_size, (len(PROMPTS), max(PROMPTS) + DECODE_STEPS), generator=g)
     cache = make_cache(parse(kv), model.config, len(PROMPTS), max(PROMPTS) + DECODE_STEPS + 1, "cpu", torch.float32,
-                       load_calibration(path), parallel=parallel)
+                       load_calibration(path), use_kernels=kernels, parallel=parallel)
     logits = [prefill(model, tokens[:, :max(PROMPTS)], torch.tensor(PROMPTS), cache, chunk_size=CHUNK)]
     for step in range(DECODE_STEPS):
         logits.append(decode_one_token(model, tokens[:, max(PROMPTS) + step], cache))
@@ -92,7 +93,7 @@ def worker(tp: int, cp: int, cases: list, out: str):
     from engine.parallel import start, stop
 
     parallel = start(tp, cp, torch.device("cpu"))
-    results = {f"{path}|{kv}": logits_through_cache(path, kv, parallel) for path, kv in cases}
+    results = {case: logits_through_cache(*case[:2], parallel, *case[2:]) for case in cases}
     if parallel.rank == 0:
         torch.save(results, out)
     stop(parallel)
@@ -128,28 +129,39 @@ def one_thread():
 
 
 @functools.cache
-def one_process(path: str, kv: str):
+def one_process(path: str, kv: str, kernels: bool = False):
     """logits_through_cache in this process, once per case for every layout's test."""
     with one_thread():
-        return logits_through_cache(path, kv, Parallel())
+        return logits_through_cache(path, kv, Parallel(), kernels)
+
+
+def compare_with_one_process(tmp_path, tp: int, cp: int, cases: list):
+    """Runs `cases` (checkpoint, kv, kernels) on a spawned tp x cp group; its logits are one process's."""
+    out = tmp_path / "logits.pt"
+    code = f"from test_parallel import worker; worker({tp}, {cp}, {cases!r}, {str(out)!r})"
+    for returncode, stdout, stderr in finish(spawn(tp * cp, ["-c", code])):
+        assert returncode == 0, stderr[-3000:]
+    parallel = torch.load(out)
+    for case in cases:
+        (expected, nbytes), (got, rank_bytes) = one_process(*case), parallel[case]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"{case} tp {tp} cp {cp}")
+        if cp == 1:  # heads split evenly: each rank holds 1/tp of the cache
+            assert rank_bytes * tp == nbytes
 
 
 @pytest.mark.parametrize("tp, cp", [(2, 1), (1, 2), (1, 4), (2, 2)])
 def test_parallel_logits_equal_one_process(models, tmp_path, tp, cp):
     """MHA and GQA, the fp16 (fp32 here) and two quantized caches, through prefill chunks and
     decode steps with history on every rank: the group's logits are one process's, to 1e-4."""
-    cases = [(str(path), kv) for path in models.values() for kv in CACHES]
-    out = tmp_path / "logits.pt"
-    code = f"from test_parallel import worker; worker({tp}, {cp}, {cases!r}, {str(out)!r})"
-    for returncode, stdout, stderr in finish(spawn(tp * cp, ["-c", code])):
-        assert returncode == 0, stderr[-3000:]
-    parallel = torch.load(out)
-    for path, kv in cases:
-        expected, nbytes = one_process(path, kv)
-        got, rank_bytes = parallel[f"{path}|{kv}"]
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"{path} {kv} tp {tp} cp {cp}")
-        if cp == 1:  # heads split evenly: each rank holds 1/tp of the cache
-            assert rank_bytes * tp == nbytes
+    compare_with_one_process(tmp_path, tp, cp, [(str(path), kv) for path in models.values() for kv in CACHES])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, cp", [(2, 1), (1, 2)])
+def test_parallel_logits_through_the_kernels(models, tmp_path, tp, cp):
+    """The GPU path, under Triton's interpreter: each rank's stage 1 and merged lse, the fused
+    eviction writing only the rank's rows; the logits are one process's through the same kernels."""
+    compare_with_one_process(tmp_path, tp, cp, [(str(models["mha"]), kv, True) for kv in CACHES[1:]])
 
 
 def test_history_is_spread_over_every_rank():
