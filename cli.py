@@ -5,9 +5,12 @@ calibration file or flag), raised wherever they are found, model loading and the
 included; `run_cli` turns it into one `error:` line on stderr and exit status 1, or 2 for a
 `FlagError` (a flag the loaded model cannot take). Flags argparse rejects exit with 2 as well.
 `read_file` is the one place a user's file is read, so every unreadable file is reported alike.
+Under torchrun every rank runs the same command and meets the same errors (engine/parallel.py
+agree makes one rank's error every rank's), so only rank 0 prints them.
 Imports nothing heavy, so that `--help` and bad flags answer before torch loads.
 """
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +33,24 @@ def run_cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
+
+
+def world_mismatch(tp: int, cp: int) -> str | None:
+    """What is wrong with --tp and --cp for the processes torchrun started (one without it), or
+    None: every rank is one process, so tp * cp must be their number."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp * cp == world:
+        return None
+    started = "one runs (no torchrun)" if world == 1 else f"torchrun started {world}"
+    return f"--tp {tp} --cp {cp} needs {tp * cp} processes (torchrun --nproc-per-node {tp * cp} ...); {started}"
+
+
+def speaks() -> bool:
+    """Whether this process prints: one alone, or rank 0 of the processes torchrun started."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @contextmanager
@@ -83,7 +102,7 @@ def readable(path: Path, what: str) -> Path:
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if speaks() else None)
 
 
 def positive_int(s: str) -> int:

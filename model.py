@@ -294,12 +294,16 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> "Llama":
-        """Load a Hugging Face-layout checkpoint, streaming each tensor straight to the target."""
+    def from_pretrained(cls, path, device=None, dtype=None, shard=None) -> "Llama":
+        """Load a Hugging Face-layout checkpoint, streaming each tensor straight to the target.
+        shard: one rank's part of a tensor-parallel model (engine/parallel.py Parallel): its
+        config (shard_config) and the slice of each tensor it reads alone (full_shape, index)."""
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"{path}: model directory not found")
         cfg = LlamaConfig.from_json(path / "config.json")
+        if shard is not None:
+            cfg = shard.shard_config(cfg)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         with torch.device("meta"):
@@ -307,7 +311,7 @@ class Llama(nn.Module):
         expected = {name: t.shape for name, t in model.state_dict().items()}
         state, sums = {}, {}
         for file in checkpoint_files(path):
-            state.update(read_safetensors(file, expected, device, dtype, sums))
+            state.update(read_safetensors(file, expected, device, dtype, sums, shard))
         # A cheap check for NaN or inf weights (or weights past the range of `dtype`): one fp32
         # sum per tensor, no copy, one host sync for the whole checkpoint.
         finite = torch.isfinite(torch.stack(list(sums.values())).cpu()) if sums else torch.ones(0, dtype=torch.bool)
@@ -343,9 +347,10 @@ def checkpoint_files(path: Path) -> list[Path]:
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of what casts to the model dtype faithfully
 
 
-def read_safetensors(file: Path, expected: dict, device, dtype, sums: dict) -> dict:
+def read_safetensors(file: Path, expected: dict, device, dtype, sums: dict, shard=None) -> dict:
     """Tensors of one safetensors file, each read to `device` and cast, checked against `expected`
-    in name, shape and dtype; each tensor's fp32 sum into sums[(name, file)]."""
+    in name, shape and dtype; each tensor's fp32 sum into sums[(name, file)]. With a `shard`, only
+    its slice of each tensor is read (Llama.from_pretrained)."""
     from safetensors import SafetensorError, safe_open
 
     state = {}
@@ -356,15 +361,16 @@ def read_safetensors(file: Path, expected: dict, device, dtype, sums: dict) -> d
                     continue
                 if name not in expected:
                     raise UserError(f"{file}: unexpected tensor {name} (not a Llama parameter)")
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(expected[name]):
-                    raise UserError(f"{file}: tensor {name} has shape {list(shape)}, "
-                                    f"config.json implies {list(expected[name])}")
-                stored = f.get_slice(name).get_dtype()
-                if stored not in FLOAT_DTYPES:
-                    raise UserError(f"{file}: tensor {name} is {stored}; a Llama checkpoint stores floating-point "
-                                    f"weights ({', '.join(sorted(FLOAT_DTYPES))})")
-                state[name] = f.get_tensor(name).to(dtype)
+                stored = f.get_slice(name)
+                shape = tuple(stored.get_shape())
+                full = tuple(expected[name]) if shard is None else shard.full_shape(name, expected[name])
+                if shape != full:
+                    raise UserError(f"{file}: tensor {name} has shape {list(shape)}, config.json implies {list(full)}")
+                if stored.get_dtype() not in FLOAT_DTYPES:
+                    raise UserError(f"{file}: tensor {name} is {stored.get_dtype()}; a Llama checkpoint stores "
+                                    f"floating-point weights ({', '.join(sorted(FLOAT_DTYPES))})")
+                tensor = f.get_tensor(name) if shard is None else stored[shard.index(name, shape)]
+                state[name] = tensor.to(device=device, dtype=dtype)
                 sums[name, file] = state[name].sum(dtype=torch.float32)
     except SafetensorError as e:
         raise UserError(f"{file}: corrupt or truncated safetensors file ({e})")

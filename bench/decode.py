@@ -14,6 +14,11 @@ bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against co
     python -m bench.decode                                  # the sweep, on a GPU
     python -m bench.decode --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
     python -m bench.decode --smoke                          # tiny shapes on any device
+    torchrun --nproc-per-node 8 -m bench.decode --tp 2 --cp 4   # one rank per GPU (engine/parallel.py)
+
+With --tp/--cp (under torchrun, one process per GPU) every rank runs its part (its heads, its
+share of the history) and rank 0 reports; bytes per step and memory are per rank, the context
+and the batch the group's.
 
 On the CPU (`--device cpu`) it measures another table instead (`cpu_table`): the shipped model
 (weights/kjv-tiny) at batch 1 over a synthetic history, milliseconds per decode token for our
@@ -37,7 +42,9 @@ from pathlib import Path
 import torch
 
 from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
+from cli import world_mismatch
 from engine.cache import KVCache, make_cache
+from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig, rope_inv_freq
@@ -96,17 +103,19 @@ def weight_bytes(model) -> int:
 
 
 def kv_bytes_read(cache, context: int) -> int:
-    """Bytes of K/V the attention of one step reads, all layers: the held tokens, not the capacity."""
+    """Bytes of K/V the attention of one step reads, all layers: the held tokens, not the capacity
+    (under context parallelism, the rank's share)."""
     if isinstance(cache, KVCache):
-        return cache.k[:, :, :, :context].nbytes * 2
+        return cache.k[:, :, :, :max(0, min(context - cache.first, cache.k.shape[3]))].nbytes * 2
     # Per history row: codes and metadata of every layer's key and value store.
     stores = cache.key_stores + cache.value_stores
     rows = max(stores[0].codes.shape[2], 1)
     per_token = sum(t.nbytes for store in stores for t in (store.codes, store.scale, store.low)) / rows
     recent = cache.sink_k.nbytes + cache.window_k.nbytes  # per K or V, all layers and sequences
     slots = cache.sink_k.shape[3] + cache.window_k.shape[3]  # fewer than sinks + ring for a short context
-    held_recent = min(context, slots) / slots
-    return int(per_token * cache.schedule.history_length(context) + 2 * recent * held_recent)
+    held_recent = min(context, slots) / slots if cache.parallel.attends_recent else 0
+    held_rows = max(0, min(cache.schedule.history_length(context) - cache.first_row, stores[0].codes.shape[2]))
+    return int(per_token * held_rows + 2 * recent * held_recent)
 
 
 def largest_batch(request: Request, context: int, budget: int, limit: int = 4096) -> int:
@@ -146,33 +155,35 @@ def time_steps(model, cache, batch: int, steps: int, graph: bool, device, warmup
     return sorted(times)[len(times) // 2]
 
 
-def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run(args, device, parallel: Parallel):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     bandwidth = copy_bandwidth(device, args.copy_bytes)
-    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
+    log = (lambda text: print(text, file=sys.stderr)) if parallel.rank == 0 else (lambda text: None)
+    log(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s"
+        + (f"; {parallel.world} ranks: tp {parallel.tp} x cp {parallel.cp}, per-rank bytes and memory" * (parallel.world > 1)))
     rows = []
     for name in args.models:
-        cfg = CONFIGS[name]
-        model = random_model(cfg, device, dtype)
+        cfg = parallel.shard_config(CONFIGS[name])  # the rank's part of the model
+        model = parallel.attach(random_model(cfg, device, dtype))
         weights = weight_bytes(model)
         for spec in args.kv:
             for context in args.contexts:
-                budget = usable_bytes(device) - working_bytes(cfg, 1, 1, dtype, device.type == "cuda")
+                free = parallel.smallest(usable_bytes(device))  # the group holds what its fullest rank holds
+                budget = free - working_bytes(cfg, 1, 1, dtype, device.type == "cuda", parallel.cp)
                 for batch_spec in args.batches:
                     capacity = context + args.steps + 3
-                    batch = largest_batch(Request(spec, cfg, 1, dtype), capacity, budget) if batch_spec == "max" \
-                        else int(batch_spec)
+                    request = Request(spec, cfg, 1, dtype, parallel=parallel)
+                    batch = largest_batch(request, capacity, budget) if batch_spec == "max" else int(batch_spec)
                     row = dict(model=name, kv=str(spec), context=context, batch=batch, batch_asked=batch_spec,
-                               weights="random", history="synthetic")
-                    needed = batch and Request(spec, cfg, batch, dtype).cache_bytes(capacity)
+                               tp=parallel.tp, cp=parallel.cp, weights="random", history="synthetic")
+                    needed = batch and replace(request, batch=batch).cache_bytes(capacity)
                     if batch == 0 or needed > budget:
                         rows.append({**row, "note": f"does not fit in {budget / GiB:.1f} GiB"})
-                        print(format_row(rows[-1]), file=sys.stderr)
+                        log(format_row(rows[-1]))
                         continue
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    cache = make_cache(spec, cfg, batch, capacity, device, dtype)
+                    cache = make_cache(spec, cfg, batch, capacity, device, dtype, parallel=parallel)
                     fill_synthetic(cache, context)
                     per_step = weights + kv_bytes_read(cache, context)
                     for graph in ([False, True] if device.type == "cuda" else [False]):
@@ -189,30 +200,34 @@ def run(args):
                                      "cache_gib": cache.nbytes() / GiB,
                                      "peak_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                                                   else weights + cache.nbytes()) / GiB})
-                        print(format_row(rows[-1]), file=sys.stderr)
+                        log(format_row(rows[-1]))
                     del cache
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             if args.prefill:
-                rows.append(real_prefill(model, name, spec, args, device, dtype))
+                rows.append(real_prefill(model, name, spec, args, device, dtype, parallel))
         del model
     return dict(device=device_name(device), torch=torch.__version__, commit=git_commit(), command=command_line(),
                 copy_bandwidth_gb_per_s=bandwidth / 1e9, weights="random", history="synthetic (random)", rows=rows)
 
 
-def real_prefill(model, name, spec, args, device, dtype) -> dict:
+def real_prefill(model, name, spec, args, device, dtype, parallel: Parallel) -> dict:
     """One real chunked prefill of args.prefill random tokens, then the decode speed after it."""
     n, cfg = args.prefill, model.config
-    cache = make_cache(spec, cfg, 1, n + args.steps + 3, device, dtype)
-    tokens = torch.randint(3, cfg.vocab_size, (1, n), device=device)
+    cache = make_cache(spec, cfg, 1, n + args.steps + 3, device, dtype, parallel=parallel)
+    generator = torch.Generator(device).manual_seed(0)  # the same prompt on every rank
+    tokens = torch.randint(3, cfg.vocab_size, (1, n), device=device, generator=generator)
     begin = time.perf_counter()
     prefill(model, tokens, torch.tensor([n], device=device), cache, chunk_size=args.prefill_chunk)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
     step = time_steps(model, cache, 1, args.steps, False, device)
-    row = dict(model=name, kv=str(spec), context=n, batch=1, weights="random", history="real prefill", cuda_graph=False,
-               prefill_s=seconds, prefill_tokens_per_s=n / seconds, step_ms=step * 1e3, tokens_per_s=1 / step)
+    row = dict(model=name, kv=str(spec), context=n, batch=1, tp=parallel.tp, cp=parallel.cp, weights="random",
+               history="real prefill", cuda_graph=False, prefill_s=seconds, prefill_tokens_per_s=n / seconds,
+               step_ms=step * 1e3, tokens_per_s=1 / step)
+    if parallel.rank:
+        return row
     print(f"real prefill of {n} tokens ({name}, {spec}): {seconds:.1f} s, {n / seconds:.0f} tokens/s", file=sys.stderr)
     return row
 
@@ -388,6 +403,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--threads", type=int, default=2, help="CPU table: torch threads")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (under torchrun; engine/parallel.py)")
+    p.add_argument("--cp", type=int, default=1, help="context parallel ranks (under torchrun)")
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md",
                    help="CPU table: the markdown file it writes the table into")
     args = p.parse_args(argv)
@@ -402,7 +419,11 @@ def main(argv=None):
         args.kv = [parse(kv) for kv in args.kv]
     except ValueError as e:
         p.error(f"--kv: {e}")
+    if world_mismatch(args.tp, args.cp):
+        p.error(world_mismatch(args.tp, args.cp))
     if args.device == "cpu" and not args.smoke:
+        if args.tp * args.cp > 1:
+            p.error("--tp/--cp: the CPU table runs in one process (the GPU sweep and --smoke take them)")
         if "--contexts" not in " ".join(argv if argv is not None else sys.argv):
             args.contexts = [4096, 32768, 131072]
         if "--steps" not in " ".join(argv if argv is not None else sys.argv):
@@ -416,9 +437,18 @@ def main(argv=None):
         return
     if any(spec.method == "kivi" for spec in args.kv):
         p.error("--kv: kivi is simulated only (python -m quant.eval), not a cache the engine runs")
-    result = run(args)
+    device = local_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parallel = start(args.tp, args.cp, device)
+    try:
+        result = run(args, device, parallel)
+    finally:
+        stop(parallel)
+    if parallel.rank:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     name = "decode-smoke" if args.smoke else f"decode-{result['device'].replace(' ', '_')}"
+    if parallel.world > 1:
+        name += f"-tp{parallel.tp}-cp{parallel.cp}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("| model | cache | context | batch | step | tokens/s | ms/step | of bandwidth ceiling | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -10,10 +10,17 @@ gives the tokens' positions [B, T] and counts the real ones in `cache.lengths`.
 through kernels/decode_attention.py; elsewhere through kernels/streaming.py in plain torch, over
 the same segments. `reference=True` keeps the whole-sequence kernels/reference.py path (history
 dequantized whole, then one attention), what the tests and bench/decode.py compare against.
+
+Under context parallelism (`parallel`, engine/parallel.py) a cache holds this rank's range of
+tokens: the fp16 cache a range of positions, the quantized cache a range of history rows (its
+sinks and window whole, attended by one rank); attention over its own segments is merged with
+the other ranks' by log-sum-exp. Under tensor parallelism `cfg` is already the rank's (its KV
+heads), and the calibration is cut to them here.
 """
 import torch
 
 from cli import UserError
+from engine.parallel import Parallel
 from engine.stores import make_store
 from kernels import decode_attention, streaming
 from kernels.decode_attention import Segment
@@ -25,12 +32,13 @@ from quant.calibrate import quantizers_for
 class Cache:
     """What every cache shares: per-sequence lengths and the reserve step of the protocol.
     `use_kernels`: attend through the Triton kernels (the default on CUDA) rather than plain torch;
-    `reference`: in plain torch, through the whole-sequence reference rather than streaming."""
+    `reference`: in plain torch, through the whole-sequence reference rather than streaming;
+    `parallel`: the rank's place in a context-parallel group (its share of the tokens)."""
 
     keys_pre_rope = False
 
     def __init__(self, batch_size: int, max_context: int, device, use_kernels: bool | None = None,
-                 reference: bool = False):
+                 reference: bool = False, parallel: Parallel | None = None):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held per sequence
         self.n_new = torch.zeros_like(self.lengths)  # real tokens per sequence in the current forward
         self.max_context = max_context
@@ -39,11 +47,21 @@ class Cache:
         self.reserved = 0
         self.use_kernels = torch.device(device).type == "cuda" if use_kernels is None else use_kernels
         self.reference = reference and not self.use_kernels
+        self.parallel = parallel or Parallel()
+        assert not (self.reference and self.parallel.cp > 1), "the whole-sequence reference reads one rank's tokens"
 
     def _attend(self, q, segments, q_position=None, inv_freq=None):
-        """q [B, H, T, D] over segments: the Triton kernels or their streaming torch twin."""
+        """q [B, H, T, D] over segments: the Triton kernels or their streaming torch twin; under
+        context parallelism, merged with the other ranks' segments."""
         attend = decode_attention.attend if self.use_kernels else streaming.attend
-        return attend(q.transpose(1, 2), segments, q_position, inv_freq).transpose(1, 2)
+        q = q.transpose(1, 2)                                                        # (B, T, H, D)
+        if self.parallel.cp == 1:
+            return attend(q, segments, q_position, inv_freq).transpose(1, 2)
+        if segments:
+            out, lse = attend(q, segments, q_position, inv_freq, return_lse=True)
+        else:  # this rank holds no history (yet): it adds nothing to the merge
+            out, lse = torch.zeros_like(q), torch.full(q.shape[:3], -torch.inf, device=q.device)
+        return self.parallel.merge_attention(out, lse).transpose(1, 2)
 
     def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
@@ -65,24 +83,33 @@ class Cache:
 
 class KVCache(Cache):
     """The unquantized cache (`--kv fp16`): K/V of every position, stored in the model's dtype
-    (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context."""
+    (fp16 or bf16 on a GPU; fp32 when the model runs in fp32), preallocated to max_context.
+    Under context parallelism, positions first ... first + slots - 1 only."""
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
-                 use_kernels: bool | None = None, reference: bool = False):
-        super().__init__(batch_size, max_context, device, use_kernels, reference)
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_context, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
+                 use_kernels: bool | None = None, reference: bool = False, parallel: Parallel | None = None):
+        super().__init__(batch_size, max_context, device, use_kernels, reference, parallel)
+        self.first, slots = self.parallel.token_range(max_context)
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, slots, D): position first + i at i
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, slots, D)
 
     def attend(self, layer: int, q, k, v, positions):
         """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
         B, Hkv, T, D = k.shape
+        slots = self.k.shape[3]
         # Padding tokens are written too, past each sequence's end: masked now, overwritten later.
-        index = positions[:, None, :, None].expand(B, Hkv, T, D)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        # Positions outside this rank's range write back what their slot holds; up to `slots`
+        # consecutive positions at a time, their slots modulo `slots` are distinct.
+        for start in range(0, T, slots):
+            p = positions[:, start:start + slots]                                      # (B, n)
+            index = ((p - self.first) % slots)[:, None, :, None].expand(B, Hkv, -1, D)
+            mine = ((p >= self.first) & (p < self.first + slots))[:, None, :, None]
+            for held, new in [(self.k[layer], k), (self.v[layer], v)]:
+                held.scatter_(2, index, torch.where(mine, new[:, :, start:start + slots], held.gather(2, index)))
         if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
-            segment = Segment(self.k[layer], self.v[layer], self.lengths, None, torch.zeros_like(self.lengths),
+            count = (self.lengths - self.first).clamp(0, slots)
+            segment = Segment(self.k[layer], self.v[layer], count, None, torch.full_like(count, self.first),
                               causal=True)
             return self._attend(q, [segment], positions[:, 0])
         # Attend over the stored prefix only, never over the whole preallocated capacity.
@@ -117,12 +144,13 @@ class QuantizedCache(Cache):
 
     def __init__(self, spec, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype,
                  key_quantizers: list, value_quantizers: list, use_kernels: bool | None = None,
-                 reference: bool = False):
-        super().__init__(batch_size, max_context, device, use_kernels, reference)
+                 reference: bool = False, parallel: Parallel | None = None):
+        super().__init__(batch_size, max_context, device, use_kernels, reference, parallel)
         assert spec.key_schedule == spec.value_schedule, f"{spec.method} is simulated only (quant/eval.py)"
         L, B, Hkv, D = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim
         self.spec, self.schedule, self.keys_pre_rope = spec, spec.key_schedule, spec.keys_pre_rope
-        rows = self.schedule.history_length(max_context)  # the history's capacity, in whole blocks
+        # The history's capacity, in whole blocks; this rank's rows of it: first_row ... + rows - 1.
+        self.first_row, rows = self.parallel.token_range(self.schedule.history_length(max_context), self.schedule.block)
         self.key_stores = [make_store(quantizer, B, rows, device) for quantizer in key_quantizers]
         self.value_stores = [make_store(quantizer, B, rows, device) for quantizer in value_quantizers]
         self.inv_freq = rope_inv_freq(cfg).to(device)
@@ -143,8 +171,8 @@ class QuantizedCache(Cache):
             if self.reference:
                 out = attention(q, *self._with_chunk(layer, k, v, positions), positions)
             else:
-                chunk = Segment(k, v, self.n_new, None, old, causal=True)
-                out = self._attend(q, self._segments(layer, self.held_spans) + [chunk], old, inv_freq)
+                chunk = [Segment(k, v, self.n_new, None, old, causal=True)] if self.parallel.attends_recent else []
+                out = self._attend(q, self._segments(layer, self.held_spans) + chunk, old, inv_freq)
             self._store_chunk(layer, k, v)
             return out
         self._append(layer, k[:, :, 0], v[:, :, 0], positions[:, 0])
@@ -173,17 +201,20 @@ class QuantizedCache(Cache):
     def _spans(self, n):
         """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
         starts and the position of its first token."""
-        S = self.schedule.sinks
+        S, first, rows = self.schedule.sinks, self.first_row, self.value_stores[0].codes.shape[2]
         n_hist = self.schedule.history_length(n)
         first_recent = (S + n_hist).clamp_max(n)  # first position in the window
         return dict(window=(n - first_recent, n_hist % self.schedule.ring, first_recent),
                     sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
-                    history=(n_hist, None, torch.full_like(n, S)))
+                    history=((n_hist - first).clamp(0, rows), None, torch.full_like(n, S + first)))
 
     def _segments(self, layer, spans) -> list[Segment]:
-        """The layer's window, sinks and history as the attention kernel reads them."""
-        segments = [Segment(self.window_k[layer], self.window_v[layer], *spans["window"])]
-        if self.schedule.sinks:
+        """The layer's window, sinks and history as the attention kernel reads them (under
+        context parallelism: this rank's history rows, and the window and sinks on one rank)."""
+        segments = []
+        if self.parallel.attends_recent:
+            segments.append(Segment(self.window_k[layer], self.window_v[layer], *spans["window"]))
+        if self.schedule.sinks and self.parallel.attends_recent:
             segments.append(Segment(self.sink_k[layer], self.sink_v[layer], *spans["sinks"]))
         if self.value_stores[layer].codes.shape[2]:
             segments.append(Segment(self.key_stores[layer], self.value_stores[layer], *spans["history"]))
@@ -233,7 +264,9 @@ class QuantizedCache(Cache):
 
     def _write_history(self, layer, k, v, batch, token, row):
         """Quantize k, v [B, Hkv, T, D] at (batch[i], token[i]) into history row row[i] of sequence
-        batch[i], for every entry i with row[i] >= 0."""
+        batch[i], for every entry i with row[i] >= 0 that this rank holds."""
+        rows = self.value_stores[layer].codes.shape[2]
+        row = torch.where((row >= self.first_row) & (row < self.first_row + rows), row - self.first_row, -1)
         self.key_stores[layer].write(k, batch, token, row, self.use_kernels)
         self.value_stores[layer].write(v, batch, token, row, self.use_kernels)
 
@@ -294,16 +327,23 @@ class QuantizedCache(Cache):
 
 
 def make_cache(spec, cfg: LlamaConfig, batch_size: int, max_context: int, device, dtype, calibration=None,
-               use_kernels: bool | None = None, reference: bool = False) -> Cache:
+               use_kernels: bool | None = None, reference: bool = False, parallel: Parallel | None = None) -> Cache:
     """The cache quant/kvspec.py `spec` names, for batch_size sequences of up to max_context
-    tokens, its quantizers from `calibration` (quant/calibrate.py quantizers_for)."""
+    tokens, its quantizers from `calibration` (quant/calibrate.py quantizers_for). `parallel`:
+    this rank's share (cfg is then the rank's own, engine/parallel.py shard_config)."""
+    parallel = parallel or Parallel()
     if not spec.quantized:
-        return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels, reference)
+        return KVCache(cfg, batch_size, max_context, device, dtype, use_kernels, reference, parallel)
     if spec.key_schedule != spec.value_schedule:
         raise UserError(f"{spec} is simulated only (quant/methods.py simulated_cache); caches run fp16, skvq and svdq")
     try:
         spec.check(cfg.head_dim)
     except ValueError as e:
         raise UserError(f"{spec}: {e}")
-    quantizers = quantizers_for(spec, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, calibration)
-    return QuantizedCache(spec, cfg, batch_size, max_context, device, dtype, *quantizers, use_kernels, reference)
+    Hkv = cfg.num_key_value_heads
+    if calibration is not None and parallel.tp > 1:  # the tables of this rank's KV heads
+        calibration.check(cfg.num_hidden_layers, Hkv * parallel.tp, cfg.head_dim)
+        calibration = calibration.heads(parallel.tp_rank * Hkv, Hkv)
+    quantizers = quantizers_for(spec, cfg.num_hidden_layers, Hkv, cfg.head_dim, calibration)
+    return QuantizedCache(spec, cfg, batch_size, max_context, device, dtype, *quantizers, use_kernels, reference,
+                          parallel)

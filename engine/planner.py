@@ -4,14 +4,20 @@ A cache is priced by building it on the meta device (engine/cache.py make_cache)
 that allocates it, so there is no second formula to drift from it. The working memory of a
 forward is priced from the shapes engine/runner.py, engine/cache.py and the kernels use (a
 prefill chunk's activations and its attention).
+
+Under tensor or context parallelism (engine/parallel.py) everything here is one rank's: the
+request's config is the rank's (its heads and MLP columns), its cache the rank's share, the free
+memory the least of any rank's; the group holds what each rank holds.
 """
 import ctypes
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.cache import make_cache
+from engine.parallel import Parallel
 from engine.runner import PREFILL_CHUNK
 from kernels import streaming
 from model import LlamaConfig
@@ -24,21 +30,27 @@ HEADROOM = GiB  # of the free memory, kept back: the allocator's rounding, kerne
 @dataclass
 class Request:
     """What sizes a cache besides its context: the spec (quant/kvspec.py), the model, the batch,
-    the dtype of its full-precision parts and the calibration (it fixes SVDq's basis buffers)."""
+    the dtype of its full-precision parts, the calibration (it fixes SVDq's basis buffers) and
+    the rank's place in a parallel group (cfg is then the rank's, Parallel.shard_config)."""
     spec: KvSpec
     cfg: LlamaConfig
     batch: int
     dtype: torch.dtype
     calibration: object = None
+    parallel: Parallel = field(default_factory=Parallel)
 
     def cache_bytes(self, context: int) -> int:
-        """Bytes the cache allocates for `context` tokens per sequence, priced on meta."""
-        return make_cache(self.spec, self.cfg, self.batch, context, "meta", self.dtype, self.calibration).nbytes()
+        """Bytes one rank's cache allocates for `context` tokens per sequence, priced on meta."""
+        cache = make_cache(self.spec, self.cfg, self.batch, context, "meta", self.dtype, self.calibration,
+                           parallel=self.parallel)
+        return cache.nbytes()
 
 
 def usable_bytes(device) -> int:
-    """What a plan may use: the free memory less HEADROOM."""
-    return free_bytes(device) - HEADROOM
+    """What a plan may use: the free memory less HEADROOM. On the CPU, the processes torchrun
+    started on this machine (LOCAL_WORLD_SIZE) share the host's memory: each may use its part."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.device(device).type == "cpu" else 1
+    return (free_bytes(device) - HEADROOM) // ranks_here
 
 
 def free_bytes(device) -> int:
@@ -52,10 +64,12 @@ def free_bytes(device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def working_bytes(cfg, batch: int, prompt_tokens: int, dtype, kernels: bool) -> int:
+def working_bytes(cfg, batch: int, prompt_tokens: int, dtype, kernels: bool, cp: int = 1) -> int:
     """Peak transient memory of the largest forward: one prefill chunk's MLP and logits, and its
     attention: with the kernels, fp32 partial outputs per segment [B, chunk, H, 4, D]; in plain
-    torch, kernels/streaming.py's blocks for the chunk's queries. Neither grows with the prompt."""
+    torch, kernels/streaming.py's blocks for the chunk's queries; under context parallelism, the
+    outputs and log-sum-exps gathered from the cp ranks [cp, B, chunk, H, D + 1] fp32. None grows
+    with the prompt."""
     chunk = min(prompt_tokens, PREFILL_CHUNK)
     size = torch.finfo(dtype).bits // 8
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -65,7 +79,8 @@ def working_bytes(cfg, batch: int, prompt_tokens: int, dtype, kernels: bool) -> 
     else:  # the residual, its norm, q, k, v and the rotated q, k live while kernels/streaming.py attends
         projections = batch * chunk * (2 * cfg.hidden_size + (2 * H + 3 * Hkv) * D) * size
         attention = max(mlp, projections + streaming.working_bytes(batch, Hkv, chunk * H // Hkv, D))
-    return attention + 4 * batch * cfg.vocab_size
+    gathered = 4 * cp * batch * chunk * H * (D + 1) if cp > 1 else 0
+    return attention + gathered + 4 * batch * cfg.vocab_size
 
 
 def return_freed_memory():
@@ -123,11 +138,12 @@ def longest(fits, limit: int) -> int:
     return lo
 
 
-def plan(request: Request, prompt_tokens: int, context: int | str, device) -> Plan:
-    """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits."""
+def plan(request: Request, prompt_tokens: int, context: int | str, device, free: int | None = None) -> Plan:
+    """The cache for `context` tokens (or "auto": the longest that fits) and whether it fits in
+    `free` bytes (default: usable_bytes(device); a parallel group passes its least)."""
     kernels = torch.device(device).type == "cuda"  # as the caches decide (engine/cache.py)
-    free = usable_bytes(device)
-    working = working_bytes(request.cfg, request.batch, prompt_tokens, request.dtype, kernels)
+    free = usable_bytes(device) if free is None else free
+    working = working_bytes(request.cfg, request.batch, prompt_tokens, request.dtype, kernels, request.parallel.cp)
     if context == "auto":
         context = largest_context(request, free - working)
     return Plan(context, request.cache_bytes(context), working, free)

@@ -324,11 +324,12 @@ def _attend_stage1(
 
 
 @triton.jit
-def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
+def _merge_splits(partial_ptr, lse_ptr, out_ptr, merged_lse_ptr, n_splits,
                    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                    D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (batch, query head): out = sum over splits of softmax(lse)[s] * partial[s]; splits
-    that saw no token (lse = -inf) weigh nothing."""
+    that saw no token (lse = -inf) weigh nothing. The merged lse goes to merged_lse [batch, heads]
+    (engine/parallel.py merges ranks' outputs by it); a row no split saw gets 0 and lse -inf."""
     b, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     lse_row = lse_ptr + b * stride_lb + head * stride_lh
     partial_row = partial_ptr + b * stride_pb + head * stride_ph
@@ -337,6 +338,7 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
         splits = start + tl.arange(0, BLOCK_S)
         lse_max = tl.maximum(lse_max, tl.load(lse_row + splits, mask=splits < n_splits, other=float("-inf")))
     lse_max = tl.max(lse_max, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split saw a token: every weight 0
     total = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([D], tl.float32)
     channels = tl.arange(0, D)
@@ -347,7 +349,10 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
                           mask=(weight > 0)[:, None], other=0.0)                       # (BLOCK_S, D)
         total += weight
         acc += tl.sum(weight[:, None] * partial, 0)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.sum(total, 0))
+    total = tl.sum(total, 0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + channels, acc / tl.where(total > 0, total, 1.0))
+    merged_lse = tl.where(total > 0, lse_max + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(merged_lse_ptr + b * tl.num_programs(1) + head, merged_lse)  # [batch, heads], contiguous
 
 
 def _tile(segment: Segment, Q: int) -> tuple[int, int]:
@@ -363,13 +368,14 @@ def _tile(segment: Segment, Q: int) -> tuple[int, int]:
 
 
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
-           inv_freq: torch.Tensor | None = None, split_tokens: int | None = None) -> torch.Tensor:
+           inv_freq: torch.Tensor | None = None, split_tokens: int | None = None, return_lse: bool = False):
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
     every token of every segment (a causal segment: to its tokens at or before them). inv_freq
     [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
     split_tokens: tokens per split; by default SPLIT_TOKENS for one query per sequence (decode:
     splits fill the GPU) and whole segments for more (prefill: query blocks fill it, and partial
-    outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype."""
+    outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype; with return_lse
+    also each row's log-sum-exp [B, Q, H] fp32 (-inf where no token was seen)."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
     capacities = [s.rows.shape[2] for s in segments]
@@ -406,10 +412,11 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             BLOCK_N=min(block_n, split_tokens), num_warps=num_warps, **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
+    merged_lse = torch.empty(B, Q, H, device=q.device, dtype=torch.float32)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
-    _merge_splits[(B * Q, H)](partial_out, lse, merged, first_split, *partial_out.stride()[:3], *lse.stride()[:2],
-                               *merged.stride()[:2], D=D, BLOCK_S=32)
-    return out
+    _merge_splits[(B * Q, H)](partial_out, lse, merged, merged_lse, first_split, *partial_out.stride()[:3],
+                               *lse.stride()[:2], *merged.stride()[:2], D=D, BLOCK_S=32)
+    return (out, merged_lse) if return_lse else out
 
 
 def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,

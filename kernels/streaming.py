@@ -60,10 +60,11 @@ def working_bytes(batch: int, kv_heads: int, rows: int, head_dim: int) -> int:
 
 
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
-           inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+           inv_freq: torch.Tensor | None = None, return_lse: bool = False):
     """As kernels/decode_attention.py attend: q [B, Q, H, D], Q queries per sequence, the i-th
     at position q_position[b] + i, attend to every token of every segment (a causal segment: to
-    its tokens at or before them). inv_freq [D/2]: keys are pre-RoPE. Returns [B, Q, H, D]."""
+    its tokens at or before them). inv_freq [D/2]: keys are pre-RoPE. Returns [B, Q, H, D]; with
+    return_lse also the log-sum-exp of each row's scaled scores [B, Q, H] fp32 (-inf: no token)."""
     B, Q, H, D = q.shape
     Hkv = segments[0].rows.shape[1]
     G = H // Hkv
@@ -88,7 +89,10 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             if visible is not None:
                 scores.masked_fill_(~visible, -math.inf)
             state.add(scores, functools.partial(values.weighted_sum, slots=slots))
-    return state.output().view(B, H, Q, D).transpose(1, 2).to(q.dtype)
+    out = state.output().view(B, H, Q, D).transpose(1, 2).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, (state.m + state.l.log()).view(B, H, Q).transpose(1, 2)
 
 
 class _Softmax:

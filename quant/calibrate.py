@@ -146,6 +146,13 @@ class Calibration:
         n_heads, head_dim = self.tensors["svdq.mean.0"].shape  # (Hkv, D)
         return self.settings["layers"], n_heads, head_dim
 
+    def heads(self, first: int, count: int) -> "Calibration":
+        """The tables of KV heads first ... first + count - 1 only (a tensor-parallel rank's):
+        channel groups, smoothing and SVDq bases are per head [Hkv, ...]; clip factors per layer."""
+        per_head = lambda name: name.endswith((".group_index", ".smoothing")) or name.startswith("svdq.")
+        tensors = {name: t[first:first + count] if per_head(name) else t for name, t in self.tensors.items()}
+        return Calibration(tensors, self.settings, f"{self.name} (KV heads {first}-{first + count - 1})")
+
     def check(self, n_layers: int, n_heads: int, head_dim: int):
         """Refuses a calibration made on a model of another shape."""
         if self.shape() != (n_layers, n_heads, head_dim):
