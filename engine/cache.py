@@ -14,9 +14,10 @@ dequantized whole, then one attention), what the tests and bench/decode.py compa
 import torch
 
 from cli import UserError
-from engine.stores import make_store
+from engine.stores import LatentStore, make_store
 from kernels import decode_attention, streaming
 from kernels.decode_attention import Segment
+from kernels.quantize import write_decode_token
 from kernels.reference import attention
 from model import LlamaConfig, apply_rope, rope_cos_sin, rope_inv_freq
 from quant.calibrate import quantizers_for
@@ -49,14 +50,29 @@ class Cache:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
         Returns their positions [B, T]. UserError where they might not fit: a sequence's padding
         tokens are written too, so every sequence needs room for T more."""
+        self.claim(T)
+        return self.advance(n_new, T)
+
+    def claim(self, T: int):
+        """reserve's check, on the host: a captured decode step (engine/runner.py) runs it before
+        every replay of the graph, which holds `advance`."""
         if self.reserved + T > self.max_context:
             raise UserError(f"the cache holds {self.max_context} tokens per sequence (max_context); "
                             f"{self.reserved} are reserved and this forward adds {T}")
         self.reserved += T
+
+    def advance(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        """reserve's work on the device, without a host sync: positions [B, T], lengths counted."""
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         self.n_new = n_new
         self.lengths += n_new  # in place: a captured CUDA graph keeps reading the same tensor
         return positions
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step runs without a host sync, at static shapes and launch arguments,
+        so that a CUDA graph can replay it: through the kernels, and with no store written in torch."""
+        return self.use_kernels
 
     def bytes_per_token(self) -> float:
         """Allocated bytes per token of capacity, all layers, K and V."""
@@ -77,10 +93,12 @@ class KVCache(Cache):
     def attend(self, layer: int, q, k, v, positions):
         """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
         B, Hkv, T, D = k.shape
-        # Padding tokens are written too, past each sequence's end: masked now, overwritten later.
-        index = positions[:, None, :, None].expand(B, Hkv, T, D)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        if T == 1 and self.use_kernels:  # a ring of max_context slots with no sinks: slot = position
+            write_decode_token(k[:, :, 0], v[:, :, 0], positions[:, 0], None, (self.k[layer], self.v[layer]))
+        else:  # padding tokens are written too, past each sequence's end: masked now, overwritten later
+            index = positions[:, None, :, None].expand(B, Hkv, T, D)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
         if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
             segment = Segment(self.k[layer], self.v[layer], self.lengths, None, torch.zeros_like(self.lengths),
                               causal=True)
@@ -153,22 +171,34 @@ class QuantizedCache(Cache):
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
-    def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
-        positions = super().reserve(n_new, T)
+    def advance(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        positions = super().advance(n_new, T)
         # The same for every layer, so computed once per forward: what the cache holds after these
         # tokens (decode reads it), and before them (a prefill chunk reads that, then itself).
         held = self.lengths - n_new
         self.spans = self._spans(self.lengths)
         self.held_spans = self._spans(held) if T > 1 else None
-        if T == 1:  # the block a decode step moves to history (rows -1: none), as entries (b, ring slot, row)
-            S, G, h = self.schedule.sinks, self.schedule.block, self.schedule.history_length
-            moved = S + h(held)[:, None] + torch.arange(G, device=held.device)          # (B, G) positions
-            rows = torch.where((h(self.lengths) > h(held))[:, None], moved - S, -1)
-            batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
-            # Slots modulo the ring as allocated: the same ring, or for a short context a smaller one
-            # that evicts nothing, whose entries (rows -1) must still point inside it.
-            self.evicted = batch, ((moved - S) % self.window_k.shape[3]).flatten(), rows.flatten()
+        if T == 1:  # the block a decode step moves to history: its first row, -1 for none
+            h = self.schedule.history_length
+            self.evict_row = torch.where(h(self.lengths) > h(held), h(held), -1)                 # (B,)
+            if self._writes_in_torch:  # as entries (b, ring slot, row) of each of its tokens
+                G = self.schedule.block
+                rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
+                    G, device=held.device), -1)                                                 # (B, G)
+                batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
+                # Slots modulo the ring as allocated: the same ring, or for a short context a smaller
+                # one that evicts nothing, whose entries (rows -1) must still point inside it.
+                self.evicted = batch, (rows % self.window_k.shape[3]).flatten(), rows.flatten()
         return positions
+
+    @property
+    def _writes_in_torch(self) -> bool:
+        """Whether a decode step evicts in torch: without the kernels, or into latent key stores."""
+        return not self.use_kernels or isinstance(self.key_stores[0], LatentStore)
+
+    @property
+    def capturable(self) -> bool:
+        return not self._writes_in_torch  # LatentStore.write syncs with the host
 
     def _spans(self, n):
         """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
@@ -190,16 +220,24 @@ class QuantizedCache(Cache):
         return segments
 
     def _append(self, layer, k, v, p):
-        """k, v [B, Hkv, D]: one new token per sequence at positions p [B]. Static shapes, no host sync."""
-        S = self.schedule.sinks
-        # The block that leaves the window goes first: its first token sits in the slot p takes.
-        self._write_history(layer, self.window_k[layer], self.window_v[layer], *self.evicted)
+        """k, v [B, Hkv, D]: one new token per sequence at positions p [B]. Static shapes, no host
+        sync; through the kernels one launch (kernels/quantize.py write_decode_token)."""
+        S, keys, values = self.sink_k.shape[3], self.key_stores[layer], self.value_stores[layer]
+        window = self.window_k[layer], self.window_v[layer]
+        if self._writes_in_torch:  # the block that leaves the window goes first: its first token sits in the slot p takes
+            keys.write(window[0], *self.evicted, self.use_kernels)
+            keys = None  # written
+        if self.use_kernels:
+            sinks = (self.sink_k[layer], self.sink_v[layer]) if S else None
+            write_decode_token(k, v, p, sinks, window, self.evict_row, keys, values, self.schedule.block)
+            return
+        values.write(window[1], *self.evicted, False)
         b = torch.arange(k.shape[0], device=k.device)
         if S:
-            sink = p.clamp_max(self.sink_k.shape[3] - 1)
+            sink = p.clamp_max(S - 1)
             for store, x in [(self.sink_k, k), (self.sink_v, v)]:
                 store[layer, b, :, sink] = torch.where((p < S)[:, None, None], x, store[layer, b, :, sink])
-        slot = (p - S).clamp_min(0) % self.schedule.ring
+        slot = (p - S).clamp_min(0) % self.window_k.shape[3]
         for store, x in [(self.window_k, k), (self.window_v, v)]:
             store[layer, b, :, slot] = torch.where((p >= S)[:, None, None], x, store[layer, b, :, slot])
 
