@@ -15,10 +15,13 @@ SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an
 softmax; each split writes its partial output and log-sum-exp. The instructions this costs per
 byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
-by its share of the softmax mass. Decode (one query per sequence) splits segments by a fixed
-token length, so one sequence of 1M tokens still fills every SM; prefill (a chunk of queries)
-fills it with query blocks and reads each segment once per block, flash-attention style. Only
-each sequence's valid tokens are read, never the capacity.
+by its share of the softmax mass. Decode (one query per sequence) gives each segment a fixed
+number of splits, about two waves of the SMs (`decode_splits`), and each split an equal share
+of the live tokens, found from the count on the device: one sequence of 1M tokens still fills
+every SM, the grid is the same at every step (a CUDA graph replays it), and the partial outputs
+are small. Prefill (a chunk of queries) fills the GPU with query blocks and reads each segment
+once per block, flash-attention style. Only each sequence's valid tokens are read, never the
+capacity.
 
 Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
 too, as the factors are equal within each RoPE pair), the values' scale the output. The
@@ -39,8 +42,9 @@ from kernels.codes import (
     unpack_words,
 )
 
-SPLIT_TOKENS = 1024  # tokens per split: 1M tokens -> 1024 splits per (sequence, KV head)
-BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in registers
+SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
+CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
+BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
 
 
 @dataclass
@@ -151,9 +155,8 @@ def _attend_stage1(
         # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
         k_ptr, stride_kb, stride_kh, stride_kt,
         v_ptr, stride_vb, stride_vh, stride_vt,
-        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; SPLIT tokens per program, BLOCK_N per step
-        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; BLOCK_N tokens per step
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         # where the tokens are: ring start [B]; first token's position [B]; the queries' first
         # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
         first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
@@ -178,8 +181,10 @@ def _attend_stage1(
     pid, kv_head, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
-    start = split * SPLIT
-    end = tl.minimum(start + SPLIT, count)
+    # The grid's splits share the live tokens in whole blocks: none is empty unless count is short.
+    per_split = tl.cdiv(tl.cdiv(count, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, count)
     # Tile rows: Q_BLOCK queries x the G query heads of this KV head, padded to M_PAD.
     rows = tl.arange(0, M_PAD)
     query = q_block * Q_BLOCK + rows // G
@@ -213,7 +218,7 @@ def _attend_stage1(
         b_angle = tl.arange(0, 8).to(tl.float32)[:, None] * inv_freq[None, :]                  # (8, D/2)
         cos_a, sin_a, cos_b, sin_b = tl.cos(a_angle), tl.sin(a_angle), tl.cos(b_angle), tl.sin(b_angle)
         cos_step, sin_step = tl.cos(BLOCK_N * inv_freq), tl.sin(BLOCK_N * inv_freq)
-        block_angle = (first_position + split * SPLIT).to(tl.float32) * inv_freq
+        block_angle = (first_position + start).to(tl.float32) * inv_freq
         cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
@@ -313,9 +318,9 @@ def _attend_stage1(
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
-    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0), so
-    # a grid sized by capacity (1M tokens: 1024 splits) writes D floats per live split only. (The
-    # test is the split's, not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
+    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0); a
+    # split is empty only for a sequence shorter than the splits' blocks. (The test is the split's,
+    # not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
     live = (rows * 0 + start) < end
     tl.store(out_rows + split_column * stride_os + v_channel[None, :], out,
              mask=(real_row & live)[:, None] & v_real[None, :])
@@ -362,20 +367,30 @@ def _tile(segment: Segment, Q: int) -> tuple[int, int]:
     return block, 8 if Q > 1 or latent or several_groups else 4
 
 
+def decode_splits(programs: int, capacity: int, device: torch.device) -> int:
+    """Splits of a decode segment of `capacity` slots over `programs` (batch x KV heads) programs:
+    about SPLIT_WAVES waves of the SMs, none shorter than a block. Fixed for a cache, so a CUDA
+    graph replays the grid; each program finds its tokens from the live count on the device."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    return max(1, min(triton.cdiv(SPLIT_WAVES * sms, programs), triton.cdiv(capacity, BLOCK_N)))
+
+
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
-           inv_freq: torch.Tensor | None = None, split_tokens: int | None = None) -> torch.Tensor:
+           inv_freq: torch.Tensor | None = None, n_splits: int | None = None) -> torch.Tensor:
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
     every token of every segment (a causal segment: to its tokens at or before them). inv_freq
     [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
-    split_tokens: tokens per split; by default SPLIT_TOKENS for one query per sequence (decode:
-    splits fill the GPU) and whole segments for more (prefill: query blocks fill it, and partial
-    outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype."""
+    n_splits: programs per (sequence, KV head) and segment, each over an equal share of the live
+    tokens; by default decode_splits for one query per sequence (decode: splits fill the GPU) and
+    one for more (prefill: query blocks fill it, and partial outputs stay [B, Q, H, segments, D]).
+    Returns [B, Q, H, D] in q's dtype."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
     capacities = [s.rows.shape[2] for s in segments]
-    if split_tokens is None:
-        split_tokens = SPLIT_TOKENS if Q == 1 else max(BLOCK_N, *(triton.next_power_of_2(c) for c in capacities))
-    n_splits = [triton.cdiv(c, split_tokens) for c in capacities]
+    if n_splits is not None:
+        n_splits = [n_splits] * len(segments)
+    else:
+        n_splits = [decode_splits(B * s.rows.shape[1], c, q.device) if Q == 1 else 1 for s, c in zip(segments, capacities)]
     partial_out = torch.empty(B, Q, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Q, H, sum(n_splits), device=q.device, dtype=torch.float32)
     first_split = 0
@@ -402,8 +417,8 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
             count_ptr=segment.count.contiguous(), ring=capacity,
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
-            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(block_n, split_tokens), num_warps=num_warps, **where)
+            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
+            BLOCK_N=block_n, num_warps=num_warps, **where)
         first_split += splits
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
@@ -413,6 +428,6 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
 
 
 def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
-                     split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
+                     n_splits: int | None = None) -> torch.Tensor:
     """q [B, H, D], one query per sequence, after every token of every segment -> [B, H, D]."""
-    return attend(q[:, None], segments, None, inv_freq, split_tokens)[:, 0]
+    return attend(q[:, None], segments, None, inv_freq, n_splits)[:, 0]

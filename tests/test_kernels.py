@@ -81,7 +81,7 @@ def test_fp16_decode_attention_matches_reference(group, D):
     q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
     k = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
     v = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
-    got = decode_attention(q, [Segment(k, v, lengths.to(DEVICE))], split_tokens=128)
+    got = decode_attention(q, [Segment(k, v, lengths.to(DEVICE))], n_splits=3)
     for b in range(B):
         n = int(lengths[b])
         expected = attention(q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], torch.tensor([[n - 1]], device=DEVICE))
@@ -117,7 +117,7 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
     to = lambda t: t.to(DEVICE)
     segments = [Segment(window_k, window_v, to(window_count), to(first_slot), to(window_start)),
                 Segment(stored_k, stored_v, to(history_count), None, to(history_start))]
-    got = decode_attention(q, segments, inv_freq, split_tokens=64)
+    got = decode_attention(q, segments, inv_freq, n_splits=5)
     for b in range(B):
         h, w = int(history_count[b]), int(window_count[b])
         slots = (first_slot[b] + torch.arange(w)) % W                          # window tokens in position order
@@ -293,7 +293,7 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2))
     start = torch.randint(0, 10, (B,))                                                   # position of row 0
     got = decode_attention(q, [Segment(latent_keys, stored_v, count.to(DEVICE), None, start.to(DEVICE))], inv_freq,
-                           split_tokens=64)
+                           n_splits=5)
     for b in range(1, B):  # sequence 0 holds no token: nothing to compare
         n = int(count[b])
         k_rot = rope(k_hat[b, :, :n].to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
