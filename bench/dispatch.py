@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 # Operations whose result the host must wait for, or whose output shape depends on values:
@@ -18,7 +19,7 @@ HOST_SYNCS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique
 @dataclass
 class Launch:
     """One recorded launch: the kernel, its arguments as passed, and who launched it."""
-    kernel: JITFunction
+    kernel: JITFunction | InterpretedFunction
     args: tuple
     kwargs: dict
     grid: tuple
@@ -27,18 +28,21 @@ class Launch:
 
 @contextlib.contextmanager
 def recorded_launches():
-    """Within: every Triton launch is appended to the yielded list instead of run."""
+    """Within: every Triton launch is appended to the yielded list instead of run (compiled or,
+    under TRITON_INTERPRET=1, interpreted)."""
     launches = []
-    real_run = JITFunction.run
+    real_runs = {kind: kind.run for kind in (JITFunction, InterpretedFunction)}
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs, grid))
 
-    JITFunction.run = record
+    for kind in real_runs:
+        kind.run = record
     try:
         yield launches
     finally:
-        JITFunction.run = real_run
+        for kind, run in real_runs.items():
+            kind.run = run
 
 
 class TorchOps(TorchDispatchMode):

@@ -144,7 +144,9 @@ def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.c
 
 
 @triton.jit
-def _attend_stage1(
+def _attend_split(
+        # this program's split of the segment, of n_splits
+        split, n_splits,
         # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
         q_ptr, stride_qb, stride_qq, stride_qh,
         out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
@@ -178,11 +180,11 @@ def _attend_stage1(
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
         V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
-    pid, kv_head, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
-    # The grid's splits share the live tokens in whole blocks: none is empty unless count is short.
-    per_split = tl.cdiv(tl.cdiv(count, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    # The splits share the live tokens in whole blocks: none is empty unless count is short.
+    per_split = tl.cdiv(tl.cdiv(count, n_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, count)
     # Tile rows: Q_BLOCK queries x the G query heads of this KV head, padded to M_PAD.
@@ -329,6 +331,85 @@ def _attend_stage1(
 
 
 @triton.jit
+def _attend_stage1(
+        # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
+        q_ptr, stride_qb, stride_qq, stride_qh,
+        out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
+        lse_ptr, stride_lb, stride_lq, stride_lh,
+        n_queries, q_blocks, first_split, sm_scale,
+        # the segment: tokens per sequence [B]; rows of its K/V, the ring's size when it is one
+        count_ptr, ring,
+        # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
+        k_ptr, stride_kb, stride_kh, stride_kt,
+        v_ptr, stride_vb, stride_vh, stride_vt,
+        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; BLOCK_N tokens per step
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        # where the tokens are: ring start [B]; first token's position [B]; the queries' first
+        # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
+        first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
+        RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
+        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D]
+        k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
+        k_group_ptr=None, k_smoothing_ptr=None,
+        K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
+        K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        # latent keys: scale, low above per block [B, Hkv, T / K_TOKEN_GROUP, R]; basis_t [1 or B, Hkv, R, D];
+        # mean [1 or B, Hkv, D]; bit layout [2, R]
+        k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
+        k_bits_ptr=None,
+        K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
+        # packed values, as packed keys
+        v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
+        v_group_ptr=None, v_smoothing_ptr=None,
+        V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
+        V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        # decode: up to EXTRA full-precision segments (sinks, window), each one more program after
+        # the segment's splits: rows [B, Hkv, T, D] as k_ptr's, tokens [B], ring start [B] (A_RING),
+        # first token's position [B] (pre-RoPE keys)
+        a_k_ptr=None, a_v_ptr=None, stride_akb=0, stride_akh=0, stride_akt=0, stride_avb=0, stride_avh=0,
+        stride_avt=0, a_count_ptr=None, a_ring=1, a_first_slot_ptr=None, a_first_position_ptr=None,
+        A_RING: tl.constexpr = False,
+        b_k_ptr=None, b_v_ptr=None, stride_bkb=0, stride_bkh=0, stride_bkt=0, stride_bvb=0, stride_bvh=0,
+        stride_bvt=0, b_count_ptr=None, b_ring=1, b_first_slot_ptr=None, b_first_position_ptr=None,
+        B_RING: tl.constexpr = False,
+        EXTRA: tl.constexpr = 0):
+    """Grid (batch x query blocks, KV head, splits + EXTRA): the segment's splits, then one
+    program for each full-precision segment riding along (a decode step's sinks and window), so
+    that a step reads all its segments in one launch. Each program writes its partial column."""
+    split, n_splits = tl.program_id(2), tl.num_programs(2) - EXTRA
+    if EXTRA == 0 or split < n_splits:  # constexpr without riders: no branch (prefill spills less)
+        _attend_split(split, n_splits, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq,
+                      stride_oh, stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries,
+                      q_blocks, first_split, sm_scale, count_ptr, ring, k_ptr, stride_kb, stride_kh,
+                      stride_kt, v_ptr, stride_vb, stride_vh, stride_vt, G, Q_BLOCK, M_PAD, D,
+                      BLOCK_N, first_slot_ptr, first_position_ptr, q_position_ptr, inv_freq_ptr,
+                      RING, ROPE, CAUSAL, k_scale_ptr, k_low_ptr, stride_kmb, stride_kmh,
+                      stride_kmt, k_group_ptr, k_smoothing_ptr, K_FULL, K_GROUPS, K_RADIX,
+                      K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD,
+                      k_basis_ptr, stride_kbb, stride_kbh, k_mean_ptr, stride_kub, stride_kuh,
+                      k_bits_ptr, K_SVD, K_RANK, K_TOKEN_GROUP, v_scale_ptr, v_low_ptr, stride_vmb,
+                      stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, V_FULL, V_GROUPS,
+                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD)
+    elif EXTRA > 0:  # a full-precision segment: one program, one split
+        if split == n_splits:
+            _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
+                          stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries, q_blocks,
+                          first_split + split, sm_scale, a_count_ptr, a_ring, a_k_ptr, stride_akb, stride_akh,
+                          stride_akt, a_v_ptr, stride_avb, stride_avh, stride_avt, G, Q_BLOCK, M_PAD, D, BLOCK_N,
+                          first_slot_ptr=a_first_slot_ptr, first_position_ptr=a_first_position_ptr,
+                          inv_freq_ptr=inv_freq_ptr, RING=A_RING, ROPE=ROPE)
+        elif EXTRA > 1:
+            _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
+                          stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries, q_blocks,
+                          first_split + split, sm_scale, b_count_ptr, b_ring, b_k_ptr, stride_bkb, stride_bkh,
+                          stride_bkt, b_v_ptr, stride_bvb, stride_bvh, stride_bvt, G, Q_BLOCK, M_PAD, D, BLOCK_N,
+                          first_slot_ptr=b_first_slot_ptr, first_position_ptr=b_first_position_ptr,
+                          inv_freq_ptr=inv_freq_ptr, RING=B_RING, ROPE=ROPE)
+
+
+@triton.jit
 def _merge_splits(partial_ptr, lse_ptr, out_ptr, n_splits,
                    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                    D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -367,6 +448,32 @@ def _tile(segment: Segment, Q: int) -> tuple[int, int]:
     return block, 8 if Q > 1 or latent or several_groups else 4
 
 
+def _launches(segments: list[Segment], Q: int) -> list[tuple[Segment, list[Segment]]]:
+    """Stage 1's launches: each a segment, and the full-precision segments that ride along as one
+    more program each. Decode: up to two ride with the first packed segment, so a quantized
+    cache's step (sinks, window, history) is one launch; prefill: every segment its own."""
+    full = [s for s in segments if isinstance(s.keys, torch.Tensor) and isinstance(s.values, torch.Tensor)
+            and not s.causal]
+    if Q > 1 or not full:
+        return [(s, []) for s in segments]
+    others = [s for s in segments if all(s is not f for f in full)] or full[:1]
+    riders = [s for s in full if s is not others[0]]
+    return [(others[0], riders[:2])] + [(s, []) for s in others[1:] + riders[2:]]
+
+
+def _rider(segment: Segment, letter: str) -> dict:
+    """Stage-1 arguments of a full-precision segment riding along as extra program `letter` (a, b)."""
+    assert segment.keys.shape == segment.values.shape
+    args = {f"{letter}_k_ptr": segment.keys, **_strides(f"stride_{letter}k", segment.keys),
+            f"{letter}_v_ptr": segment.values, **_strides(f"stride_{letter}v", segment.values),
+            f"{letter}_count_ptr": segment.count.contiguous(), f"{letter}_ring": segment.rows.shape[2]}
+    if segment.first_slot is not None:
+        args.update({f"{letter}_first_slot_ptr": segment.first_slot.contiguous(), f"{letter.upper()}_RING": True})
+    if segment.first_position is not None:
+        args[f"{letter}_first_position_ptr"] = segment.first_position.contiguous()
+    return args
+
+
 def decode_splits(programs: int, capacity: int, device: torch.device) -> int:
     """Splits of a decode segment of `capacity` slots over `programs` (batch x KV heads) programs:
     about SPLIT_WAVES waves of the SMs, none shorter than a block. Fixed for a cache, so a CUDA
@@ -386,15 +493,14 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     Returns [B, Q, H, D] in q's dtype."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
-    capacities = [s.rows.shape[2] for s in segments]
-    if n_splits is not None:
-        n_splits = [n_splits] * len(segments)
-    else:
-        n_splits = [decode_splits(B * s.rows.shape[1], c, q.device) if Q == 1 else 1 for s, c in zip(segments, capacities)]
-    partial_out = torch.empty(B, Q, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, Q, H, sum(n_splits), device=q.device, dtype=torch.float32)
+    launches = _launches(segments, Q)
+    splits = [n_splits or (decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device) if Q == 1 else 1)
+              for s, _ in launches]
+    columns = sum(splits) + sum(len(riders) for _, riders in launches)  # partial outputs per query and head
+    partial_out = torch.empty(B, Q, H, columns, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Q, H, columns, device=q.device, dtype=torch.float32)
     first_split = 0
-    for segment, capacity, splits in zip(segments, capacities, n_splits):
+    for (segment, riders), splits in zip(launches, splits):
         Hkv = segment.rows.shape[1]
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
@@ -410,16 +516,18 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
                 where.update(inv_freq_ptr=inv_freq, ROPE=True)
         if segment.causal:
             where.update(q_position_ptr=q_position.contiguous(), CAUSAL=True)
-        _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits)](
+        for letter, rider in zip("ab", riders):
+            where.update(_rider(rider, letter))
+        _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits + len(riders))](
             q_ptr=q, **dict(zip(["stride_qb", "stride_qq", "stride_qh"], q.stride())),
             out_ptr=partial_out, **dict(zip(["stride_ob", "stride_oq", "stride_oh", "stride_os"], partial_out.stride())),
             lse_ptr=lse, **dict(zip(["stride_lb", "stride_lq", "stride_lh"], lse.stride())),
             n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
-            count_ptr=segment.count.contiguous(), ring=capacity,
+            count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
-            BLOCK_N=block_n, num_warps=num_warps, **where)
-        first_split += splits
+            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **where)
+        first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
     _merge_splits[(B * Q, H)](partial_out, lse, merged, first_split, *partial_out.stride()[:3], *lse.stride()[:2],
