@@ -153,6 +153,8 @@ class QuantizedCache(Cache):
         # Ring: the token at position p >= S lives in slot (p - S) % ring while it is recent.
         self.window_k = torch.zeros(L, B, Hkv, ring, D, device=device, dtype=dtype)  # (layers, B, Hkv, ring, D)
         self.window_v = torch.zeros_like(self.window_k)
+        # The sinks' and the history's first positions [B]: the same at every step.
+        self.first_positions = torch.tensor([0, self.schedule.sinks], device=device)[:, None].repeat(1, B)
 
     def attend(self, layer: int, q, k, v, positions):
         inv_freq = self.inv_freq if self.keys_pre_rope else None
@@ -175,12 +177,13 @@ class QuantizedCache(Cache):
         positions = super().advance(n_new, T)
         # The same for every layer, so computed once per forward: what the cache holds after these
         # tokens (decode reads it), and before them (a prefill chunk reads that, then itself).
+        h = self.schedule.history_length
         held = self.lengths - n_new
-        self.spans = self._spans(self.lengths)
-        self.held_spans = self._spans(held) if T > 1 else None
+        n_hist, held_hist = h(self.lengths), h(held)
+        self.spans = self._spans(self.lengths, n_hist)
+        self.held_spans = self._spans(held, held_hist) if T > 1 else None
         if T == 1:  # the block a decode step moves to history: its first row, -1 for none
-            h = self.schedule.history_length
-            self.evict_row = torch.where(h(self.lengths) > h(held), h(held), -1)                 # (B,)
+            self.evict_row = torch.where(n_hist > held_hist, held_hist, -1)                       # (B,)
             if self._writes_in_torch:  # as entries (b, ring slot, row) of each of its tokens
                 G = self.schedule.block
                 rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
@@ -200,15 +203,14 @@ class QuantizedCache(Cache):
     def capturable(self) -> bool:
         return not self._writes_in_torch  # LatentStore.write syncs with the host
 
-    def _spans(self, n):
-        """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
-        starts and the position of its first token."""
+    def _spans(self, n, n_hist):
+        """For sequences of n [B] tokens, n_hist [B] of them in history, per segment: how many
+        tokens each holds, where its ring starts and the position of its first token."""
         S = self.schedule.sinks
-        n_hist = self.schedule.history_length(n)
         first_recent = (S + n_hist).clamp_max(n)  # first position in the window
         return dict(window=(n - first_recent, n_hist % self.schedule.ring, first_recent),
-                    sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
-                    history=(n_hist, None, torch.full_like(n, S)))
+                    sinks=(n.clamp_max(S), None, self.first_positions[0]),
+                    history=(n_hist, None, self.first_positions[1]))
 
     def _segments(self, layer, spans) -> list[Segment]:
         """The layer's window, sinks and history as the attention kernel reads them."""
