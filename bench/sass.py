@@ -259,8 +259,12 @@ def describe(launch: Launch) -> str:
             meta = "fp8" if kw["META_FP8"] else "fp16"
             return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {meta}"
         if name == "write_decode_token":
-            stores = [f"{s} {kw[f'{s}_LEVELS']} levels, {kw[f'{s}_GROUPS']} group(s), "
-                      f"{'fp8' if kw[f'{s}_META_FP8'] else 'fp16'}" for s in "KV" if kw.get(f"EVICT_{s}")]
+            def store(s):
+                if kw.get(f"{s}_RANK"):
+                    return f"{s} latent rank {kw[f'{s}_RANK']}"
+                return (f"{s} {kw[f'{s}_LEVELS']} levels, {kw[f'{s}_GROUPS']} group(s), "
+                        f"{'fp8' if kw[f'{s}_META_FP8'] else 'fp16'}")
+            stores = [store(s) for s in "KV" if kw.get(f"EVICT_{s}")]
             return f"decode write, block {kw.get('BLOCK', 1)}: " + ("; ".join(stores) or "full precision")
         return name
 

@@ -14,7 +14,7 @@ dequantized whole, then one attention), what the tests and bench/decode.py compa
 import torch
 
 from cli import UserError
-from engine.stores import LatentStore, make_store
+from engine.stores import make_store
 from kernels import decode_attention, streaming
 from kernels.decode_attention import Segment
 from kernels.quantize import write_decode_token
@@ -71,7 +71,7 @@ class Cache:
     @property
     def capturable(self) -> bool:
         """Whether a decode step runs without a host sync, at static shapes and launch arguments,
-        so that a CUDA graph can replay it: through the kernels, and with no store written in torch."""
+        so that a CUDA graph can replay it (engine/runner.py Decoder): through the kernels."""
         return self.use_kernels
 
     def bytes_per_token(self) -> float:
@@ -127,8 +127,9 @@ class QuantizedCache(Cache):
     token_group).
     Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
     With `use_kernels`, attention is kernels/decode_attention.py over three segments (sinks,
-    window, history; a prefill chunk adds itself, causally) and token stores evict through
-    kernels/quantize.py, a decode step with no host sync; otherwise kernels/streaming.py reads the
+    window, history, read by one launch; a prefill chunk adds itself, causally) and a decode
+    step writes and evicts through one kernels/quantize.py launch, with no host sync (a CUDA
+    graph replays it: engine/runner.py Decoder); otherwise kernels/streaming.py reads the
     same segments block by block in plain torch (or, with `reference`, the history is dequantized
     whole for kernels/reference.py).
     """
@@ -184,7 +185,7 @@ class QuantizedCache(Cache):
         self.held_spans = self._spans(held, held_hist) if T > 1 else None
         if T == 1:  # the block a decode step moves to history: its first row, -1 for none
             self.evict_row = torch.where(n_hist > held_hist, held_hist, -1)                       # (B,)
-            if self._writes_in_torch:  # as entries (b, ring slot, row) of each of its tokens
+            if not self.use_kernels:  # as entries (b, ring slot, row) of each of its tokens
                 G = self.schedule.block
                 rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
                     G, device=held.device), -1)                                                 # (B, G)
@@ -193,15 +194,6 @@ class QuantizedCache(Cache):
                 # one that evicts nothing, whose entries (rows -1) must still point inside it.
                 self.evicted = batch, (rows % self.window_k.shape[3]).flatten(), rows.flatten()
         return positions
-
-    @property
-    def _writes_in_torch(self) -> bool:
-        """Whether a decode step evicts in torch: without the kernels, or into latent key stores."""
-        return not self.use_kernels or isinstance(self.key_stores[0], LatentStore)
-
-    @property
-    def capturable(self) -> bool:
-        return not self._writes_in_torch  # LatentStore.write syncs with the host
 
     def _spans(self, n, n_hist):
         """For sequences of n [B] tokens, n_hist [B] of them in history, per segment: how many
@@ -226,14 +218,12 @@ class QuantizedCache(Cache):
         sync; through the kernels one launch (kernels/quantize.py write_decode_token)."""
         S, keys, values = self.sink_k.shape[3], self.key_stores[layer], self.value_stores[layer]
         window = self.window_k[layer], self.window_v[layer]
-        if self._writes_in_torch:  # the block that leaves the window goes first: its first token sits in the slot p takes
-            keys.write(window[0], *self.evicted, self.use_kernels)
-            keys = None  # written
         if self.use_kernels:
             sinks = (self.sink_k[layer], self.sink_v[layer]) if S else None
             write_decode_token(k, v, p, sinks, window, self.evict_row, keys, values, self.schedule.block)
             return
-        values.write(window[1], *self.evicted, False)
+        # The block that leaves the window goes first: its first token sits in the slot p takes.
+        self._write_history(layer, *window, *self.evicted)
         b = torch.arange(k.shape[0], device=k.device)
         if S:
             sink = p.clamp_max(S - 1)

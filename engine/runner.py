@@ -61,8 +61,8 @@ class Decoder:
         self.model, self.cache = model, cache
         self.graph = cache.lengths.is_cuda and cache.capturable if graph is None else graph
         if self.graph and not cache.capturable:
-            raise UserError("this cache's decode step syncs with the host (SVDq keys are quantized in torch) "
-                            "and cannot be captured as a CUDA graph")
+            raise UserError("this cache decodes in plain torch, with host syncs, and cannot be captured as a "
+                            "CUDA graph (caches capture through the kernels)")
         self.warm, self.captured = False, None
 
     @torch.no_grad()

@@ -1,12 +1,15 @@
 """Fused quantize-and-pack into a packed history, in Triton.
 
-Two kernels over one row quantizer (`_quantize_row`): `write_decode_token`, a decode step's whole
-write of one layer in one launch (each sequence's new token into its sink or ring slot, and the
-block that leaves the window quantized from the ring into the key and value stores first); and
-`quantize_tokens`, any tokens into one store (a prefill's eviction, bulk quantization). The
-arithmetic is quant/uniform.py's, operation for operation (IEEE division, half-up rounding, codes
-against the metadata as stored), so both write the same bytes as TokenQuantizer.quantize;
-tests/test_kernels.py checks it bit for bit.
+Two kernels: `write_decode_token`, a decode step's whole write of one layer in one launch (each
+sequence's new token into its sink or ring slot, and first the block that leaves the window,
+quantized from the ring into the key and value stores: token stores by `_quantize_row`, SVDq's
+latent keys a block at a time by `_quantize_latent_block`); and `quantize_tokens`, any tokens
+into one token store (a prefill's eviction, bulk quantization). The arithmetic is
+quant/uniform.py's, operation for operation (IEEE division, half-up rounding, codes against the
+metadata as stored), so they write the same bytes as TokenQuantizer.quantize and
+LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for bit. (SVDq's projection
+onto its basis is a tl.dot in fp32: on a GPU its summation order may differ from torch's in the
+last bit, and a latent value at a rounding boundary then takes the neighbouring code.)
 """
 import torch
 import triton
@@ -67,6 +70,63 @@ def _quantize_row(x_row, smoothing_row, group_row, codes_row, scale_row, low_row
 
 
 @triton.jit
+def _latent_chunk(window, stride_wt, first_slot, ring, basis, mean, start, G: tl.constexpr, D: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Latent channels [CHUNK, R_PAD] fp32 of the block's tokens start.. start + CHUNK (rows past
+    G are zero and masked by the caller), and which tokens are real [CHUNK]."""
+    token = start + tl.arange(0, CHUNK)
+    real = token < G
+    channel = tl.arange(0, D)
+    k = tl.load(window + ((first_slot + token) % ring)[:, None] * stride_wt + channel[None, :],
+                mask=real[:, None], other=0.0)
+    return tl.dot(k.to(tl.float32) - mean[None, :], basis, input_precision="ieee"), real
+
+
+@triton.jit
+def _quantize_latent_block(window, stride_wt, first_slot, ring, basis_t, mean_ptr, bits_ptr, codes_block, stride_ct,
+                           scale_row, low_row, D: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr,
+                           R: tl.constexpr, R_PAD: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """A block of G keys of one head, recent in ring slots (first_slot + i) % ring of `window`
+    (rows D apart by stride_wt), in the head's basis (basis_t [R, D], mean [D]): latent channel c
+    of each, along the block, at bits_ptr[R + c] bits -> fp16 scale_row[c], low_row[c], and each
+    token's R codes as one little-endian bit stream of ROW_BYTES bytes (code c at bit
+    bits_ptr[c]) at codes_block + i * stride_ct. quant/svdq.py LatentKeyQuantizer's arithmetic.
+    Two passes over CHUNK tokens at a time (the extremes, then the codes), which keeps the tiles
+    in registers; the second recomputes the projection rather than holding [G, R] latents."""
+    channel = tl.arange(0, D)
+    latent = tl.arange(0, R_PAD)
+    real_latent = latent < R
+    mean = tl.load(mean_ptr + channel).to(tl.float32)
+    basis = tl.load(basis_t + latent[None, :] * D + channel[:, None], mask=real_latent[None, :], other=0.0)
+    basis = basis.to(tl.float32)                                                         # (D, R_PAD)
+    hi = tl.full([R_PAD], float("-inf"), tl.float32)
+    lo = tl.full([R_PAD], float("inf"), tl.float32)
+    for start in range(0, G, CHUNK):
+        z, real = _latent_chunk(window, stride_wt, first_slot, ring, basis, mean, start, G, D, CHUNK)
+        hi = tl.maximum(hi, tl.max(tl.where(real[:, None], z, float("-inf")), 0))
+        lo = tl.minimum(lo, tl.min(tl.where(real[:, None], z, float("inf")), 0))
+    offset = tl.load(bits_ptr + latent, mask=real_latent, other=0)
+    width = tl.load(bits_ptr + R + latent, mask=real_latent, other=1)
+    levels = (1 << width).to(tl.float32)
+    scale = tl.maximum(tl.div_rn(hi - lo, levels - 1.0), 1e-6).to(tl.float16)
+    low = lo.to(tl.float16)
+    tl.store(scale_row + latent, scale, mask=real_latent)
+    tl.store(low_row + latent, low, mask=real_latent)
+    for start in range(0, G, CHUNK):
+        z, real = _latent_chunk(window, stride_wt, first_slot, ring, basis, mean, start, G, D, CHUNK)
+        codes = tl.floor(tl.div_rn(z - low.to(tl.float32)[None, :], scale.to(tl.float32)[None, :]) + 0.5)
+        codes = tl.minimum(tl.maximum(codes, 0.0), levels[None, :] - 1.0).to(tl.int32)  # (CHUNK, R_PAD)
+        token = start + tl.arange(0, CHUNK)
+        for j in range(ROW_BYTES):  # byte j holds the bits [8j, 8j + 8) of the codes that cross them
+            shift = offset - 8 * j
+            part = tl.where(shift >= 0, codes << tl.minimum(tl.maximum(shift, 0), 31)[None, :],
+                            codes >> tl.minimum(tl.maximum(-shift, 0), 31)[None, :]) & 255
+            crosses = real_latent & (offset < 8 * j + 8) & (offset + width > 8 * j)
+            byte = tl.sum(tl.where(crosses[None, :], part, 0), 1)                      # disjoint bits: sum = or
+            tl.store(codes_block + token * stride_ct + j, byte.to(tl.uint8), mask=real)
+
+
+@triton.jit
 def _quantize_tokens(x_ptr, batch_ptr, source_ptr, row_ptr, stride_xb, stride_xh, stride_xt,
                      codes_ptr, scale_ptr, low_ptr, group_ptr, smoothing_ptr,
                      stride_cb, stride_ch, stride_ct, stride_mb, stride_mh, stride_mt, clip,
@@ -106,6 +166,10 @@ def _write_decode_token(
         K_FLOOR: tl.constexpr = 1.0, K_META_FP8: tl.constexpr = False, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
         K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        # latent keys (K_RANK > 0: a LatentStore, BLOCK = its token_group): basis_t [1 or B, Hkv, R, D],
+        # mean [1 or B, Hkv, D], bit layout [2, R]; codes as above, scale and low one row per block
+        k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
+        k_bits_ptr=None, K_RANK: tl.constexpr = 0, K_RANK_PAD: tl.constexpr = 16, LATENT_CHUNK: tl.constexpr = 16,
         v_codes_ptr=None, v_scale_ptr=None, v_low_ptr=None, v_group_ptr=None, v_smoothing_ptr=None,
         v_stride_cb=0, v_stride_ch=0, v_stride_ct=0, v_stride_mb=0, v_stride_mh=0, v_stride_mt=0, v_clip=1.0,
         EVICT_V: tl.constexpr = False, V_GROUPS: tl.constexpr = 1, V_LEVELS: tl.constexpr = 1,
@@ -122,9 +186,18 @@ def _write_decode_token(
         row = tl.maximum(row, 0)
         # Position S + r, while recent, sat in ring slot r % ring: the block's first token in the
         # slot the new token takes.
+        if K_RANK > 0:
+            if keep:  # one step in BLOCK evicts: the others skip the block's work
+                meta = b * k_stride_mb + head * k_stride_mh + (row // BLOCK) * k_stride_mt
+                _quantize_latent_block(window_k_ptr + window, stride_wt, row, ring,
+                                       k_basis_ptr + b * stride_kbb + head * stride_kbh,
+                                       k_mean_ptr + b * stride_kub + head * stride_kuh, k_bits_ptr,
+                                       k_codes_ptr + b * k_stride_cb + head * k_stride_ch + row * k_stride_ct,
+                                       k_stride_ct, k_scale_ptr + meta, k_low_ptr + meta,
+                                       D, BLOCK, LATENT_CHUNK, K_RANK, K_RANK_PAD, K_ROW_BYTES)
         for i in range(BLOCK):  # a loop, not unrolled: SVDq's blocks are 128 tokens
             slot = (row + i) % ring
-            if EVICT_K:
+            if EVICT_K and K_RANK == 0:
                 meta = b * k_stride_mb + head * k_stride_mh + (row + i) * k_stride_mt
                 _quantize_row(window_k_ptr + window + slot * stride_wt, k_smoothing_ptr + head * D,
                               k_group_ptr + head * D, k_codes_ptr + b * k_stride_cb + head * k_stride_ch
@@ -168,6 +241,22 @@ def _store_arguments(store, prefix: str = "", constexpr_prefix: str = "") -> dic
             **{constexpr_prefix + name: x for name, x in constants.items()}}
 
 
+def _latent_arguments(store, block: int) -> dict:
+    """A LatentStore's buffers as the decode write reads them (keys only; fp16 metadata)."""
+    codes, scale = store.codes, store.scale
+    assert scale.dtype == torch.float16 and store.token_group == block and codes.stride(-1) == scale.stride(-1) == 1
+    one_basis = store.basis_t.shape[0] == 1  # shared by every sequence: batch stride 0
+    return dict(k_codes_ptr=codes, k_scale_ptr=scale, k_low_ptr=store.low,
+                **dict(zip(["k_stride_cb", "k_stride_ch", "k_stride_ct"], codes.stride())),
+                **dict(zip(["k_stride_mb", "k_stride_mh", "k_stride_mt"], scale.stride())),
+                k_basis_ptr=store.basis_t, stride_kbb=0 if one_basis else store.basis_t.stride(0),
+                stride_kbh=store.basis_t.stride(1), k_mean_ptr=store.mean,
+                stride_kub=0 if one_basis else store.mean.stride(0), stride_kuh=store.mean.stride(1),
+                k_bits_ptr=store.bit_layout, K_RANK=store.basis_t.shape[2],
+                K_RANK_PAD=max(16, triton.next_power_of_2(store.basis_t.shape[2])),
+                LATENT_CHUNK=16, K_ROW_BYTES=codes.shape[-1])
+
+
 def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, row: torch.Tensor, store):
     """For each entry i, quantizes token x[batch[i], :, source[i]] (all KV heads) into history row
     row[i] of sequence batch[i]; an entry with row[i] < 0 writes nothing.
@@ -203,7 +292,9 @@ def write_decode_token(k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
     stores = {}
     for side, store in (("k", key_store), ("v", value_store)):
         if store is not None:
-            stores.update(_store_arguments(store, f"{side}_", f"{side.upper()}_"), **{f"EVICT_{side.upper()}": True})
+            arguments = _latent_arguments(store, block) if hasattr(store, "basis_t") else \
+                _store_arguments(store, f"{side}_", f"{side.upper()}_")
+            stores.update(arguments, **{f"EVICT_{side.upper()}": True})
     _write_decode_token[(B, Hkv)](
         k, *k.stride()[:2], v, *v.stride()[:2], position, sink_k, sink_v, *sink_k.stride()[:3],
         window_k, window_v, *window_k.stride()[:3], window_k.shape[2],

@@ -24,7 +24,7 @@ def launch_signature(launch) -> tuple:
             tuple((k, value(x)) for k, x in sorted(launch.kwargs.items())))
 
 
-def decode_steps(kv: str, steps: int, monkeypatch) -> list[dict]:
+def decode_steps(kv: str, steps: int, monkeypatch, use_kernels: bool = True) -> list[dict]:
     """`steps` decode steps of a 2-layer GQA model over two sequences of 13 and 6 tokens (3 sinks,
     a window of 8, SVDq blocks of 4): each step's operations, host syncs and launches."""
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -32,7 +32,7 @@ def decode_steps(kv: str, steps: int, monkeypatch) -> list[dict]:
     model = Llama(cfg).to(DEVICE)
     spec = parse(f"{kv}:sinks=3:window=8" if kv != "fp16" else kv)
     spec = spec.with_settings(token_group=4) if spec.method == "svdq" else spec
-    cache = make_cache(spec, cfg, 2, 64, DEVICE, torch.float32, use_kernels=True)
+    cache = make_cache(spec, cfg, 2, 64, DEVICE, torch.float32, use_kernels=use_kernels)
     cache.lengths.copy_(torch.tensor([13, 6]))  # what a prefill leaves; contents do not matter here
     token = torch.tensor([5, 7], device=DEVICE)
     host_reads = []
@@ -50,9 +50,10 @@ def decode_steps(kv: str, steps: int, monkeypatch) -> list[dict]:
     return recorded, cache
 
 
-@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v4:pre-rope-keys:metadata=fp16"])
+@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v4:pre-rope-keys:metadata=fp16", "svdq-k1.25v1.5"])
 def test_decode_step_is_capturable(kv, monkeypatch):
-    """Ten steps: the first sequence evicts a token at each, the second fills its window."""
+    """Ten steps: the first sequence evicts a token at each (SVDq: a block of 4 at every fourth),
+    the second fills its window."""
     steps, cache = decode_steps(kv, 10, monkeypatch)
     assert cache.capturable
     assert [s["syncs"] for s in steps] == [[]] * 10
@@ -60,10 +61,11 @@ def test_decode_step_is_capturable(kv, monkeypatch):
     assert len(steps[0]["launches"]) == 2 * 3  # two layers: the write, stage 1 over every segment, the merge
 
 
-def test_svdq_decode_step_is_not_capturable_and_says_so(monkeypatch):
-    """Its latent keys are quantized in torch (engine/stores.py LatentStore.write), with host syncs:
-    the check above sees them, the cache says so, and the runner decodes it eagerly."""
-    steps, cache = decode_steps("svdq-k1.25v1.5", 5, monkeypatch)
+@pytest.mark.parametrize("kv", ["skvq-k2v1.5", "svdq-k1.25v1.5"])
+def test_plain_torch_decode_step_is_not_capturable_and_says_so(kv, monkeypatch):
+    """Without the kernels (kernels/streaming.py, the torch stores' writes) a step syncs with the
+    host: the check above sees it, the cache says so, and the runner refuses to capture it."""
+    steps, cache = decode_steps(kv, 5, monkeypatch, use_kernels=False)
     assert not cache.capturable
     assert all(s["syncs"] for s in steps)
     with pytest.raises(UserError, match="cannot be captured"):
