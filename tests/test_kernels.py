@@ -191,7 +191,8 @@ def test_decode_write_kernel_writes_what_torch_writes(kv, D):
         if spec.quantized:
             cache._append(0, k, v, positions[:, 0])
         else:
-            cache.attend(0, torch.zeros(B, 4, 1, D, device=DEVICE, dtype=DTYPE), k[:, :, None], v[:, :, None], positions)
+            q = torch.zeros(B, 4, 1, D, device=DEVICE, dtype=DTYPE)
+            cache.attend(0, q, k[:, :, None], v[:, :, None], positions)
     for got, want in zip(*map(cache_buffers, caches)):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
