@@ -10,10 +10,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-# Operations whose result the host must wait for, or whose output shape depends on values:
-# neither can be in a CUDA graph.
+# Operations whose result the host must wait for, whose output shape depends on values, or that
+# make a tensor from host data (lift_fresh: torch.tensor(...), a copy to the GPU each time): none
+# can be in a CUDA graph.
 HOST_SYNCS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-              "unique_consecutive", "unique_dim", "is_nonzero", "equal", "repeat_interleave", "masked_scatter"}
+              "unique_consecutive", "unique_dim", "is_nonzero", "equal", "repeat_interleave", "masked_scatter",
+              "lift_fresh", "lift_fresh_copy"}
 
 
 @dataclass
