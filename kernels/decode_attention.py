@@ -183,10 +183,12 @@ def _attend_split(
     pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
-    # The splits share the live tokens in whole blocks: none is empty unless count is short.
-    per_split = tl.cdiv(tl.cdiv(count, n_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, count)
+    if Q_BLOCK > 1:  # prefill: one split per segment (attend), its range known without arithmetic
+        start, end = 0, count
+    else:  # the splits share the live tokens in whole blocks: none is empty unless count is short
+        per_split = tl.cdiv(tl.cdiv(count, n_splits), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, count)
     # Tile rows: Q_BLOCK queries x the G query heads of this KV head, padded to M_PAD.
     rows = tl.arange(0, M_PAD)
     query = q_block * Q_BLOCK + rows // G
@@ -487,14 +489,15 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
     every token of every segment (a causal segment: to its tokens at or before them). inv_freq
     [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
-    n_splits: programs per (sequence, KV head) and segment, each over an equal share of the live
-    tokens; by default decode_splits for one query per sequence (decode: splits fill the GPU) and
-    one for more (prefill: query blocks fill it, and partial outputs stay [B, Q, H, segments, D]).
+    n_splits: for one query per sequence (decode), programs per (sequence, KV head) and segment,
+    each over an equal share of the live tokens (default decode_splits: splits fill the GPU); more
+    queries (prefill) take one per segment (query blocks fill the GPU, and partial outputs stay
+    [B, Q, H, segments, D]).
     Returns [B, Q, H, D] in q's dtype."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
     launches = _launches(segments, Q)
-    splits = [n_splits or (decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device) if Q == 1 else 1)
+    splits = [1 if Q > 1 else n_splits or decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device)
               for s, _ in launches]
     columns = sum(splits) + sum(len(riders) for _, riders in launches)  # partial outputs per query and head
     partial_out = torch.empty(B, Q, H, columns, D, device=q.device, dtype=torch.float32)
