@@ -8,8 +8,9 @@ chunked prefill of N tokens. Reports, per (model, cache, context, batch): decode
 time (median over CUDA events), bytes read per step (weights + the cache's K/V as the kernels read
 them), the fraction of the bandwidth ceiling (those bytes at the copy bandwidth measured in the
 same process), peak memory; "max" as a batch is the largest that fits at that context (the memory
-planner). Steps run eager and, where the step can be captured, as a CUDA graph. Writes JSON to
-bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against context.
+planner). Steps run eager and as replays of a CUDA graph (engine/runner.py Decoder, as generate.py
+runs them). Writes JSON to bench/results/ and, with matplotlib, PNG plots of tokens/s and memory
+against context.
 
     python -m bench.decode                                  # the sweep, on a GPU
     python -m bench.decode --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1

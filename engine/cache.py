@@ -89,6 +89,7 @@ class KVCache(Cache):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_context, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, max_context, D)
+        self.first_position = torch.zeros_like(self.lengths)  # every sequence's first token is at 0
 
     def attend(self, layer: int, q, k, v, positions):
         """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
@@ -100,8 +101,7 @@ class KVCache(Cache):
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
         if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
-            segment = Segment(self.k[layer], self.v[layer], self.lengths, None, torch.zeros_like(self.lengths),
-                              causal=True)
+            segment = Segment(self.k[layer], self.v[layer], self.lengths, None, self.first_position, causal=True)
             return self._attend(q, [segment], positions[:, 0])
         # Attend over the stored prefix only, never over the whole preallocated capacity.
         S = int(positions.max()) + 1

@@ -180,21 +180,19 @@ def _write_decode_token(
     b, head = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     position = tl.load(position_ptr + b)
     window = b * stride_wb + head * stride_wh
-    if EVICT_K or EVICT_V:
-        row = tl.load(evict_row_ptr + b)
-        keep = row >= 0
-        row = tl.maximum(row, 0)
+    row = tl.load(evict_row_ptr + b) if EVICT_K or EVICT_V else -1
+    keep = row >= 0
+    if keep:  # a block leaves the window (SVDq: at one step in BLOCK); the other steps skip this
         # Position S + r, while recent, sat in ring slot r % ring: the block's first token in the
         # slot the new token takes.
         if K_RANK > 0:
-            if keep:  # one step in BLOCK evicts: the others skip the block's work
-                meta = b * k_stride_mb + head * k_stride_mh + (row // BLOCK) * k_stride_mt
-                _quantize_latent_block(window_k_ptr + window, stride_wt, row, ring,
-                                       k_basis_ptr + b * stride_kbb + head * stride_kbh,
-                                       k_mean_ptr + b * stride_kub + head * stride_kuh, k_bits_ptr,
-                                       k_codes_ptr + b * k_stride_cb + head * k_stride_ch + row * k_stride_ct,
-                                       k_stride_ct, k_scale_ptr + meta, k_low_ptr + meta,
-                                       D, BLOCK, LATENT_CHUNK, K_RANK, K_RANK_PAD, K_ROW_BYTES)
+            meta = b * k_stride_mb + head * k_stride_mh + (row // BLOCK) * k_stride_mt
+            _quantize_latent_block(window_k_ptr + window, stride_wt, row, ring,
+                                   k_basis_ptr + b * stride_kbb + head * stride_kbh,
+                                   k_mean_ptr + b * stride_kub + head * stride_kuh, k_bits_ptr,
+                                   k_codes_ptr + b * k_stride_cb + head * k_stride_ch + row * k_stride_ct,
+                                   k_stride_ct, k_scale_ptr + meta, k_low_ptr + meta,
+                                   D, BLOCK, LATENT_CHUNK, K_RANK, K_RANK_PAD, K_ROW_BYTES)
         for i in range(BLOCK):  # a loop, not unrolled: SVDq's blocks are 128 tokens
             slot = (row + i) % ring
             if EVICT_K and K_RANK == 0:
