@@ -497,13 +497,13 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
     launches = _launches(segments, Q)
-    splits = [1 if Q > 1 else n_splits or decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device)
-              for s, _ in launches]
-    columns = sum(splits) + sum(len(riders) for _, riders in launches)  # partial outputs per query and head
+    split_counts = [1 if Q > 1 else n_splits or decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device)
+                    for s, _ in launches]
+    columns = sum(split_counts) + sum(len(riders) for _, riders in launches)  # partial outputs per query and head
     partial_out = torch.empty(B, Q, H, columns, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Q, H, columns, device=q.device, dtype=torch.float32)
     first_split = 0
-    for (segment, riders), splits in zip(launches, splits):
+    for (segment, riders), splits in zip(launches, split_counts):
         Hkv = segment.rows.shape[1]
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
