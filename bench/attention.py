@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 
 from engine.stores import LatentStore, TokenStore
-from kernels.decode_attention import SPLIT_TOKENS, Segment, decode_attention
+from kernels.decode_attention import SPLIT_WAVES, Segment, decode_attention
 from kernels.quantize import quantize_tokens
 from kernels.reference import attention
 from model import apply_rope, rope_cos_sin
@@ -179,7 +179,7 @@ def run(args):
     return dict(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), commit=git_commit(), command=command_line(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                copy_bandwidth_gb_per_s=bandwidth / 1e9, split_tokens=SPLIT_TOKENS,
+                copy_bandwidth_gb_per_s=bandwidth / 1e9, split_waves=SPLIT_WAVES,
                 kv_values="random (speed does not depend on values)", rows=rows)
 
 

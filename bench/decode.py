@@ -8,8 +8,9 @@ chunked prefill of N tokens. Reports, per (model, cache, context, batch): decode
 time (median over CUDA events), bytes read per step (weights + the cache's K/V as the kernels read
 them), the fraction of the bandwidth ceiling (those bytes at the copy bandwidth measured in the
 same process), peak memory; "max" as a batch is the largest that fits at that context (the memory
-planner). Steps run eager and, where the step can be captured, as a CUDA graph. Writes JSON to
-bench/results/ and, with matplotlib, PNG plots of tokens/s and memory against context.
+planner). Steps run eager and as replays of a CUDA graph (engine/runner.py Decoder, as generate.py
+runs them). Writes JSON to bench/results/ and, with matplotlib, PNG plots of tokens/s and memory
+against context.
 
     python -m bench.decode                                  # the sweep, on a GPU
     python -m bench.decode --prefill 131072 --kv skvq-k2v1.5 --contexts 131072 --batches 1
@@ -42,11 +43,11 @@ from pathlib import Path
 import torch
 
 from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
-from cli import world_mismatch
+from cli import UserError, world_mismatch
 from engine.cache import KVCache, make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
-from engine.runner import decode_one_token, prefill
+from engine.runner import Decoder, prefill
 from model import Llama, LlamaConfig, rope_inv_freq
 from quant.kvspec import parse
 
@@ -87,6 +88,7 @@ def fill_synthetic(cache, context: int):
         for x in buffers:
             fill_random(x)
     cache.lengths.fill_(context)
+    cache.reserved = context
 
 
 def fill_random(x: torch.Tensor):
@@ -123,20 +125,11 @@ def largest_batch(request: Request, context: int, budget: int, limit: int = 4096
 
 
 def time_steps(model, cache, batch: int, steps: int, graph: bool, device, warmup: int = 3) -> float:
-    """Median seconds per decode step (eager, or replays of one captured step), after `warmup`."""
+    """Median seconds per decode step (eager, or replays of the runner's captured step), after
+    `warmup` (a graph's first step is eager, its second captured)."""
     token = torch.zeros(batch, dtype=torch.long, device=device)
-    step = lambda: decode_one_token(model, token, cache)
-    if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the kernels outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            step()
-        step = captured.replay
+    decode = Decoder(model, cache, graph)
+    step = lambda: decode(token)
     times = []
     for i in range(steps + warmup):
         if device.type == "cuda":
@@ -189,11 +182,12 @@ def run(args, device, parallel: Parallel):
                     for graph in ([False, True] if device.type == "cuda" else [False]):
                         try:
                             seconds = time_steps(model, cache, batch, args.steps, graph, device)
-                        except RuntimeError as e:  # a step with a host sync cannot be captured
+                        except UserError as e:  # a step with a host sync cannot be captured
                             rows.append({**row, "cuda_graph": graph, "note": f"not capturable: {e}"[:200]})
                             continue
                         finally:
                             cache.lengths.fill_(context)
+                            cache.reserved = context
                         rows.append({**row, "cuda_graph": graph, "step_ms": seconds * 1e3,
                                      "tokens_per_s": batch / seconds, "bytes_per_step": per_step,
                                      "of_bandwidth_ceiling": per_step / seconds / bandwidth,

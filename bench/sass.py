@@ -20,7 +20,6 @@ not by memory, at bandwidth x budget / (warp-instructions per byte). H100 SXM: 1
     python -m bench.sass --quick           # the default cache, Llama-3-8B shape, sm_80 and sm_90 (tests/test_sass.py)
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -28,7 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # kernels are compiled here, never interpreted
@@ -36,7 +35,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said
 
 import torch
 import triton
-from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
@@ -44,6 +42,7 @@ from triton.runtime.jit import JITFunction
 
 from bench.attention import ROOT, SETTINGS, SHAPES, command_line, git_commit, make_inputs
 from bench.decode import CONFIGS
+from bench.dispatch import Launch, TorchOps, recorded_launches
 from engine.cache import make_cache
 from quant.kvspec import parse
 
@@ -93,44 +92,6 @@ class StandInDriver:
         return True
 
 
-@dataclass
-class Launch:
-    """One recorded launch: the kernel, its arguments as passed, and who launched it."""
-    kernel: JITFunction
-    args: tuple
-    kwargs: dict
-    grid: tuple
-    sources: list = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def recorded_launches():
-    """Within: every Triton launch is appended to the yielded list instead of run."""
-    launches = []
-    real_run = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, grid))
-
-    JITFunction.run = record
-    try:
-        yield launches
-    finally:
-        JITFunction.run = real_run
-
-
-class TorchOps(TorchDispatchMode):
-    """Counts the torch operations run within it (each is a host dispatch, most a GPU launch)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def engine_launches(model: str, kv: str) -> tuple[dict[str, list[Launch]], dict]:
     """The launches of one layer's prefill chunk and decode step of the engine's cache `kv`, and
     what a decode step dispatches: Triton launches and torch operations per layer, and the torch
@@ -149,7 +110,7 @@ def engine_launches(model: str, kv: str) -> tuple[dict[str, list[Launch]], dict]
                 cache.attend(0, q, k, v, positions)
         phases[phase] = launches
     step = dict(triton_launches_per_layer=len(phases["decode"]), torch_ops_per_layer=len(layer_ops.ops),
-                torch_ops_per_step=len(reserve_ops.ops))
+                torch_ops_per_step=len(reserve_ops.ops), host_syncs_per_layer=len(layer_ops.syncs))
     return phases, step
 
 
@@ -297,6 +258,14 @@ def describe(launch: Launch) -> str:
         if name == "quantize_tokens":
             meta = "fp8" if kw["META_FP8"] else "fp16"
             return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {meta}"
+        if name == "write_decode_token":
+            def store(s):
+                if kw.get(f"{s}_RANK"):
+                    return f"{s} latent rank {kw[f'{s}_RANK']}"
+                return (f"{s} {kw[f'{s}_LEVELS']} levels, {kw[f'{s}_GROUPS']} group(s), "
+                        f"{'fp8' if kw[f'{s}_META_FP8'] else 'fp16'}")
+            stores = [store(s) for s in "KV" if kw.get(f"EVICT_{s}")]
+            return f"decode write, block {kw.get('BLOCK', 1)}: " + ("; ".join(stores) or "full precision")
         return name
 
     def side(s):
@@ -431,12 +400,12 @@ def main(argv=None):
     print(markdown(rows))
     if args.before:
         print("\n" + before_after(json.loads(args.before.read_text())["rows"], rows))
-    print("\nA decode step on the CPU, per layer: Triton launches / torch operations; and the torch "
-          "operations of its reserve, once per step.\n\n| model | cache | launches | torch ops | reserve ops |\n"
-          "|---|---|---|---|---|")
+    print("\nA decode step on the CPU, per layer: Triton launches / torch operations / host syncs; and the "
+          "torch operations of its reserve, once per step.\n\n| model | cache | launches | torch ops | host syncs "
+          "| reserve ops |\n|---|---|---|---|---|---|")
     for s in steps:
         print(f"| {s['model']} | {s['kv']} | {s['triton_launches_per_layer']} | {s['torch_ops_per_layer']} | "
-              f"{s['torch_ops_per_step']} |")
+              f"{s['host_syncs_per_layer']} | {s['torch_ops_per_step']} |")
     print(f"\nwrote {args.out}", file=sys.stderr)
 
 

@@ -24,6 +24,7 @@ from engine.parallel import Parallel
 from engine.stores import make_store
 from kernels import decode_attention, streaming
 from kernels.decode_attention import Segment
+from kernels.quantize import write_decode_token
 from kernels.reference import attention
 from model import LlamaConfig, apply_rope, rope_cos_sin, rope_inv_freq
 from quant.calibrate import quantizers_for
@@ -67,14 +68,30 @@ class Cache:
         """Announces a forward of T tokens per sequence, the first n_new [B] of them real.
         Returns their positions [B, T]. UserError where they might not fit: a sequence's padding
         tokens are written too, so every sequence needs room for T more."""
+        self.claim(T)
+        return self.advance(n_new, T)
+
+    def claim(self, T: int):
+        """reserve's check, on the host: a captured decode step (engine/runner.py) runs it before
+        every replay of the graph, which holds `advance`."""
         if self.reserved + T > self.max_context:
             raise UserError(f"the cache holds {self.max_context} tokens per sequence (max_context); "
                             f"{self.reserved} are reserved and this forward adds {T}")
         self.reserved += T
+
+    def advance(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        """reserve's work on the device, without a host sync: positions [B, T], lengths counted."""
         positions = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         self.n_new = n_new
         self.lengths += n_new  # in place: a captured CUDA graph keeps reading the same tensor
         return positions
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step runs without a host sync, at static shapes and launch arguments,
+        so that a CUDA graph can replay it (engine/runner.py Decoder): through the kernels, in one
+        process (a step's collectives under --tp/--cp stay eager: never run under capture here)."""
+        return self.use_kernels and self.parallel.world == 1
 
     def bytes_per_token(self) -> float:
         """Allocated bytes per token of capacity, all layers, K and V."""
@@ -93,24 +110,31 @@ class KVCache(Cache):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, slots, D): position first + i at i
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, Hkv, slots, D)
+        self.first_position = torch.full_like(self.lengths, self.first)  # of every sequence's first token here
+
+    def advance(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        positions = super().advance(n_new, T)
+        self.count = (self.lengths - self.first).clamp(0, self.k.shape[3])  # tokens held here, once per forward
+        return positions
 
     def attend(self, layer: int, q, k, v, positions):
         """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
         B, Hkv, T, D = k.shape
         slots = self.k.shape[3]
-        # Padding tokens are written too, past each sequence's end: masked now, overwritten later.
-        # Positions outside this rank's range write back what their slot holds; up to `slots`
-        # consecutive positions at a time, their slots modulo `slots` are distinct.
-        for start in range(0, T, slots):
-            p = positions[:, start:start + slots]                                      # (B, n)
-            index = ((p - self.first) % slots)[:, None, :, None].expand(B, Hkv, -1, D)
-            mine = ((p >= self.first) & (p < self.first + slots))[:, None, :, None]
-            for held, new in [(self.k[layer], k), (self.v[layer], v)]:
-                held.scatter_(2, index, torch.where(mine, new[:, :, start:start + slots], held.gather(2, index)))
+        if T == 1 and self.use_kernels and self.parallel.cp == 1:  # a ring of max_context slots, no sinks: slot = position
+            write_decode_token(k[:, :, 0], v[:, :, 0], positions[:, 0], None, (self.k[layer], self.v[layer]))
+        else:  # padding tokens are written too, past each sequence's end: masked now, overwritten later
+            # Under context parallelism, positions outside this rank's range write back what their
+            # slot holds; up to `slots` consecutive positions at a time, their slots are distinct.
+            for start in range(0, T, slots):
+                p = positions[:, start:start + slots]                                      # (B, n)
+                index = ((p - self.first) % slots)[:, None, :, None].expand(B, Hkv, -1, D)
+                mine = ((p >= self.first) & (p < self.first + slots))[:, None, :, None]
+                for held, new in [(self.k[layer], k), (self.v[layer], v)]:
+                    new = new[:, :, start:start + slots]
+                    held.scatter_(2, index, new if self.parallel.cp == 1 else torch.where(mine, new, held.gather(2, index)))
         if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
-            count = (self.lengths - self.first).clamp(0, slots)
-            segment = Segment(self.k[layer], self.v[layer], count, None, torch.full_like(count, self.first),
-                              causal=True)
+            segment = Segment(self.k[layer], self.v[layer], self.count, None, self.first_position, causal=True)
             return self._attend(q, [segment], positions[:, 0])
         # Attend over the stored prefix only, never over the whole preallocated capacity.
         S = int(positions.max()) + 1
@@ -136,8 +160,9 @@ class QuantizedCache(Cache):
     token_group).
     Everything is preallocated to max_context: no torch.cat, no reallocation during decode.
     With `use_kernels`, attention is kernels/decode_attention.py over three segments (sinks,
-    window, history; a prefill chunk adds itself, causally) and token stores evict through
-    kernels/quantize.py, a decode step with no host sync; otherwise kernels/streaming.py reads the
+    window, history, read by one launch; a prefill chunk adds itself, causally) and a decode
+    step writes and evicts through one kernels/quantize.py launch, with no host sync (a CUDA
+    graph replays it: engine/runner.py Decoder); otherwise kernels/streaming.py reads the
     same segments block by block in plain torch (or, with `reference`, the history is dequantized
     whole for kernels/reference.py).
     """
@@ -163,6 +188,8 @@ class QuantizedCache(Cache):
         # Ring: the token at position p >= S lives in slot (p - S) % ring while it is recent.
         self.window_k = torch.zeros(L, B, Hkv, ring, D, device=device, dtype=dtype)  # (layers, B, Hkv, ring, D)
         self.window_v = torch.zeros_like(self.window_k)
+        # The sinks' and the history's first positions [B]: the same at every step.
+        self.first_positions = torch.tensor([0, self.schedule.sinks + self.first_row], device=device)[:, None].repeat(1, B)
 
     def attend(self, layer: int, q, k, v, positions):
         inv_freq = self.inv_freq if self.keys_pre_rope else None
@@ -181,32 +208,39 @@ class QuantizedCache(Cache):
         keys, values = self._materialize(layer, positions[:, 0] + 1)
         return attention(q, keys, values, positions)
 
-    def reserve(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
-        positions = super().reserve(n_new, T)
+    def advance(self, n_new: torch.Tensor, T: int) -> torch.Tensor:
+        positions = super().advance(n_new, T)
         # The same for every layer, so computed once per forward: what the cache holds after these
         # tokens (decode reads it), and before them (a prefill chunk reads that, then itself).
+        h = self.schedule.history_length
         held = self.lengths - n_new
-        self.spans = self._spans(self.lengths)
-        self.held_spans = self._spans(held) if T > 1 else None
-        if T == 1:  # the block a decode step moves to history (rows -1: none), as entries (b, ring slot, row)
-            S, G, h = self.schedule.sinks, self.schedule.block, self.schedule.history_length
-            moved = S + h(held)[:, None] + torch.arange(G, device=held.device)          # (B, G) positions
-            rows = torch.where((h(self.lengths) > h(held))[:, None], moved - S, -1)
-            batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
-            # Slots modulo the ring as allocated: the same ring, or for a short context a smaller one
-            # that evicts nothing, whose entries (rows -1) must still point inside it.
-            self.evicted = batch, ((moved - S) % self.window_k.shape[3]).flatten(), rows.flatten()
+        n_hist, held_hist = h(self.lengths), h(held)
+        self.spans = self._spans(self.lengths, n_hist)
+        self.held_spans = self._spans(held, held_hist) if T > 1 else None
+        if T == 1:  # the block a decode step moves to history: its first row, -1 for none or
+            # (context parallel) for a row another rank holds
+            row = torch.where(n_hist > held_hist, held_hist, -1)                                  # (B,)
+            mine = (row >= self.first_row) & (row < self.first_row + self.value_stores[0].codes.shape[2])
+            self.evict_row = torch.where(mine, row, -1)
+            if not self.use_kernels:  # as entries (b, ring slot, row) of each of its tokens
+                G = self.schedule.block
+                rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
+                    G, device=held.device), -1)                                                 # (B, G)
+                batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
+                # Slots modulo the ring as allocated: the same ring, or for a short context a smaller
+                # one that evicts nothing, whose entries (rows -1) must still point inside it.
+                self.evicted = batch, (rows % self.window_k.shape[3]).flatten(), rows.flatten()
         return positions
 
-    def _spans(self, n):
-        """For sequences of n [B] tokens, per segment: how many tokens each holds, where its ring
-        starts and the position of its first token."""
+    def _spans(self, n, n_hist):
+        """For sequences of n [B] tokens, n_hist [B] of them in history, per segment: how many
+        tokens each holds, where its ring starts and the position of its first token (the history:
+        this rank's rows of it)."""
         S, first, rows = self.schedule.sinks, self.first_row, self.value_stores[0].codes.shape[2]
-        n_hist = self.schedule.history_length(n)
         first_recent = (S + n_hist).clamp_max(n)  # first position in the window
         return dict(window=(n - first_recent, n_hist % self.schedule.ring, first_recent),
-                    sinks=(n.clamp_max(S), None, torch.zeros_like(n)),
-                    history=((n_hist - first).clamp(0, rows), None, torch.full_like(n, S + first)))
+                    sinks=(n.clamp_max(S), None, self.first_positions[0]),
+                    history=((n_hist - first).clamp(0, rows), None, self.first_positions[1]))
 
     def _segments(self, layer, spans) -> list[Segment]:
         """The layer's window, sinks and history as the attention kernel reads them (under
@@ -221,16 +255,23 @@ class QuantizedCache(Cache):
         return segments
 
     def _append(self, layer, k, v, p):
-        """k, v [B, Hkv, D]: one new token per sequence at positions p [B]. Static shapes, no host sync."""
-        S = self.schedule.sinks
+        """k, v [B, Hkv, D]: one new token per sequence at positions p [B]. Static shapes, no host
+        sync; through the kernels one launch (kernels/quantize.py write_decode_token)."""
+        S, keys, values = self.sink_k.shape[3], self.key_stores[layer], self.value_stores[layer]
+        window = self.window_k[layer], self.window_v[layer]
+        if self.use_kernels:
+            sinks = (self.sink_k[layer], self.sink_v[layer]) if S else None
+            write_decode_token(k, v, p, sinks, window, self.evict_row, keys, values, self.schedule.block,
+                               self.first_row)
+            return
         # The block that leaves the window goes first: its first token sits in the slot p takes.
-        self._write_history(layer, self.window_k[layer], self.window_v[layer], *self.evicted)
+        self._write_history(layer, *window, *self.evicted)
         b = torch.arange(k.shape[0], device=k.device)
         if S:
-            sink = p.clamp_max(self.sink_k.shape[3] - 1)
+            sink = p.clamp_max(S - 1)
             for store, x in [(self.sink_k, k), (self.sink_v, v)]:
                 store[layer, b, :, sink] = torch.where((p < S)[:, None, None], x, store[layer, b, :, sink])
-        slot = (p - S).clamp_min(0) % self.schedule.ring
+        slot = (p - S).clamp_min(0) % self.window_k.shape[3]
         for store, x in [(self.window_k, k), (self.window_v, v)]:
             store[layer, b, :, slot] = torch.where((p >= S)[:, None, None], x, store[layer, b, :, slot])
 

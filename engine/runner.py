@@ -1,4 +1,5 @@
-"""Prefill and decode loop, in the gpt-fast way: free functions over a model and a cache."""
+"""Prefill and decode loop, in the gpt-fast way: free functions over a model and a cache; on a
+GPU the decode step is a CUDA graph (`Decoder`)."""
 import sys
 
 import torch
@@ -39,8 +40,51 @@ def prefill(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, cache,
 @torch.no_grad()
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """token [B] -> logits [B, vocab] for the position after it."""
-    positions = cache.reserve(torch.ones_like(cache.lengths), 1)  # (B, 1)
+    cache.claim(1)
+    return _decode(model, token, cache)
+
+
+def _decode(model, token, cache):
+    """decode_one_token's work on the device, without a host sync where cache.capturable."""
+    positions = cache.advance(torch.ones_like(cache.lengths), 1)  # (B, 1)
     return model(token[:, None], positions, cache)[:, 0]
+
+
+class Decoder:
+    """decode_one_token, replayed from a CUDA graph (graph=None: on CUDA where cache.capturable).
+    The first step runs eagerly on a side stream, which compiles the kernels; the second is
+    captured, then replayed, and so is every later one, its token copied into a static buffer.
+    The cache's capacity check runs on the host before every step, outside the graph. The
+    logits it returns are overwritten by the next step."""
+
+    def __init__(self, model, cache, graph: bool | None = None):
+        self.model, self.cache = model, cache
+        self.graph = cache.lengths.is_cuda and cache.capturable if graph is None else graph
+        if self.graph and not cache.capturable:
+            raise UserError("this cache decodes in plain torch, with host syncs, and cannot be captured as a "
+                            "CUDA graph (caches capture through the kernels)")
+        self.warm, self.captured = False, None
+
+    @torch.no_grad()
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if not self.graph:
+            return decode_one_token(self.model, token, self.cache)
+        self.cache.claim(1)
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = _decode(self.model, token, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return logits
+        if self.captured is None:  # capture records the step without running it: the replay below runs it
+            self.token, self.captured = token.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.captured):
+                self.logits = _decode(self.model, self.token, self.cache)
+        self.token.copy_(token)
+        self.captured.replay()
+        return self.logits
 
 
 def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
@@ -57,6 +101,7 @@ def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_id
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = prefill(model, tokens, lengths, cache)
+    decode = Decoder(model, cache)
     for step in range(max_new_tokens):
         if not logits.isfinite().all():  # a host sync, as finished.all() is: generation streams anyway
             raise UserError(f"the model's logits are NaN or infinite at new token {step + 1} "
@@ -66,4 +111,4 @@ def generate(model, cache, prompts: list[list[int]], max_new_tokens: int, eos_id
         finished |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or finished.all():
             return
-        logits = decode_one_token(model, token, cache)
+        logits = decode(token)

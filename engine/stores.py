@@ -102,7 +102,9 @@ class LatentStore:
 
     def write(self, x: torch.Tensor, batch, source, row, kernels: bool):
         """As TokenStore.write; a sequence's entries come as whole blocks of consecutive rows
-        (the cache evicts them so). Quantized in plain torch on every device."""
+        (the cache evicts them so). In plain torch, with host syncs: a prefill's eviction, and
+        every eviction without the kernels; a decode step through the kernels quantizes its block
+        in kernels/quantize.py write_decode_token instead."""
         G = self.token_group
         keep = row >= 0
         batch, source, row = batch[keep], source[keep], row[keep]

@@ -15,10 +15,13 @@ SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an
 softmax; each split writes its partial output and log-sum-exp. The instructions this costs per
 byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
-by its share of the softmax mass. Decode (one query per sequence) splits segments by a fixed
-token length, so one sequence of 1M tokens still fills every SM; prefill (a chunk of queries)
-fills it with query blocks and reads each segment once per block, flash-attention style. Only
-each sequence's valid tokens are read, never the capacity.
+by its share of the softmax mass. Decode (one query per sequence) gives each segment a fixed
+number of splits, about two waves of the SMs (`decode_splits`), and each split an equal share
+of the live tokens, found from the count on the device: one sequence of 1M tokens still fills
+every SM, the grid is the same at every step (a CUDA graph replays it), and the partial outputs
+are small. Prefill (a chunk of queries) fills the GPU with query blocks and reads each segment
+once per block, flash-attention style. Only each sequence's valid tokens are read, never the
+capacity.
 
 Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
 too, as the factors are equal within each RoPE pair), the values' scale the output. The
@@ -39,8 +42,9 @@ from kernels.codes import (
     unpack_words,
 )
 
-SPLIT_TOKENS = 1024  # tokens per split: 1M tokens -> 1024 splits per (sequence, KV head)
-BLOCK_N = 64         # tokens per inner step: K and V tiles of [64, D] stay in registers
+SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
+CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
+BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
 
 
 @dataclass
@@ -140,7 +144,9 @@ def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.c
 
 
 @triton.jit
-def _attend_stage1(
+def _attend_split(
+        # this program's split of the segment, of n_splits
+        split, n_splits,
         # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
         q_ptr, stride_qb, stride_qq, stride_qh,
         out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
@@ -151,9 +157,8 @@ def _attend_stage1(
         # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
         k_ptr, stride_kb, stride_kh, stride_kt,
         v_ptr, stride_vb, stride_vh, stride_vt,
-        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; SPLIT tokens per program, BLOCK_N per step
-        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; BLOCK_N tokens per step
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         # where the tokens are: ring start [B]; first token's position [B]; the queries' first
         # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
         first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
@@ -175,11 +180,15 @@ def _attend_stage1(
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
         V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
-    pid, kv_head, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
-    start = split * SPLIT
-    end = tl.minimum(start + SPLIT, count)
+    if Q_BLOCK > 1:  # prefill: one split per segment (attend), its range known without arithmetic
+        start, end = 0, count
+    else:  # the splits share the live tokens in whole blocks: none is empty unless count is short
+        per_split = tl.cdiv(tl.cdiv(count, n_splits), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, count)
     # Tile rows: Q_BLOCK queries x the G query heads of this KV head, padded to M_PAD.
     rows = tl.arange(0, M_PAD)
     query = q_block * Q_BLOCK + rows // G
@@ -213,7 +222,7 @@ def _attend_stage1(
         b_angle = tl.arange(0, 8).to(tl.float32)[:, None] * inv_freq[None, :]                  # (8, D/2)
         cos_a, sin_a, cos_b, sin_b = tl.cos(a_angle), tl.sin(a_angle), tl.cos(b_angle), tl.sin(b_angle)
         cos_step, sin_step = tl.cos(BLOCK_N * inv_freq), tl.sin(BLOCK_N * inv_freq)
-        block_angle = (first_position + split * SPLIT).to(tl.float32) * inv_freq
+        block_angle = (first_position + start).to(tl.float32) * inv_freq
         cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
@@ -313,14 +322,93 @@ def _attend_stage1(
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
-    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0), so
-    # a grid sized by capacity (1M tokens: 1024 splits) writes D floats per live split only. (The
-    # test is the split's, not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
+    # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0); a
+    # split is empty only for a sequence shorter than the splits' blocks. (The test is the split's,
+    # not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
     live = (rows * 0 + start) < end
     tl.store(out_rows + split_column * stride_os + v_channel[None, :], out,
              mask=(real_row & live)[:, None] & v_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
+
+
+@triton.jit
+def _attend_stage1(
+        # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
+        q_ptr, stride_qb, stride_qq, stride_qh,
+        out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
+        lse_ptr, stride_lb, stride_lq, stride_lh,
+        n_queries, q_blocks, first_split, sm_scale,
+        # the segment: tokens per sequence [B]; rows of its K/V, the ring's size when it is one
+        count_ptr, ring,
+        # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
+        k_ptr, stride_kb, stride_kh, stride_kt,
+        v_ptr, stride_vb, stride_vh, stride_vt,
+        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; BLOCK_N tokens per step
+        G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        # where the tokens are: ring start [B]; first token's position [B]; the queries' first
+        # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
+        first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
+        RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
+        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D]
+        k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
+        k_group_ptr=None, k_smoothing_ptr=None,
+        K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
+        K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        # latent keys: scale, low above per block [B, Hkv, T / K_TOKEN_GROUP, R]; basis_t [1 or B, Hkv, R, D];
+        # mean [1 or B, Hkv, D]; bit layout [2, R]
+        k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
+        k_bits_ptr=None,
+        K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
+        # packed values, as packed keys
+        v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
+        v_group_ptr=None, v_smoothing_ptr=None,
+        V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
+        V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        # decode: up to EXTRA full-precision segments (sinks, window), each one more program after
+        # the segment's splits: rows [B, Hkv, T, D] as k_ptr's, tokens [B], ring start [B] (A_RING),
+        # first token's position [B] (pre-RoPE keys)
+        a_k_ptr=None, a_v_ptr=None, stride_akb=0, stride_akh=0, stride_akt=0, stride_avb=0, stride_avh=0,
+        stride_avt=0, a_count_ptr=None, a_ring=1, a_first_slot_ptr=None, a_first_position_ptr=None,
+        A_RING: tl.constexpr = False,
+        b_k_ptr=None, b_v_ptr=None, stride_bkb=0, stride_bkh=0, stride_bkt=0, stride_bvb=0, stride_bvh=0,
+        stride_bvt=0, b_count_ptr=None, b_ring=1, b_first_slot_ptr=None, b_first_position_ptr=None,
+        B_RING: tl.constexpr = False,
+        EXTRA: tl.constexpr = 0):
+    """Grid (batch x query blocks, KV head, splits + EXTRA): the segment's splits, then one
+    program for each full-precision segment riding along (a decode step's sinks and window), so
+    that a step reads all its segments in one launch. Each program writes its partial column."""
+    split, n_splits = tl.program_id(2), tl.num_programs(2) - EXTRA
+    if EXTRA == 0 or split < n_splits:  # constexpr without riders: no branch (prefill spills less)
+        _attend_split(split, n_splits, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq,
+                      stride_oh, stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries,
+                      q_blocks, first_split, sm_scale, count_ptr, ring, k_ptr, stride_kb, stride_kh,
+                      stride_kt, v_ptr, stride_vb, stride_vh, stride_vt, G, Q_BLOCK, M_PAD, D,
+                      BLOCK_N, first_slot_ptr, first_position_ptr, q_position_ptr, inv_freq_ptr,
+                      RING, ROPE, CAUSAL, k_scale_ptr, k_low_ptr, stride_kmb, stride_kmh,
+                      stride_kmt, k_group_ptr, k_smoothing_ptr, K_FULL, K_GROUPS, K_RADIX,
+                      K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD,
+                      k_basis_ptr, stride_kbb, stride_kbh, k_mean_ptr, stride_kub, stride_kuh,
+                      k_bits_ptr, K_SVD, K_RANK, K_TOKEN_GROUP, v_scale_ptr, v_low_ptr, stride_vmb,
+                      stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, V_FULL, V_GROUPS,
+                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD)
+    elif EXTRA > 0:  # a full-precision segment: one program, one split
+        if split == n_splits:
+            _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
+                          stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries, q_blocks,
+                          first_split + split, sm_scale, a_count_ptr, a_ring, a_k_ptr, stride_akb, stride_akh,
+                          stride_akt, a_v_ptr, stride_avb, stride_avh, stride_avt, G, Q_BLOCK, M_PAD, D, BLOCK_N,
+                          first_slot_ptr=a_first_slot_ptr, first_position_ptr=a_first_position_ptr,
+                          inv_freq_ptr=inv_freq_ptr, RING=A_RING, ROPE=ROPE)
+        elif EXTRA > 1:
+            _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
+                          stride_os, lse_ptr, stride_lb, stride_lq, stride_lh, n_queries, q_blocks,
+                          first_split + split, sm_scale, b_count_ptr, b_ring, b_k_ptr, stride_bkb, stride_bkh,
+                          stride_bkt, b_v_ptr, stride_bvb, stride_bvh, stride_bvt, G, Q_BLOCK, M_PAD, D, BLOCK_N,
+                          first_slot_ptr=b_first_slot_ptr, first_position_ptr=b_first_position_ptr,
+                          inv_freq_ptr=inv_freq_ptr, RING=B_RING, ROPE=ROPE)
 
 
 @triton.jit
@@ -367,25 +455,61 @@ def _tile(segment: Segment, Q: int) -> tuple[int, int]:
     return block, 8 if Q > 1 or latent or several_groups else 4
 
 
+def _launches(segments: list[Segment], Q: int) -> list[tuple[Segment, list[Segment]]]:
+    """Stage 1's launches: each a segment, and the full-precision segments that ride along as one
+    more program each. Decode: up to two ride with the first packed segment, so a quantized
+    cache's step (sinks, window, history) is one launch; prefill: every segment its own."""
+    full = [s for s in segments if isinstance(s.keys, torch.Tensor) and isinstance(s.values, torch.Tensor)
+            and not s.causal]
+    if Q > 1 or not full:
+        return [(s, []) for s in segments]
+    others = [s for s in segments if all(s is not f for f in full)] or full[:1]
+    riders = [s for s in full if s is not others[0]]
+    return [(others[0], riders[:2])] + [(s, []) for s in others[1:] + riders[2:]]
+
+
+def _rider(segment: Segment, letter: str) -> dict:
+    """Stage-1 arguments of a full-precision segment riding along as extra program `letter` (a, b)."""
+    assert segment.keys.shape == segment.values.shape
+    args = {f"{letter}_k_ptr": segment.keys, **_strides(f"stride_{letter}k", segment.keys),
+            f"{letter}_v_ptr": segment.values, **_strides(f"stride_{letter}v", segment.values),
+            f"{letter}_count_ptr": segment.count.contiguous(), f"{letter}_ring": segment.rows.shape[2]}
+    if segment.first_slot is not None:
+        args.update({f"{letter}_first_slot_ptr": segment.first_slot.contiguous(), f"{letter.upper()}_RING": True})
+    if segment.first_position is not None:
+        args[f"{letter}_first_position_ptr"] = segment.first_position.contiguous()
+    return args
+
+
+def decode_splits(programs: int, capacity: int, device: torch.device) -> int:
+    """Splits of a decode segment of `capacity` slots over `programs` (batch x KV heads) programs:
+    about SPLIT_WAVES waves of the SMs, none shorter than a block. Fixed for a cache, so a CUDA
+    graph replays the grid; each program finds its tokens from the live count on the device."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    return max(1, min(triton.cdiv(SPLIT_WAVES * sms, programs), triton.cdiv(capacity, BLOCK_N)))
+
+
 def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | None = None,
-           inv_freq: torch.Tensor | None = None, split_tokens: int | None = None, return_lse: bool = False):
+           inv_freq: torch.Tensor | None = None, n_splits: int | None = None, return_lse: bool = False):
     """q [B, Q, H, D]: Q queries per sequence, the i-th at position q_position[b] + i, attend to
     every token of every segment (a causal segment: to its tokens at or before them). inv_freq
     [D/2] fp32: the segments' keys are pre-RoPE, rotated in-kernel at their positions.
-    split_tokens: tokens per split; by default SPLIT_TOKENS for one query per sequence (decode:
-    splits fill the GPU) and whole segments for more (prefill: query blocks fill it, and partial
-    outputs stay [B, Q, H, segments, D]). Returns [B, Q, H, D] in q's dtype; with return_lse
-    also each row's log-sum-exp [B, Q, H] fp32 (-inf where no token was seen)."""
+    n_splits: for one query per sequence (decode), programs per (sequence, KV head) and segment,
+    each over an equal share of the live tokens (default decode_splits: splits fill the GPU); more
+    queries (prefill) take one per segment (query blocks fill the GPU, and partial outputs stay
+    [B, Q, H, segments, D]).
+    Returns [B, Q, H, D] in q's dtype; with return_lse also each row's log-sum-exp [B, Q, H] fp32
+    (-inf where no token was seen)."""
     B, Q, H, D = q.shape
     assert q.stride(-1) == 1
-    capacities = [s.rows.shape[2] for s in segments]
-    if split_tokens is None:
-        split_tokens = SPLIT_TOKENS if Q == 1 else max(BLOCK_N, *(triton.next_power_of_2(c) for c in capacities))
-    n_splits = [triton.cdiv(c, split_tokens) for c in capacities]
-    partial_out = torch.empty(B, Q, H, sum(n_splits), D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, Q, H, sum(n_splits), device=q.device, dtype=torch.float32)
+    launches = _launches(segments, Q)
+    split_counts = [1 if Q > 1 else n_splits or decode_splits(B * s.rows.shape[1], s.rows.shape[2], q.device)
+                    for s, _ in launches]
+    columns = sum(split_counts) + sum(len(riders) for _, riders in launches)  # partial outputs per query and head
+    partial_out = torch.empty(B, Q, H, columns, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Q, H, columns, device=q.device, dtype=torch.float32)
     first_split = 0
-    for segment, capacity, splits in zip(segments, capacities, n_splits):
+    for (segment, riders), splits in zip(launches, split_counts):
         Hkv = segment.rows.shape[1]
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
@@ -401,16 +525,18 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
                 where.update(inv_freq_ptr=inv_freq, ROPE=True)
         if segment.causal:
             where.update(q_position_ptr=q_position.contiguous(), CAUSAL=True)
-        _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits)](
+        for letter, rider in zip("ab", riders):
+            where.update(_rider(rider, letter))
+        _attend_stage1[(B * triton.cdiv(Q, q_block), Hkv, splits + len(riders))](
             q_ptr=q, **dict(zip(["stride_qb", "stride_qq", "stride_qh"], q.stride())),
             out_ptr=partial_out, **dict(zip(["stride_ob", "stride_oq", "stride_oh", "stride_os"], partial_out.stride())),
             lse_ptr=lse, **dict(zip(["stride_lb", "stride_lq", "stride_lh"], lse.stride())),
             n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
-            count_ptr=segment.count.contiguous(), ring=capacity,
+            count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
-            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D, SPLIT=split_tokens,
-            BLOCK_N=min(block_n, split_tokens), num_warps=num_warps, **where)
-        first_split += splits
+            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
+            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **where)
+        first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(B, Q, H, device=q.device, dtype=torch.float32)
     partial_out, lse, merged = partial_out.flatten(0, 1), lse.flatten(0, 1), out.view(B * Q, H, D)  # (B * Q, H, ...)
@@ -420,6 +546,6 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
 
 
 def decode_attention(q: torch.Tensor, segments: list[Segment], inv_freq: torch.Tensor | None = None,
-                     split_tokens: int = SPLIT_TOKENS) -> torch.Tensor:
+                     n_splits: int | None = None) -> torch.Tensor:
     """q [B, H, D], one query per sequence, after every token of every segment -> [B, H, D]."""
-    return attend(q[:, None], segments, None, inv_freq, split_tokens)[:, 0]
+    return attend(q[:, None], segments, None, inv_freq, n_splits)[:, 0]

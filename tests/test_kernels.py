@@ -81,7 +81,7 @@ def test_fp16_decode_attention_matches_reference(group, D):
     q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
     k = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
     v = torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
-    got = decode_attention(q, [Segment(k, v, lengths.to(DEVICE))], split_tokens=128)
+    got = decode_attention(q, [Segment(k, v, lengths.to(DEVICE))], n_splits=3)
     for b in range(B):
         n = int(lengths[b])
         expected = attention(q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], torch.tensor([[n - 1]], device=DEVICE))
@@ -117,7 +117,7 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
     to = lambda t: t.to(DEVICE)
     segments = [Segment(window_k, window_v, to(window_count), to(first_slot), to(window_start)),
                 Segment(stored_k, stored_v, to(history_count), None, to(history_start))]
-    got = decode_attention(q, segments, inv_freq, split_tokens=64)
+    got = decode_attention(q, segments, inv_freq, n_splits=5)
     for b in range(B):
         h, w = int(history_count[b]), int(window_count[b])
         slots = (first_slot[b] + torch.arange(w)) % W                          # window tokens in position order
@@ -155,6 +155,46 @@ def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D):
                 assert torch.equal(got[b, :, r].view(torch.uint8), want[b, t].view(torch.uint8))
     for got, old in zip((codes, scale, low), before):
         assert torch.equal(got.transpose(1, 2)[~written].view(torch.uint8), old.transpose(1, 2)[~written].view(torch.uint8))
+
+
+def cache_buffers(cache):
+    if not hasattr(cache, "spec"):  # the fp16 cache
+        return [cache.k, cache.v]
+    stores = cache.key_stores + cache.value_stores
+    return [cache.sink_k, cache.sink_v, cache.window_k, cache.window_v] + [t for s in stores for t in s.buffers()]
+
+
+@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v3:metadata=fp16", "skvq-k1v8:group-size=16",
+                                "skvq-k3v2:pre-rope-keys", "svdq-k1.25v1.5"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_write_kernel_writes_what_torch_writes(kv, D):
+    """A decode step's write of one layer in one launch (kernels/quantize.py write_decode_token):
+    bit for bit the sinks, ring and stores that the plain-torch step writes, for sequences whose
+    new token lands in the sinks, in the window, and at each step that evicts a token (a block
+    of 4 for SVDq) into the key and value stores, from random contents."""
+    B, Hkv, max_context = 8, 2, 40
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=64)
+    spec = parse(f"{kv}:sinks=3:window=8" if kv != "fp16" else kv)
+    spec = spec.with_settings(token_group=4) if spec.method == "svdq" else spec
+    held = torch.tensor([0, 2, 3, 10, 11, 14, 18, 25], device=DEVICE)  # sinks, window, evictions (SVDq: 14, 18)
+    k, v = (torch.randn(B, Hkv, D, device=DEVICE, dtype=DTYPE) * 3 for _ in range(2))
+    caches = [make_cache(spec, cfg, B, max_context, DEVICE, DTYPE, use_kernels=use) for use in (True, False)]
+    for buffers in zip(*map(cache_buffers, caches)):
+        random = torch.randint(0, 256, buffers[0].shape, device=DEVICE, dtype=torch.uint8)
+        value = random if buffers[0].dtype == torch.uint8 else torch.randn(buffers[0].shape, device=DEVICE) * 2
+        for t in buffers:
+            t.copy_(value)
+    for cache in caches:
+        cache.lengths.copy_(held)
+        positions = cache.reserve(torch.ones_like(held), 1)
+        if spec.quantized:
+            cache._append(0, k, v, positions[:, 0])
+        else:
+            q = torch.zeros(B, 4, 1, D, device=DEVICE, dtype=DTYPE)
+            cache.attend(0, q, k[:, :, None], v[:, :, None], positions)
+    for got, want in zip(*map(cache_buffers, caches)):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 @triton.jit
@@ -254,7 +294,7 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2))
     start = torch.randint(0, 10, (B,))                                                   # position of row 0
     got = decode_attention(q, [Segment(latent_keys, stored_v, count.to(DEVICE), None, start.to(DEVICE))], inv_freq,
-                           split_tokens=64)
+                           n_splits=5)
     for b in range(1, B):  # sequence 0 holds no token: nothing to compare
         n = int(count[b])
         k_rot = rope(k_hat[b, :, :n].to(DTYPE), start[b] + torch.arange(n, device=DEVICE), inv_freq)
