@@ -334,34 +334,25 @@ def _attend_split(
 
 @triton.jit
 def _attend_stage1(
-        # queries [B, Q, H, D]; each split's partial output [B, Q, H, splits, D] and lse [B, Q, H, splits]
+        # the arguments of _attend_split, which says what each is, less the split
         q_ptr, stride_qb, stride_qq, stride_qh,
         out_ptr, stride_ob, stride_oq, stride_oh, stride_os,
         lse_ptr, stride_lb, stride_lq, stride_lh,
         n_queries, q_blocks, first_split, sm_scale,
-        # the segment: tokens per sequence [B]; rows of its K/V, the ring's size when it is one
         count_ptr, ring,
-        # keys and values: full-precision rows, or codes [B, Hkv, T, row bytes]
         k_ptr, stride_kb, stride_kh, stride_kt,
         v_ptr, stride_vb, stride_vh, stride_vt,
-        # the tile: Q_BLOCK queries x G heads padded to M_PAD rows; BLOCK_N tokens per step
         G: tl.constexpr, Q_BLOCK: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        # where the tokens are: ring start [B]; first token's position [B]; the queries' first
-        # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
         first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
         RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
-        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D]
         k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
         k_group_ptr=None, k_smoothing_ptr=None,
         K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
         K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
-        # latent keys: scale, low above per block [B, Hkv, T / K_TOKEN_GROUP, R]; basis_t [1 or B, Hkv, R, D];
-        # mean [1 or B, Hkv, D]; bit layout [2, R]
         k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
         k_bits_ptr=None,
         K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
-        # packed values, as packed keys
         v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
         v_group_ptr=None, v_smoothing_ptr=None,
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,

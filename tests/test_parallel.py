@@ -139,7 +139,7 @@ def compare_with_one_process(tmp_path, tp: int, cp: int, cases: list):
     """Runs `cases` (checkpoint, kv, kernels) on a spawned tp x cp group; its logits are one process's."""
     out = tmp_path / "logits.pt"
     code = f"from test_parallel import worker; worker({tp}, {cp}, {cases!r}, {str(out)!r})"
-    for returncode, stdout, stderr in finish(spawn(tp * cp, ["-c", code])):
+    for returncode, _, stderr in finish(spawn(tp * cp, ["-c", code])):
         assert returncode == 0, stderr[-3000:]
     parallel = torch.load(out)
     for case in cases:
