@@ -115,6 +115,14 @@ def positive_int(s: str) -> int:
     return n
 
 
+def add_parallel_flags(p: argparse.ArgumentParser):
+    """--tp and --cp, as generate.py and the benchmarks take them (engine/parallel.py); the
+    caller checks them against the processes started, world_mismatch."""
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel: ranks that split the heads (under torchrun)")
+    p.add_argument("--cp", type=positive_int, default=1,
+                   help="context parallel: ranks that split the history (under torchrun)")
+
+
 def seed(s: str) -> int:
     """--seed: what torch.Generator.manual_seed accepts without overflowing, 0 to 2^64 - 1."""
     try:

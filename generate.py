@@ -17,6 +17,7 @@ from cli import (
     ArgumentParser,
     FlagError,
     UserError,
+    add_parallel_flags,
     positive_int,
     read_text,
     run_cli,
@@ -69,8 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float16 on cuda, float32 on cpu")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel: ranks that split the heads")
-    p.add_argument("--cp", type=positive_int, default=1, help="context parallel: ranks that split the history")
+    add_parallel_flags(p)
     kv = p.add_argument_group("KV cache", "--kv names the cache, settings included (quant/kvspec.py: "
                               "METHOD-kKvV[:SETTING=VALUE]...); each flag below changes one setting")
     kv.add_argument("--kv", type=engine_spec, default=kvspec.DEFAULT,
@@ -96,8 +96,8 @@ def parse_args(argv=None):
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
-    if world_mismatch(args.tp, args.cp):
-        p.error(world_mismatch(args.tp, args.cp))
+    if mismatch := world_mismatch(args.tp, args.cp):
+        p.error(mismatch)
     given = {field: getattr(args, field) for field in KV_FLAGS.values() if getattr(args, field) is not None}
     try:
         args.kv = args.kv.with_settings(**given)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
-from cli import UserError, world_mismatch
+from cli import UserError, add_parallel_flags, world_mismatch
 from engine.cache import KVCache, make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
@@ -87,6 +87,11 @@ def fill_synthetic(cache, context: int):
     with torch.no_grad():
         for x in buffers:
             fill_random(x)
+    hold(cache, context)
+
+
+def hold(cache, context: int):
+    """The cache holds `context` tokens of every sequence, as counted on the device and on the host."""
     cache.lengths.fill_(context)
     cache.reserved = context
 
@@ -186,8 +191,7 @@ def run(args, device, parallel: Parallel):
                             rows.append({**row, "cuda_graph": graph, "note": f"not capturable: {e}"[:200]})
                             continue
                         finally:
-                            cache.lengths.fill_(context)
-                            cache.reserved = context
+                            hold(cache, context)
                         rows.append({**row, "cuda_graph": graph, "step_ms": seconds * 1e3,
                                      "tokens_per_s": batch / seconds, "bytes_per_step": per_step,
                                      "of_bandwidth_ceiling": per_step / seconds / bandwidth,
@@ -397,8 +401,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--threads", type=int, default=2, help="CPU table: torch threads")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (under torchrun; engine/parallel.py)")
-    p.add_argument("--cp", type=int, default=1, help="context parallel ranks (under torchrun)")
+    add_parallel_flags(p)
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md",
                    help="CPU table: the markdown file it writes the table into")
     args = p.parse_args(argv)
@@ -413,8 +416,8 @@ def main(argv=None):
         args.kv = [parse(kv) for kv in args.kv]
     except ValueError as e:
         p.error(f"--kv: {e}")
-    if world_mismatch(args.tp, args.cp):
-        p.error(world_mismatch(args.tp, args.cp))
+    if mismatch := world_mismatch(args.tp, args.cp):
+        p.error(mismatch)
     if args.device == "cpu" and not args.smoke:
         if args.tp * args.cp > 1:
             p.error("--tp/--cp: the CPU table runs in one process (the GPU sweep and --smoke take them)")

@@ -26,17 +26,16 @@ import torch
 
 from bench.attention import ROOT, command_line, device_name, git_commit
 from bench.decode import CONFIGS, random_model
-from cli import FlagError, world_mismatch
+from cli import FlagError, add_parallel_flags, world_mismatch
 from engine.cache import make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import (
     HEADROOM,
     GiB,
     Request,
-    largest_context,
     longest,
+    plan,
     usable_bytes,
-    working_bytes,
 )
 from model import Llama
 from quant.kvspec import parse
@@ -75,8 +74,8 @@ def planned(name: str, spec, gpu_bytes: int, tp: int, cp: int, batch: int) -> di
         return None
     with torch.device("meta"):
         weights = sum(p.numel() for p in Llama(cfg).parameters()) * 2
-    budget = gpu_bytes - weights - HEADROOM - working_bytes(cfg, batch, 1, torch.float16, True, cp)
-    context = largest_context(Request(spec, cfg, batch, torch.float16, parallel=parallel), budget)
+    request = Request(spec, cfg, batch, torch.float16, parallel=parallel)
+    context = plan(request, 1, "auto", torch.device("cuda"), free=gpu_bytes - weights - HEADROOM).context
     return dict(model=name, kv=str(spec), gpus=tp * cp, tp=tp, cp=cp, batch=batch, weights_gib_per_rank=weights / GiB,
                 planner_context=context)
 
@@ -98,14 +97,13 @@ def main(argv=None):
     p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (under torchrun; engine/parallel.py)")
-    p.add_argument("--cp", type=int, default=1, help="context parallel ranks (under torchrun)")
+    add_parallel_flags(p)
     p.add_argument("--plan-gib", type=float, default=None,
                    help="no GPU: the planner's longest context on GPUs of this many GiB, every layout of --gpus")
     p.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     args = p.parse_args(argv)
-    if world_mismatch(args.tp, args.cp):
-        p.error(world_mismatch(args.tp, args.cp))
+    if mismatch := world_mismatch(args.tp, args.cp):
+        p.error(mismatch)
     if args.plan_gib is None and not torch.cuda.is_available():
         print("error: bench/memory.py finds the longest context by allocating on a GPU, and no CUDA device is "
               "available", file=sys.stderr)
@@ -157,9 +155,7 @@ def allocated_table(args, specs, device, parallel: Parallel) -> list[dict]:
         model = random_model(cfg, device, torch.float16)
         for spec in specs:
             request = Request(spec, cfg, args.batch, torch.float16, parallel=parallel)
-            free = parallel.smallest(usable_bytes(device))
-            budget = free - working_bytes(cfg, args.batch, 1, torch.float16, True, parallel.cp)
-            predicted = largest_context(request, budget)
+            predicted = plan(request, 1, "auto", device, free=parallel.smallest(usable_bytes(device))).context
             found = parallel.smallest(longest(allocates(request, device), limit=2 * predicted + 1024))
             bytes_per_token = request.cache_bytes(1 << 20) / (1 << 20) / args.batch  # per rank
             rows.append(dict(model=name, kv=str(spec), batch=args.batch, tp=parallel.tp, cp=parallel.cp,

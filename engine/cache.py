@@ -174,10 +174,12 @@ class QuantizedCache(Cache):
         assert spec.key_schedule == spec.value_schedule, f"{spec.method} is simulated only (quant/eval.py)"
         L, B, Hkv, D = cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim
         self.spec, self.schedule, self.keys_pre_rope = spec, spec.key_schedule, spec.keys_pre_rope
-        # The history's capacity, in whole blocks; this rank's rows of it: first_row ... + rows - 1.
-        self.first_row, rows = self.parallel.token_range(self.schedule.history_length(max_context), self.schedule.block)
-        self.key_stores = [make_store(quantizer, B, rows, device) for quantizer in key_quantizers]
-        self.value_stores = [make_store(quantizer, B, rows, device) for quantizer in value_quantizers]
+        # The history's capacity, in whole blocks; this rank's rows of it: history rows first_row ...
+        # first_row + rows - 1, at rows 0 ... rows - 1 of its stores.
+        self.first_row, self.rows = self.parallel.token_range(self.schedule.history_length(max_context),
+                                                              self.schedule.block)
+        self.key_stores = [make_store(quantizer, B, self.rows, device) for quantizer in key_quantizers]
+        self.value_stores = [make_store(quantizer, B, self.rows, device) for quantizer in value_quantizers]
         self.inv_freq = rope_inv_freq(cfg).to(device)
         # A context shorter than sinks + ring needs no more slots than it has positions, and
         # evicts nothing (rows == 0), so a ring of fewer slots holds position p in slot p - S.
@@ -220,27 +222,28 @@ class QuantizedCache(Cache):
         if T == 1:  # the block a decode step moves to history: its first row, -1 for none or
             # (context parallel) for a row another rank holds
             row = torch.where(n_hist > held_hist, held_hist, -1)                                  # (B,)
-            mine = (row >= self.first_row) & (row < self.first_row + self.value_stores[0].codes.shape[2])
+            mine = (row >= self.first_row) & (row < self.first_row + self.rows)
             self.evict_row = torch.where(mine, row, -1)
-            if not self.use_kernels:  # as entries (b, ring slot, row) of each of its tokens
+            if not self.use_kernels:  # as entries (b, ring slot, row of this rank's stores) of each of its tokens
                 G = self.schedule.block
                 rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
                     G, device=held.device), -1)                                                 # (B, G)
                 batch = torch.arange(len(held), device=held.device).repeat_interleave(G)
                 # Slots modulo the ring as allocated: the same ring, or for a short context a smaller
                 # one that evicts nothing, whose entries (rows -1) must still point inside it.
-                self.evicted = batch, (rows % self.window_k.shape[3]).flatten(), rows.flatten()
+                stored = torch.where(rows >= 0, rows - self.first_row, -1)
+                self.evicted = batch, (rows % self.window_k.shape[3]).flatten(), stored.flatten()
         return positions
 
     def _spans(self, n, n_hist):
         """For sequences of n [B] tokens, n_hist [B] of them in history, per segment: how many
         tokens each holds, where its ring starts and the position of its first token (the history:
         this rank's rows of it)."""
-        S, first, rows = self.schedule.sinks, self.first_row, self.value_stores[0].codes.shape[2]
+        S = self.schedule.sinks
         first_recent = (S + n_hist).clamp_max(n)  # first position in the window
         return dict(window=(n - first_recent, n_hist % self.schedule.ring, first_recent),
                     sinks=(n.clamp_max(S), None, self.first_positions[0]),
-                    history=((n_hist - first).clamp(0, rows), None, self.first_positions[1]))
+                    history=((n_hist - self.first_row).clamp(0, self.rows), None, self.first_positions[1]))
 
     def _segments(self, layer, spans) -> list[Segment]:
         """The layer's window, sinks and history as the attention kernel reads them (under
@@ -250,7 +253,7 @@ class QuantizedCache(Cache):
             segments.append(Segment(self.window_k[layer], self.window_v[layer], *spans["window"]))
         if self.schedule.sinks and self.parallel.attends_recent:
             segments.append(Segment(self.sink_k[layer], self.sink_v[layer], *spans["sinks"]))
-        if self.value_stores[layer].codes.shape[2]:
+        if self.rows:
             segments.append(Segment(self.key_stores[layer], self.value_stores[layer], *spans["history"]))
         return segments
 
@@ -283,7 +286,8 @@ class QuantizedCache(Cache):
         S, ring, h = self.schedule.sinks, self.schedule.ring, self.schedule.history_length
         moving_k = torch.cat([self.window_k[layer], k], 2)  # token i < ring: ring slot i; else chunk token i - ring
         moving_v = torch.cat([self.window_v[layer], v], 2)
-        entries, recent = [], []  # (b, token in moving_*, history row); (b, chunk token, ring slot)
+        entries, recent = [], []  # (b, token in moving_*, row of this rank's stores); (b, chunk token, ring slot)
+        mine_first, mine_end = S + self.first_row, S + self.first_row + self.rows  # positions this rank holds
         old = self.lengths - self.n_new
         spans = zip(old.tolist(), self.lengths.tolist(), (S + h(old)).tolist(), (S + h(self.lengths)).tolist())
         for b, (n0, n1, history_end0, history_end1) in enumerate(spans):
@@ -292,8 +296,8 @@ class QuantizedCache(Cache):
                 self.sink_v[layer, b, :, n0:min(n1, S)] = v[b, :, :min(n1, S) - n0]
             if n0 == 0:  # a new prompt: what the stores may learn from it, before any of it is quantized
                 self.key_stores[layer].observe_prompt(b, k[b, :, S:n1])
-            for p in range(history_end0, history_end1):
-                entries.append((b, (p - S) % ring if p < n0 else ring + p - n0, p - S))
+            for p in range(max(history_end0, mine_first), min(history_end1, mine_end)):
+                entries.append((b, (p - S) % ring if p < n0 else ring + p - n0, p - mine_first))
             recent += [(b, p - n0, (p - S) % ring) for p in range(max(n0, history_end1), n1)]
         if entries:  # before the ring takes the chunk's tokens into the slots these leave
             batch, token, row = torch.tensor(entries, device=k.device).T
@@ -304,10 +308,8 @@ class QuantizedCache(Cache):
             self.window_v[layer, batch, :, slot] = v[batch, :, token]
 
     def _write_history(self, layer, k, v, batch, token, row):
-        """Quantize k, v [B, Hkv, T, D] at (batch[i], token[i]) into history row row[i] of sequence
-        batch[i], for every entry i with row[i] >= 0 that this rank holds."""
-        rows = self.value_stores[layer].codes.shape[2]
-        row = torch.where((row >= self.first_row) & (row < self.first_row + rows), row - self.first_row, -1)
+        """Quantize k, v [B, Hkv, T, D] at (batch[i], token[i]) into row row[i] of this rank's
+        stores of sequence batch[i], for every entry i with row[i] >= 0."""
         self.key_stores[layer].write(k, batch, token, row, self.use_kernels)
         self.value_stores[layer].write(v, batch, token, row, self.use_kernels)
 

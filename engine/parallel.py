@@ -184,8 +184,8 @@ def start(tp: int, cp: int, device: torch.device) -> Parallel:
     """Joins the process group torchrun's environment describes (NCCL on CUDA, gloo on the CPU)
     and makes the TP and CP groups; one process alone needs none. On CUDA, the caller has picked
     the rank's GPU (`local_device`)."""
-    if world_mismatch(tp, cp):
-        raise FlagError(world_mismatch(tp, cp))
+    if mismatch := world_mismatch(tp, cp):
+        raise FlagError(mismatch)
     if tp * cp == 1:
         return Parallel()
     backend = "nccl" if device.type == "cuda" else "gloo"
