@@ -240,12 +240,15 @@ def small(tmp_path, tokenizer_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda meta: meta.pop("llama.context_length"), "missing metadata llama.context_length"),
-    (lambda meta: meta.update({"llama.attention.head_count_kv": 3}), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (lambda meta: meta.update({"llama.attention.head_count_kv": 3}),
+     "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     (lambda meta: meta.update({"llama.rope.dimension_count": 32}), "RoPE on 32 of 64 channels"),
     (lambda meta: meta.update({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}),
      "unsupported rope_scaling type 'yarn'"),
     (lambda meta: meta.update({"tokenizer.ggml.model": "bert"}), "unsupported tokenizer.ggml.model 'bert'"),
-    (lambda meta: meta.update({"llama.feed_forward_length": 1024}), "tensor blk.0.ffn_gate.weight has shape [512, 256], the metadata implies [1024, 256]"),
+    (lambda meta: meta.update({"llama.feed_forward_length": 1024}),
+     "tensor blk.0.ffn_gate.weight has shape [512, 256], the metadata implies [1024, 256]"),
+    (lambda meta: meta.update({"llama.feed_forward_length": [512, 512]}), "metadata llama.feed_forward_length must be an"),
     (lambda meta: meta.update({"tokenizer.ggml.eos_token_id": 5000}), "tokenizer.ggml.eos_token_id 5000 is not a token id"),
 ])
 def test_bad_metadata_is_refused(capsys, tmp_path, small, change, message):

@@ -27,6 +27,7 @@ from cli import ArgumentParser, UserError, readable, run_cli
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # the tensor types read
 KEPT_TYPES = ("F16", "BF16")  # written as stored; every other type as F32
 BYTES_PER_ELEMENT = {"F32": 4, "F16": 2, "BF16": 2}
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' names -> torch's
 
 # GGUF tensor names (llama.cpp's gguf-py tensor map for LLAMA; {} is the layer) -> Hugging Face's.
 TENSOR_NAMES = {
@@ -86,10 +87,13 @@ def llama_config(meta: dict, tensor_names: set, path: Path) -> dict:
     if missing:
         raise UserError(f"{path}: missing metadata {', '.join(missing)}")
     for key in INTEGER_KEYS:
-        if key in meta and not is_a(meta[key], int):
+        if key in meta and not is_a(meta[key], int):  # a list here: sizes per layer, not a Llama
             raise UserError(f"{path}: metadata {key} must be an integer, got {meta[key]!r}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise UserError(f"{path}: metadata tokenizer.ggml.tokens must be a list of strings")
     n_heads, hidden = meta["llama.attention.head_count"], meta["llama.embedding_length"]
-    head_dim = meta.get("llama.attention.key_length", hidden // n_heads)
+    head_dim = meta.get("llama.attention.key_length", hidden // max(n_heads, 1))  # validate refuses 0 heads
     if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
         raise UserError(f"{path}: RoPE on {meta['llama.rope.dimension_count']} of {head_dim} channels "
                         "(partial rotary) is not Llama")
@@ -97,7 +101,7 @@ def llama_config(meta: dict, tensor_names: set, path: Path) -> dict:
         raise UserError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not supported")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "vocab_size": meta.get("llama.vocab_size", len(tokens)),
         "hidden_size": hidden,
         "intermediate_size": meta["llama.feed_forward_length"],
         "num_hidden_layers": meta["llama.block_count"],
@@ -181,12 +185,12 @@ def weight(tensor, name: str, dtype: str, config: dict):
     import gguf
     import torch
 
-    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # fp32
+    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # fp32, shaped [rows, columns]
     if name.endswith("q_proj.weight"):
         w = unpermute(w, config["num_attention_heads"])
     elif name.endswith("k_proj.weight"):
         w = unpermute(w, config["num_key_value_heads"])
-    return torch.from_numpy(w.copy()).to(getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]))
+    return torch.from_numpy(w.copy()).to(getattr(torch, TORCH_DTYPES[dtype]))
 
 
 def write_safetensors(file: Path, plan: list, config: dict):
@@ -288,8 +292,9 @@ def sentencepiece_bpe(meta: dict, path: Path):
     else:
         raise UserError(f"{path}: missing metadata tokenizer.ggml.scores (a SentencePiece vocabulary needs them)")
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
-                                     unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None))
+    unk = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=unk, fuse_unk=True,
+                                     byte_fallback=True))
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first" if prefix else "never", split=False)
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
