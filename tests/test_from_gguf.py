@@ -1,6 +1,7 @@
 """weights/from_gguf.py against transformers' own GGUF loader, on small GGUFs written here with
 gguf.GGUFWriter as llama.cpp's converter writes them (q/k rows permuted, every tensor type the
 importer reads, both vocabulary kinds); and every file it refuses."""
+import ast
 import itertools
 import json
 import re
@@ -12,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from cli import run_cli
-from conftest import make_hf_model
+from conftest import ROOT, make_hf_model
 from engine.tokenizer import load_tokenizer
 from model import Llama
 from test_inputs import assert_error
@@ -284,3 +285,18 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     for args in ([], [tmp_path / "a.gguf"], [tmp_path / "a.gguf", tmp_path, "extra"], ["--bogus", "a", "b"]):
         code, out, err = cli(capsys, *args)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "error:" in err, args
+
+
+def test_only_the_importer_imports_gguf():
+    """gguf is the importer's alone: the engine, quant/, kernels/ and the programs never import it,
+    at module level or inside a function."""
+    importers = set()
+    for path in ROOT.glob("**/*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if any(name.split(".")[0] == "gguf" for name in names):
+                importers.add(path.relative_to(ROOT).as_posix())
+    assert importers == {"weights/from_gguf.py"}
