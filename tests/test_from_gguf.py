@@ -279,6 +279,7 @@ def test_files_that_are_not_whole_ggufs_are_refused(capsys, tmp_path, small):
     assert_error(cli(capsys, tmp_path / "text.gguf", tmp_path / "out"), 1, "not a GGUF file")
     assert_error(cli(capsys, tmp_path / "absent.gguf", tmp_path / "out"), 1, "GGUF file not found")
     assert not (tmp_path / "out").exists()
+    assert_error(cli(capsys, path, tmp_path / "text.gguf"), 1, "text.gguf: not a directory")
 
 
 def test_bad_arguments_exit_2(capsys, tmp_path):

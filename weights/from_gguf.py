@@ -331,6 +331,8 @@ def import_gguf(gguf_path: Path, out_dir: Path):
     config = llama_config(meta, {t.name for t in reader.tensors}, gguf_path)
     plan = tensor_plan(reader, config, gguf_path)
     tokenizer, tokenizer_config = build_tokenizer(meta, gguf_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: not a directory (the checkpoint is written into OUT_DIR)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_safetensors(out_dir / "model.safetensors", plan, config)
