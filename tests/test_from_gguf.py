@@ -217,6 +217,23 @@ def test_token_ids_equal_transformers(capsys, tmp_path, tokenizer_path, vocabula
         assert len(unfolded) >= 4 and all(ours.encode(text) == [1] + sp.Encode(text) for text in unfolded)
 
 
+def test_add_bos_and_add_eos_are_honoured(capsys, tmp_path, tokenizer_path):
+    """A SentencePiece vocabulary whose file says no BOS but EOS: encoded so, as transformers does."""
+    from transformers import AutoTokenizer
+
+    vocab = {**sentencepiece_vocab(tokenizer_path), "tokenizer.ggml.add_bos_token": False,
+             "tokenizer.ggml.add_eos_token": True}
+    hf = make_hf_model(vocab_size=300, **SHAPE)
+    path = write_gguf(tmp_path / "model.gguf", hf, llama_metadata(hf, vocab), ["F32"])
+    assert cli(capsys, path, tmp_path / "out")[0] == 0
+    ours, reference = load_tokenizer(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference(text).input_ids == ours.encode(text, bos=False) + [2] and ids[:1] != [1], text
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (False, True)
+
+
 def test_smollm_split_puts_each_digit_apart(capsys, tmp_path):
     """tokenizer.ggml.pre "smollm" splits digits one by one before the merges, as llama.cpp and
     SmolLM's own tokenizer.json do; "gpt2" merges them (this vocabulary has multi-digit tokens)."""
