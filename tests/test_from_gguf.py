@@ -109,8 +109,9 @@ def llama_metadata(hf, vocab: dict) -> dict:
             "llama.rope.dimension_count": cfg.head_dim, **vocab}
 
 
-def write_gguf(path, hf, metadata: dict, types=from_gguf.TYPES, architecture="llama", tied=False):
-    """hf's weights as a GGUF: norms in F32, the 2-D weights in `types` in turn."""
+def write_gguf(path, hf, metadata: dict, types=from_gguf.TYPES, architecture="llama", tied=False, rope_freqs=None):
+    """hf's weights as a GGUF: norms in F32, the 2-D weights in `types` in turn; rope_freqs: Llama
+    3.1's RoPE factors, as llama.cpp stores them."""
     cfg, rng = hf.config, np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, architecture)
     for key, value in metadata.items():
@@ -128,6 +129,8 @@ def write_gguf(path, hf, metadata: dict, types=from_gguf.TYPES, architecture="ll
             w = permute(w, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
         kind = next(kinds) if w.ndim == 2 else "F32"
         writer.add_tensor(names[name], encode(w, kind, rng), raw_dtype=gguf.GGMLQuantizationType[kind])
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -184,6 +187,48 @@ def test_every_tensor_type_imports_as_transformers_loads_it(capsys, tmp_path, to
     with torch.no_grad():
         got, want = ours(tokens), reference(tokens).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+def llama3_rope_factors(head_dim, theta, factor, low, high, old):
+    """convert_hf_to_gguf.py's rope_freqs.weight for rope_type llama3."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelength = 2 * np.pi / freq
+        if wavelength < old / high:
+            factors.append(1)
+        elif wavelength > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("low, high, old", [(1.0, 4.0, 64), (2.0, 8.0, 256)])
+def test_llama3_rope_factors_become_its_rope_scaling(capsys, tmp_path, tokenizer_path, low, high, old):
+    """Llama 3.1's GGUFs hold RoPE factors per frequency, not the scaling's parameters: the
+    import recovers parameters that give the same frequencies (low taken as 1: the same band),
+    and the logits match transformers' model with the original scaling, far past `old` tokens."""
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=low, high_freq_factor=high,
+                   original_max_position_embeddings=old)
+    hf = make_hf_model(vocab_size=300, rope_theta=500000.0, max_position_embeddings=1024, rope_scaling=scaling,
+                       **SHAPE)
+    meta = {**llama_metadata(hf, sentencepiece_vocab(tokenizer_path)), "llama.rope.freq_base": 500000.0,
+            "llama.context_length": 1024}
+    factors = llama3_rope_factors(64, 500000.0, 8.0, low, high, old)
+    write_gguf(tmp_path / "model.gguf", hf, meta, ["F32"], rope_freqs=factors)
+    assert cli(capsys, tmp_path / "model.gguf", tmp_path / "out")[0] == 0
+    rope = json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]
+    assert rope["factor"] == 8.0 and rope["low_freq_factor"] == 1.0
+    assert rope["high_freq_factor"] == pytest.approx(high / low) and rope["original_max_position_embeddings"] == old / low
+    ours = Llama.from_pretrained(tmp_path / "out", device="cpu", dtype=torch.float32)
+    tokens = torch.randint(3, 300, (1, 400))
+    with torch.no_grad():
+        got, want = ours(tokens), hf(tokens).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    factors[3] *= 1.1  # no longer one llama3 scaling
+    write_gguf(tmp_path / "bad.gguf", hf, meta, ["F32"], rope_freqs=factors)
+    assert_error(cli(capsys, tmp_path / "bad.gguf", tmp_path / "bad"), 1, "not Llama 3.1's scaling")
 
 
 @pytest.mark.parametrize("vocabulary", ["sentencepiece", "gpt2", "llama-bpe"])

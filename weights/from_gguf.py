@@ -7,7 +7,8 @@ tokenizer_config.json and generation_config.json.
 The file is read with the `gguf` package, llama.cpp's own reader and dequantizers; the importer
 alone uses it, never the engine. What llama.cpp's converter (convert_hf_to_gguf.py) changed is
 undone as transformers' GGUF loader undoes it: the tensor names, and the rows of q_proj and k_proj,
-which it permutes so that its RoPE rotates pairs (2i, 2i + 1) instead of (i, i + D/2).
+which it permutes so that its RoPE rotates pairs (2i, 2i + 1) instead of (i, i + D/2). Llama 3.1's
+RoPE scaling, which it stores as one factor per frequency, becomes config.json's rope_scaling.
 
 Weights are written in fp32, except tensors the GGUF holds as F16 or BF16, which keep that type:
 both are exact (a quantized block dequantizes to d * q + m in fp32, which fp16 would round, and
@@ -76,9 +77,12 @@ def read_gguf(path: Path):
     return reader, metadata
 
 
-def llama_config(meta: dict, tensor_names: set, path: Path) -> dict:
-    """config.json's fields from the GGUF's llama.* metadata, checked as model.py checks a config."""
-    from model import is_a
+def llama_config(meta: dict, tensors: dict, path: Path) -> dict:
+    """config.json's fields from the GGUF's llama.* metadata (and Llama 3.1's RoPE factors),
+    checked as model.py checks a config. tensors: the GGUF's, by name."""
+    import numpy as np
+
+    from model import is_a, rope_inv_freq
 
     architecture = meta.get("general.architecture")
     if architecture != "llama":
@@ -97,8 +101,12 @@ def llama_config(meta: dict, tensor_names: set, path: Path) -> dict:
     if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
         raise UserError(f"{path}: RoPE on {meta['llama.rope.dimension_count']} of {head_dim} channels "
                         "(partial rotary) is not Llama")
-    if "rope_freqs.weight" in tensor_names:
-        raise UserError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not supported")
+    theta = meta.get("llama.rope.freq_base", 10000.0)
+    scaling, inv_freq = rope_scaling(meta), None
+    if "rope_freqs.weight" in tensors:
+        if scaling is not None:
+            raise UserError(f"{path}: both rope_freqs.weight and llama.rope.scaling.type {scaling['rope_type']!r}")
+        scaling, inv_freq = llama3_scaling(tensors["rope_freqs.weight"], head_dim, theta, path)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": meta.get("llama.vocab_size", len(tokens)),
@@ -110,14 +118,17 @@ def llama_config(meta: dict, tensor_names: set, path: Path) -> dict:
         "head_dim": head_dim,
         "max_position_embeddings": meta["llama.context_length"],
         "rms_norm_eps": meta["llama.attention.layer_norm_rms_epsilon"],
-        "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
-        "rope_scaling": rope_scaling(meta),
-        "tie_word_embeddings": "output.weight" not in tensor_names,  # llama.cpp omits a tied lm_head
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": "output.weight" not in tensors,  # llama.cpp omits a tied lm_head
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
     }
-    as_llama_config(config).validate(path)
+    cfg = as_llama_config(config)
+    cfg.validate(path)
+    if inv_freq is not None and not np.allclose(rope_inv_freq(cfg).double().numpy(), inv_freq, rtol=1e-5, atol=0):
+        raise UserError(f"{path}: rope_freqs.weight holds RoPE factors that are not Llama 3.1's scaling")
     return config
 
 
@@ -136,6 +147,34 @@ def rope_scaling(meta: dict) -> dict | None:
     if "llama.rope.scaling.original_context_length" in meta:
         scaling["original_max_position_embeddings"] = meta["llama.rope.scaling.original_context_length"]
     return scaling
+
+
+def llama3_scaling(tensor, head_dim: int, theta: float, path: Path):
+    """(rope_scaling, the frequencies [head_dim / 2] it must give) from the per-frequency factors
+    llama.cpp stores for Llama 3.1 (rope_freqs.weight) instead of the parameters: 1 for wavelengths
+    under old_context / high, `factor` past old_context / low, between them 1 / ((1 - s) / factor
+    + s) with s = (old_context / wavelength - low) / (high - low). The band fixes only that line,
+    so low is taken as 1 (Llama 3.1's): every other choice gives the same frequencies."""
+    import gguf
+    import numpy as np
+
+    factors = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+    base = 1.0 / theta ** (np.arange(head_dim // 2) / (head_dim // 2))
+    factor = factors.max(initial=0.0)
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factors.shape != base.shape or band.sum() < 2:
+        raise UserError(f"{path}: rope_freqs.weight of shape {list(factors.shape)} is not Llama 3.1's RoPE scaling "
+                        f"for head_dim {head_dim}")
+    s = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
+    # s = old / (high - 1) / wavelength - 1 / (high - 1), a line in 1 / wavelength
+    slope, intercept = np.polyfit(base[band] / (2 * math.pi), s, 1)
+    if intercept >= 0:
+        raise UserError(f"{path}: rope_freqs.weight holds RoPE factors that are not Llama 3.1's scaling")
+    high = 1 - 1 / intercept
+    old = slope * (high - 1)
+    scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0, "high_freq_factor": float(high),
+               "original_max_position_embeddings": round(old) if abs(old - round(old)) < 1e-3 else float(old)}
+    return scaling, base / factors
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -164,6 +203,8 @@ def tensor_plan(reader, config: dict, path: Path) -> list:
         del expected["lm_head.weight"]
     plan = []
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (llama_config)
+            continue
         name, kind = hf_name(tensor.name), tensor.tensor_type.name
         if name not in expected:
             raise UserError(f"{path}: unexpected tensor {tensor.name} (not a Llama weight)")
@@ -328,7 +369,7 @@ def generation_config(meta: dict) -> dict:
 def import_gguf(gguf_path: Path, out_dir: Path):
     """Everything is read and checked before anything is written."""
     reader, meta = read_gguf(gguf_path)
-    config = llama_config(meta, {t.name for t in reader.tensors}, gguf_path)
+    config = llama_config(meta, {t.name: t for t in reader.tensors}, gguf_path)
     plan = tensor_plan(reader, config, gguf_path)
     tokenizer, tokenizer_config = build_tokenizer(meta, gguf_path)
     if out_dir.exists() and not out_dir.is_dir():
