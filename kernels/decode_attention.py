@@ -35,6 +35,7 @@ import triton.language as tl
 
 from kernels.codes import (
     as_bytes,
+    code_bias,
     code_layout,
     load_words,
     metadata_to_float,
@@ -117,11 +118,13 @@ def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS
 
 @triton.jit
 def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
-                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
-    """Packed codes of BLOCK_N tokens of one head, int32 [BLOCK_N, WORDS_PAD * PER_WORD_PAD] in tile
-    order (kernels/codes.py). rows [BLOCK_N]: element offset of each token's row."""
+                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr,
+                BIASED: tl.constexpr, PTX: tl.constexpr):
+    """Packed codes of BLOCK_N tokens of one head, + code_bias(RADIX, BIASED), fp16 [BLOCK_N,
+    WORDS_PAD * PER_WORD_PAD] in tile order (kernels/codes.py). rows [BLOCK_N]: element offset of
+    each token's row."""
     return unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
-                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)
+                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD, code_bias(RADIX, BIASED), PTX)
 
 
 @triton.jit
@@ -131,8 +134,8 @@ def _metadata(ptr, meta_rows, valid, g):
 
 
 @triton.jit
-def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr):
-    """codes int32 [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
+def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr, BIAS: tl.constexpr):
+    """codes + BIAS [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
     pre-RoPE keys need this: elsewhere scale and low fold into the products (see stage 1)."""
     scale = tl.zeros(codes.shape, tl.float32)
     low = tl.zeros(codes.shape, tl.float32)
@@ -140,7 +143,7 @@ def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.c
         in_group = (group == g)[None, :]
         scale = tl.where(in_group, _metadata(scale_ptr, meta_rows, valid, g)[:, None], scale)
         low = tl.where(in_group, _metadata(low_ptr, meta_rows, valid, g)[:, None], low)
-    return codes.to(tl.float32) * scale + low
+    return codes.to(tl.float32) * scale + (low - BIAS * scale)
 
 
 @triton.jit
@@ -179,7 +182,9 @@ def _attend_split(
         v_group_ptr=None, v_smoothing_ptr=None,
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        # codes carry code_bias (the GPU's conversion), unpacked by inline PTX (kernels/codes.py)
+        BIASED: tl.constexpr = False, PTX: tl.constexpr = False):
     pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
@@ -263,9 +268,10 @@ def _attend_split(
             k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None], other=0.0)
         else:
             k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                            K_WORDS_PAD, K_PER_WORD_PAD)                              # (BLOCK_N, DX) int32
+                            K_WORDS_PAD, K_PER_WORD_PAD, BIASED, PTX)                 # (BLOCK_N, DX) fp16
             if ROPE:
-                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS)
+                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS,
+                                code_bias(K_RADIX, BIASED))
         if ROPE:
             cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a                      # (BLOCK_N / 8, D/2)
             sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
@@ -280,13 +286,14 @@ def _attend_split(
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
         elif K_FULL or K_SVD:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
-        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group
+        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
+            # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
             k = k.to(q.dtype)  # small integers: exact
             s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
             for g in tl.static_range(K_GROUPS):
                 q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
                 scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
-                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g)
+                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g) - code_bias(K_RADIX, BIASED) * scale
                 s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
                       + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
         visible = valid[None, :]
@@ -302,14 +309,16 @@ def _attend_split(
         if V_FULL:
             v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
             acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
-        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group
+        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group; codes
+            # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
             v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
-                            V_WORDS_PAD, V_PER_WORD_PAD).to(q_ptr.dtype.element_ty)   # (BLOCK_N, DX)
+                            V_WORDS_PAD, V_PER_WORD_PAD, BIASED, PTX).to(q_ptr.dtype.element_ty)  # (BLOCK_N, DX)
             for g in tl.static_range(V_GROUPS):
                 scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                 low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
                 p_scale = (p * scale[None, :]).to(v.dtype)
-                p_low = tl.sum(p * low[None, :], 1)[:, None]
+                p_low = (tl.sum(p * low[None, :], 1)
+                         - code_bias(V_RADIX, BIASED) * tl.sum(p_scale.to(tl.float32), 1))[:, None]
                 if V_GROUPS == 1:
                     acc = tl.dot(p_scale, v, acc) + p_low
                 else:
@@ -358,6 +367,7 @@ def _attend_stage1(
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
         V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        BIASED: tl.constexpr = False, PTX: tl.constexpr = False,
         # decode: up to EXTRA full-precision segments (sinks, window), each one more program after
         # the segment's splits: rows [B, Hkv, T, D] as k_ptr's, tokens [B], ring start [B] (A_RING),
         # first token's position [B] (pre-RoPE keys)
@@ -384,7 +394,7 @@ def _attend_stage1(
                       k_basis_ptr, stride_kbb, stride_kbh, k_mean_ptr, stride_kub, stride_kuh,
                       k_bits_ptr, K_SVD, K_RANK, K_TOKEN_GROUP, v_scale_ptr, v_low_ptr, stride_vmb,
                       stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, V_FULL, V_GROUPS,
-                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD)
+                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, BIASED, PTX)
     elif EXTRA > 0:  # a full-precision segment: one program, one split
         if split == n_splits:
             _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
@@ -472,6 +482,14 @@ def _rider(segment: Segment, letter: str) -> dict:
     return args
 
 
+def code_path() -> dict:
+    """Stage 1's conversion of codes: inline PTX where the kernel is compiled, codes carrying
+    code_bias; the interpreter cannot run PTX and keeps the pure-Triton path, unbiased
+    (tests/test_ptx.py runs it biased too, and proves the PTX equal to it)."""
+    compiled = not triton.knobs.runtime.interpret
+    return dict(BIASED=compiled, PTX=compiled)
+
+
 def decode_splits(programs: int, capacity: int, device: torch.device) -> int:
     """Splits of a decode segment of `capacity` slots over `programs` (batch x KV heads) programs:
     about SPLIT_WAVES waves of the SMs, none shorter than a block. Fixed for a cache, so a CUDA
@@ -526,7 +544,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
-            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **where)
+            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **code_path(), **where)
         first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(B, Q, H, device=q.device, dtype=torch.float32)
