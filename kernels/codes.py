@@ -198,10 +198,36 @@ def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGI
 
 
 @triton.jit
+def _digit_source(words, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
+    """words [R, WORDS_PAD] as _digit takes them (see there)."""
+    if PTX:
+        tl.static_assert(BIAS == code_bias(RADIX))
+        if RADIX == 3:  # the bytes as fp16 1024 + byte: PTX_DIGITS of all 8 bits
+            return _digit(words, 0, 256, 1, 8, 1, 1024, PTX)
+        else:
+            return words
+    elif WORD_BYTES == 1:  # two words in the 16-bit lanes of a uint32
+        even, odd = tl.split(tl.reshape(words.to(tl.uint32), [words.shape[0], words.shape[1] // 2, 2]))
+        return even | (odd << 16)                                               # (R, WORDS_PAD / 2)
+    else:  # 3-bit codes: 24-bit words, one a lane
+        return words.to(tl.uint32)
+
+
+@triton.jit
+def unpack_digit(words, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
+                 BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
+    """words [R, WORDS_PAD] (load_words) -> digit j + BIAS of each, fp16 [R, WORDS_PAD] (as
+    unpack_words)."""
+    return _digit(_digit_source(words, RADIX, WORD_BYTES, BIAS, PTX), j, RADIX, PER_WORD,
+                  8 * WORD_BYTES // PER_WORD, WORD_BYTES, BIAS, PTX)
+
+
+@triton.jit
 def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
                  PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
     """words [R, WORDS_PAD] (load_words) -> codes + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16 (exact
-    small integers) in tile order; padded digit positions hold BIAS. PTX: the conversions in
+    small integers) in tile order; padded digit positions hold BIAS (PER_WORD_PAD < PER_WORD: the
+    first PER_WORD_PAD digits of each word). PTX: the conversions in
     inline PTX (a GPU; BIAS must then be code_bias), else pure Triton (the interpreter; any BIAS).
     Pure path: one-byte words are paired into the 16-bit lanes of a uint32, so each integer op
     works on two words. Each digit position is unpacked in the words' own layout and the
@@ -209,16 +235,7 @@ def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES:
     again per digit. tl.join appends the most minor axis, so the last join picks digit bit 0:
     join(join(d0, d2), join(d1, d3))."""
     B: tl.constexpr = 8 * WORD_BYTES // PER_WORD
-    if PTX:
-        tl.static_assert(BIAS == code_bias(RADIX))
-        x = words
-        if RADIX == 3:  # the bytes as fp16 1024 + byte, whole digits' worth of PTX_DIGITS
-            x = _digit(words, 0, 256, 1, 8, 1, 1024, PTX)
-    elif WORD_BYTES == 1:  # two words in the 16-bit lanes of a uint32
-        even, odd = tl.split(tl.reshape(words.to(tl.uint32), [words.shape[0], words.shape[1] // 2, 2]))
-        x = even | (odd << 16)                                                  # (R, WORDS_PAD / 2)
-    else:  # 3-bit codes: 24-bit words, one a lane
-        x = words.to(tl.uint32)
+    x = _digit_source(words, RADIX, WORD_BYTES, BIAS, PTX)
     if PER_WORD_PAD == 1:
         digits = _digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)
     elif PER_WORD_PAD == 2:

@@ -40,6 +40,7 @@ from kernels.codes import (
     load_words,
     metadata_to_float,
     tile_codes,
+    unpack_digit,
     unpack_words,
 )
 
@@ -204,9 +205,18 @@ def _attend_split(
     k_group = k_channel  # each channel's group: only packed rows with several groups use it
     if not K_FULL:
         k_group = tl.load(k_group_ptr + kv_head * D + k_channel, mask=k_real, other=-1)
-    v_group = v_channel
+    # Ternary values: digits 0-3 of each byte in one product, digit 4 in another, so no column
+    # pads 5 digits to 8 (V_TILE_DIGITS: the first product's digits a word).
+    V_SPLIT: tl.constexpr = not V_FULL and V_PER_WORD == 5
+    V_TILE_DIGITS: tl.constexpr = 4 if V_SPLIT else V_PER_WORD_PAD
+    v_tile_channel, v_tile_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_TILE_DIGITS)
+    v_last_channel = tl.arange(0, V_WORDS_PAD) * V_PER_WORD + 4                 # digit 4 of each byte
+    v_group = v_tile_channel
+    v_last_group = v_last_channel
     if not V_FULL:
-        v_group = tl.load(v_group_ptr + kv_head * D + v_channel, mask=v_real, other=-1)
+        v_group = tl.load(v_group_ptr + kv_head * D + v_tile_channel, mask=v_tile_real, other=-1)
+    if V_SPLIT and V_GROUPS > 1:
+        v_last_group = tl.load(v_group_ptr + kv_head * D + v_last_channel, mask=v_last_channel < D, other=-1)
     q_rows = q_ptr + b * stride_qb + query[:, None] * stride_qq + heads[:, None] * stride_qh
     if ROPE or CAUSAL:
         first_position = tl.load(first_position_ptr + b)
@@ -250,7 +260,9 @@ def _attend_split(
     v_meta = b * stride_vmb + kv_head * stride_vmh
     m = tl.full([M_PAD], float("-inf"), tl.float32)
     l = tl.zeros([M_PAD], tl.float32)
-    acc = tl.zeros([M_PAD, v_channel.shape[0]], tl.float32)
+    acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
+    acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit 4's product
+    v_low = tl.zeros([M_PAD], tl.float32)  # packed values, one group: p @ low, added to acc after the loop
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         valid = tokens < end
@@ -306,27 +318,42 @@ def _attend_split(
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
+        if V_SPLIT:
+            acc_last = acc_last * alpha[:, None]
         if V_FULL:
             v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
             acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
         else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group; codes
             # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
-            v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
-                            V_WORDS_PAD, V_PER_WORD_PAD, BIASED, PTX).to(q_ptr.dtype.element_ty)  # (BLOCK_N, DX)
+            v_words = load_words(v_base + slots * stride_vt, valid, V_RADIX, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD)
+            v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS, code_bias(V_RADIX, BIASED),
+                             PTX).to(q_ptr.dtype.element_ty)                          # (BLOCK_N, DX)
+            v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, code_bias(V_RADIX, BIASED),
+                                  PTX).to(q_ptr.dtype.element_ty)                     # (BLOCK_N, V_WORDS_PAD)
             for g in tl.static_range(V_GROUPS):
                 scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                 low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
                 p_scale = (p * scale[None, :]).to(v.dtype)
-                p_low = (tl.sum(p * low[None, :], 1)
-                         - code_bias(V_RADIX, BIASED) * tl.sum(p_scale.to(tl.float32), 1))[:, None]
+                p_low = tl.sum(p * low[None, :], 1) - code_bias(V_RADIX, BIASED) * tl.sum(p_scale.to(tl.float32), 1)
                 if V_GROUPS == 1:
-                    acc = tl.dot(p_scale, v, acc) + p_low
+                    acc = tl.dot(p_scale, v, acc)
+                    if V_SPLIT:
+                        acc_last = tl.dot(p_scale, v_last, acc_last)
+                    v_low = v_low * alpha + p_low
                 else:
-                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low, 0.0)
+                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low[:, None], 0.0)
+                    if V_SPLIT:
+                        acc_last += tl.where((v_last_group == g)[None, :], tl.dot(p_scale, v_last) + p_low[:, None],
+                                             0.0)
         m = m_new
+    if V_SPLIT:  # back to the tile of 8 digits a byte: (word, digit 4 b2 + 2 b1 + b0)
+        zero = tl.zeros_like(acc_last)
+        rest = tl.reshape(tl.join(tl.join(acc_last, zero), tl.join(zero, zero)), [M_PAD, V_WORDS_PAD, 4])
+        acc = tl.reshape(tl.permute(tl.join(tl.reshape(acc, [M_PAD, V_WORDS_PAD, 4]), rest), (0, 1, 3, 2)),
+                         [M_PAD, v_channel.shape[0]])
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
-    out = acc / tl.where(has_tokens, l, 1.0)[:, None]
+    out = (acc + v_low[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
     if not V_FULL:
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split

@@ -59,7 +59,9 @@ def round_half(x: Fraction) -> np.float16:
 
 
 def halves(r: int) -> list[Fraction]:
-    return [Fraction(float(np.uint16((r >> s) & 0xFFFF).view(np.float16))) for s in (0, 16)]
+    values = [float(np.uint16((r >> s) & 0xFFFF).view(np.float16)) for s in (0, 16)]
+    assert all(np.isfinite(values)), "inf and NaN are not emulated: the kernels' conversions never meet them"
+    return [Fraction(v) for v in values]
 
 
 def from_halves(values: list[Fraction]) -> int:
