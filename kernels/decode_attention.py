@@ -334,7 +334,7 @@ def _attend_split(
                 scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                 low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
                 p_scale = (p * scale[None, :]).to(v.dtype)
-                p_low = tl.sum(p * low[None, :], 1) - code_bias(V_RADIX, BIASED) * tl.sum(p_scale.to(tl.float32), 1)
+                p_low = tl.sum(p * low[None, :] - code_bias(V_RADIX, BIASED) * p_scale.to(tl.float32), 1)
                 if V_GROUPS == 1:
                     acc = tl.dot(p_scale, v, acc)
                     if V_SPLIT:
