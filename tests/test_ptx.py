@@ -88,13 +88,13 @@ def emulated_ptx(monkeypatch):
         shape = values[0].data.shape
         order = np.random.permutation(values[0].data.size)
         args = [np.broadcast_to(v.data, shape).ravel()[order] for v in values]
-        dtypes = [_get_np_dtype(t.element_ty if hasattr(t, "element_ty") else t) for t in types]
-        outputs = elementwise(asm, constraints, args, dtypes, pack)
+        element_types = [getattr(t, "element_ty", t) for t in types]  # block types, or scalars
+        outputs = elementwise(asm, constraints, args, [_get_np_dtype(t) for t in element_types], pack)
         results = []
-        for out, t in zip(outputs, types):
+        for out, element_type in zip(outputs, element_types):
             unshuffled = np.empty_like(out)
             unshuffled[order] = out
-            results.append(TensorHandle(unshuffled.reshape(shape), t.element_ty if hasattr(t, "element_ty") else t))
+            results.append(TensorHandle(unshuffled.reshape(shape), element_type))
 
         class Call:
             def get_result(self, i):
@@ -105,7 +105,7 @@ def emulated_ptx(monkeypatch):
 
 
 @triton.jit
-def _unpack_rows(packed_ptr, out_ptr, R: tl.constexpr, N: tl.constexpr, RADIX: tl.constexpr,
+def _unpack_rows(packed_ptr, out_ptr, R: tl.constexpr, RADIX: tl.constexpr,
                  PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr,
                  WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
     """Rows [R, ROW_BYTES] of packed codes -> their tiles + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16."""
@@ -119,7 +119,7 @@ def _unpack_rows(packed_ptr, out_ptr, R: tl.constexpr, N: tl.constexpr, RADIX: t
 def unpacked(packed_rows, n, bits, ptx):
     layout = code_layout(n, bits)
     out = torch.empty(packed_rows.shape[0], layout["WORDS_PAD"] * layout["PER_WORD_PAD"], dtype=torch.float16)
-    _unpack_rows[(1,)](packed_rows, out, R=packed_rows.shape[0], N=n, BIAS=code_bias(layout["RADIX"]),
+    _unpack_rows[(1,)](packed_rows, out, R=packed_rows.shape[0], BIAS=code_bias(layout["RADIX"]),
                        PTX=ptx, **layout)
     return out
 
