@@ -118,6 +118,15 @@ def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS
 
 
 @triton.jit
+def _digit_major(x, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
+    """[R, WORDS_PAD * PER_WORD_PAD] in tile order (word, digit) -> (digit, word): neighbouring
+    columns are then one digit of neighbouring words, the pairs the PTX conversion puts in one
+    register, which are the pairs a tensor-core operand holds along its K axis."""
+    return tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], WORDS_PAD, PER_WORD_PAD]), (0, 2, 1)),
+                      [x.shape[0], WORDS_PAD * PER_WORD_PAD])
+
+
+@triton.jit
 def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
                 ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr,
                 BIASED: tl.constexpr, PTX: tl.constexpr):
@@ -201,6 +210,12 @@ def _attend_split(
     heads = kv_head * G + rows % G
     real_row = (rows < Q_BLOCK * G) & (query < n_queries)
     k_channel, k_real = _channels(D, K_FULL, K_PER_WORD, K_WORDS_PAD, K_PER_WORD_PAD)
+    # Packed keys' columns digit-major (q and the codes alike): the products' operand pairs are the
+    # conversion's register pairs, not regrouped (pre-RoPE keys keep channel order for the rotation)
+    K_DIGIT_MAJOR: tl.constexpr = not K_FULL and not ROPE and K_PER_WORD_PAD > 1 and K_WORD_BYTES == 1
+    if K_DIGIT_MAJOR:
+        k_channel = tl.reshape(_digit_major(k_channel[None, :], K_WORDS_PAD, K_PER_WORD_PAD), [k_channel.shape[0]])
+        k_real = tl.reshape(_digit_major(k_real[None, :], K_WORDS_PAD, K_PER_WORD_PAD), [k_real.shape[0]])
     v_channel, v_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_PER_WORD_PAD)
     k_group = k_channel  # each channel's group: only packed rows with several groups use it
     if not K_FULL:
@@ -300,6 +315,8 @@ def _attend_split(
             s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
         else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
             # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
+            if K_DIGIT_MAJOR:
+                k = _digit_major(k, K_WORDS_PAD, K_PER_WORD_PAD)
             k = k.to(q.dtype)  # small integers: exact
             s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
             for g in tl.static_range(K_GROUPS):
