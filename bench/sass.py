@@ -65,6 +65,8 @@ class Gpu:
 GPUS = {"sm_80": Gpu(80, "A100-SXM4-80GB", 108, 1.41, 2.0),
         "sm_89": Gpu(89, "L40S", 142, 2.52, 0.864),
         "sm_90": Gpu(90, "H100-SXM5-80GB", 132, 1.755, 3.0)}
+# bench/attention.py's settings and K3 with ternary values, the likely ~2.6-bit accurate setting
+SASS_SETTINGS = SETTINGS + ["skvq-k3v1.5"]
 QUICK = dict(models=["llama3-8b"], settings=["skvq-k2v1.5"], targets=["sm_80", "sm_90"])  # the default cache
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -173,9 +175,9 @@ def spill_stores(ptx: str, capability: int) -> int:
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def main_loop(sass: str) -> list[str] | None:
-    """Opcodes of the main loop: the instructions between the target and the address of the
-    backward branch that spans the most (inner loops, such as a slow sin/cos path, sit inside it)."""
+def main_loop(sass: str) -> list[tuple[str, str]] | None:
+    """(opcode, operands) of the main loop: the instructions between the target and the address of
+    the backward branch that spans the most (inner loops, such as a slow sin/cos path, sit inside it)."""
     instructions = [(int(a, 16), op, operands) for a, _, op, operands in SASS_LINE.findall(sass)]
     loops = []
     for address, op, operands in instructions:
@@ -185,7 +187,7 @@ def main_loop(sass: str) -> list[str] | None:
     if not loops:
         return None
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return [op for address, op, _ in instructions if start <= address <= end and op != "NOP"]
+    return [(op, operands) for address, op, operands in instructions if start <= address <= end and op != "NOP"]
 
 
 # Opcode families, by their base mnemonic.
@@ -208,6 +210,22 @@ def instruction_mix(opcodes: list[str]) -> dict:
         family = FAMILY_OF.get(op.split(".")[0], "other")
         mix[family] = mix.get(family, 0) + 1
     return dict(sorted(mix.items(), key=lambda kv: -kv[1]))
+
+
+def ptx_conversion(loop: list[tuple[str, str]]) -> dict:
+    """Signs in a loop of kernels/codes.py's PTX conversion of codes: PRMT under the exponent byte
+    (PTX_DIGITS's selectors 0x5140, 0x7362), LOP3 (a & b) | c (PTX_DIGITS3's), HFMA2 (base 3);
+    and integer-to-float conversions, of which it leaves none."""
+    return dict(prmt_0x64=sum(op == "PRMT" and ("0x5140" in o or "0x7362" in o) for op, o in loop),
+                lop3_and_or=sum(op.startswith("LOP3") and re.search(r"0xea,\s*!PT\s*$", o) is not None for op, o in loop),
+                hfma2=sum(op.startswith("HFMA2") for op, _ in loop),
+                int_to_float=sum(op.split(".")[0] in ("I2F", "I2FP") for op, _ in loop))
+
+
+def packed(launch: Launch) -> bool:
+    """Whether stage 1 reads codes through kernels/codes.py (keys or values; SVDq's latent keys not)."""
+    kw = launch.kwargs
+    return launch.kernel.__name__ == "_attend_stage1" and not (kw.get("K_FULL", True) and kw.get("V_FULL", True))
 
 
 def bytes_per_iteration(launch: Launch) -> int | None:
@@ -241,7 +259,9 @@ def analyse(launch: Launch, kernel, target: str) -> dict:
     loop = main_loop(cuobjdump(kernel.asm["cubin"], "-sass"))
     if loop is None:
         return row
-    row.update(loop_instructions=len(loop), loop_mix=instruction_mix(loop))
+    row.update(loop_instructions=len(loop), loop_mix=instruction_mix([op for op, _ in loop]))
+    if packed(launch):
+        row["ptx_conversion"] = ptx_conversion(loop)
     nbytes = bytes_per_iteration(launch)
     if nbytes:
         gpu = GPUS[target]
@@ -376,7 +396,7 @@ def before_after(before: list[dict], after: list[dict], target: str = "sm_90") -
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=list(SHAPES))
-    p.add_argument("--settings", type=lambda s: s.split(","), default=SETTINGS)
+    p.add_argument("--settings", type=lambda s: s.split(","), default=SASS_SETTINGS)
     p.add_argument("--targets", type=lambda s: s.split(","), default=list(GPUS))
     p.add_argument("--quick", action="store_true", help="the default cache at the Llama-3-8B shape for sm_80 and "
                    "sm_90: its fp16 sinks and window, packed history, quantize and merge (a minute, cold)")

@@ -79,81 +79,182 @@ def _digit_place(j, RADIX: tl.constexpr, DIGIT_BITS: tl.constexpr):
 @triton.jit
 def load_words(row_ptrs, valid, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr,
                WORDS_PAD: tl.constexpr):
-    """row_ptrs [R] uint8 pointers to packed rows, valid [R] -> words [R, WORDS_PAD] int32."""
+    """row_ptrs [R] uint8 pointers to packed rows, valid [R] -> words [R, WORDS_PAD]: uint8 for
+    one-byte words (the PTX conversion takes four a register), int32 for 3-byte words."""
     w = tl.arange(0, WORDS_PAD)
-    words = tl.zeros([row_ptrs.shape[0], WORDS_PAD], tl.int32)
-    for i in tl.static_range(WORD_BYTES):
-        byte_index = w * WORD_BYTES + i
-        byte = tl.load(row_ptrs[:, None] + byte_index[None, :],
-                       mask=valid[:, None] & (byte_index < ROW_BYTES)[None, :], other=0)
-        words = words | (byte.to(tl.int32) << (8 * i))
-    return words
+    if WORD_BYTES == 1:
+        return tl.load(row_ptrs[:, None] + w[None, :], mask=valid[:, None] & (w < ROW_BYTES)[None, :], other=0)
+    else:
+        words = tl.zeros([row_ptrs.shape[0], WORDS_PAD], tl.int32)
+        for i in tl.static_range(WORD_BYTES):
+            byte_index = w * WORD_BYTES + i
+            byte = tl.load(row_ptrs[:, None] + byte_index[None, :],
+                           mask=valid[:, None] & (byte_index < ROW_BYTES)[None, :], other=0)
+            words = words | (byte.to(tl.int32) << (8 * i))
+        return words
+
+
+@triton.constexpr_function
+def code_bias(RADIX, BIASED=True):
+    """What the PTX conversion adds to every code of a radix (see PTX_DIGITS, PTX_TRIT), 0 for
+    unbiased codes: the kernels fold it into each token's `low`, never subtract it per element."""
+    return 0 if not BIASED else -2048 if RADIX == 3 else 1024
+
+
+# The GPU path's conversions, in PTX (tl.inline_asm_elementwise): Triton cannot reinterpret a
+# uint32 as two fp16, the one step that makes a code an fp16 without a conversion instruction.
+# Each string is one elementwise step; tests/test_ptx.py runs every PTX_ string of this module in
+# an emulator against the pure-Triton path (the interpreter's), bit for bit.
+# Digit (x >> $3) & $7 of four bytes x (pack=4: $2 holds them, $3-$6 the shift, $7-$10 the mask)
+# -> two fp16x2 registers, 1024 + digit each: PRMT puts each byte under the exponent byte 0x64.
+PTX_DIGITS = tl.constexpr("""{
+.reg .b32 t;
+shr.b32 t, $2, $3;
+and.b32 t, t, $7;
+prmt.b32 $0, t, 0x64646464, 0x5140;
+prmt.b32 $1, t, 0x64646464, 0x7362;
+}""")
+# Digit (w >> $3) & 7 of two 3-byte words (pack=2: $1, $2; shift $3, $4) -> one fp16x2, 1024 +
+# digit: the low halves paired by PRMT, then one LOP3 for (x & 0x00070007) | 0x64006400.
+PTX_DIGITS3 = tl.constexpr("""{
+.reg .b32 ta, tb, tp;
+shr.b32 ta, $1, $3;
+shr.b32 tb, $2, $4;
+prmt.b32 tp, ta, tb, 0x5410;
+lop3.b32 $0, tp, 0x00070007, 0x64006400, 0xEA;
+}""")
+# Base 3 in fp16 pairs, from T = 1024 + t (t < 243): 1024 + t // 3 = rn(T / 3 + 682.5 - 1024 / 3),
+# one FMA: T * fp16(1/3) + 682.5 = 1024 + t / 3 - 1/4 - t 8e-5, within 0.42 of the integer.
+PTX_THIRD = tl.constexpr("""{
+.reg .b32 c, k;
+mov.b32 c, 0x35553555;
+mov.b32 k, 0x61556155;
+fma.rn.f16x2 $0, $1, c, k;
+}""")
+# Digit j of base 3 from T_j = 1024 + t_j and T_(j+1): T_j - 3 T_(j+1) = t_j - 3 t_(j+1) - 2048,
+# exact in fp16 (-2048 + digit): ternary codes carry code_bias -2048.
+PTX_TRIT = tl.constexpr("""{
+.reg .b32 m;
+mov.b32 m, 0xC200C200;
+fma.rn.f16x2 $0, $2, m, $1;
+}""")
 
 
 @triton.jit
-def _to_half(lanes, WORD_BYTES: tl.constexpr):
-    """Digits < 1024 (uint32 [R, W]) -> fp16 exactly: with one-byte words two digits sit in the
-    16-bit lanes, lane 0 first in [R, 2 W]. A lane ORed with 0x6400 is the fp16 1024 + digit
-    (the digit fills the mantissa), so one integer op and one subtraction per value, no
+def _to_half(lanes, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr):
+    """Digits < 1024 (uint32 [R, W]) -> fp16 digit + BIAS exactly: with one-byte words two digits
+    sit in the 16-bit lanes, lane 0 first in [R, 2 W]. A lane ORed with 0x6400 is the fp16 1024 +
+    digit (the digit fills the mantissa), so one integer op and one subtraction per value, no
     integer-to-float conversion."""
     biased = lanes | 0x64006400
-    low = (biased & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+    low = (biased & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 - BIAS)
     if WORD_BYTES == 1:
-        high = (biased >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+        high = (biased >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 - BIAS)
         return tl.reshape(tl.join(low, high), [lanes.shape[0], 2 * lanes.shape[1]])
     else:
         return low
 
 
 @triton.jit
-def _digit(lanes, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr,
-           WORD_BYTES: tl.constexpr):
-    """Digit j of every word of a power-of-two radix, fp16, in the words' own layout."""
+def _third(t, PTX: tl.constexpr):
+    """t // 3 of each value: fp16 1024 + t (PTX), or each 16-bit lane of uint32 pairs ((x * 171)
+    >> 9 is x // 3 for x < 243, under 2^16, so both lanes divide at once)."""
+    if PTX:
+        return tl.inline_asm_elementwise(PTX_THIRD, "=r,r", [t], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return ((t * 171) >> 9) & 0x007F007F
+
+
+@triton.jit
+def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr,
+           WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
+    """Digit j + BIAS of every word, fp16 [R, W] in word order. x: on the PTX path the words
+    (ternary: as fp16 1024 + byte), else the pure path's lanes (pairs of one-byte words in the
+    16-bit lanes of a uint32 [R, W / 2], or 3-byte words)."""
+    pairs: tl.constexpr = 2 if WORD_BYTES == 1 and not PTX else 1
     if j >= PER_WORD:
-        return tl.zeros([lanes.shape[0], lanes.shape[1] * (2 if WORD_BYTES == 1 else 1)], tl.float16)
+        return tl.zeros([x.shape[0], x.shape[1] * pairs], tl.float16) + BIAS
+    elif RADIX == 3:  # digit j = t_j - 3 t_(j+1), t_j = x // 3^j
+        t = x
+        for _ in tl.static_range(j):
+            t = _third(t, PTX)
+        if PTX:
+            return tl.inline_asm_elementwise(PTX_TRIT, "=r,r,r", [t, _third(t, PTX)], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+        else:
+            return _to_half(t - 3 * _third(t, PTX), 1, BIAS)
+    elif PTX and WORD_BYTES == 1:
+        shift = tl.full(x.shape, j * DIGIT_BITS, tl.int32)
+        mask = tl.full(x.shape, (RADIX - 1) * 0x01010101, tl.uint32)
+        return tl.inline_asm_elementwise(PTX_DIGITS, "=r,=r,r,r,r,r,r,r,r,r,r", [x, shift, mask],
+                                         dtype=tl.float16, is_pure=True, pack=4)
+    elif PTX:
+        shift = tl.full(x.shape, j * DIGIT_BITS, tl.int32)
+        return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,r,r,r,r", [x, shift], dtype=tl.float16,
+                                         is_pure=True, pack=2)
     else:
         lane_mask: tl.constexpr = (RADIX - 1) * (0x00010001 if WORD_BYTES == 1 else 1)
-        return _to_half((lanes >> (j * DIGIT_BITS)) & lane_mask, WORD_BYTES)
+        return _to_half((x >> (j * DIGIT_BITS)) & lane_mask, WORD_BYTES, BIAS)
+
+
+@triton.jit
+def _digit_source(words, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
+    """words [R, WORDS_PAD] as _digit takes them (see there)."""
+    if PTX:
+        tl.static_assert(BIAS == code_bias(RADIX))
+        if RADIX == 3:  # the bytes as fp16 1024 + byte: PTX_DIGITS of all 8 bits
+            return _digit(words, 0, 256, 1, 8, 1, 1024, PTX)
+        else:
+            return words
+    elif WORD_BYTES == 1:  # two words in the 16-bit lanes of a uint32
+        even, odd = tl.split(tl.reshape(words.to(tl.uint32), [words.shape[0], words.shape[1] // 2, 2]))
+        return even | (odd << 16)                                               # (R, WORDS_PAD / 2)
+    else:  # 3-bit codes: 24-bit words, one a lane
+        return words.to(tl.uint32)
+
+
+@triton.jit
+def unpack_digit(words, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
+                 BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
+    """words [R, WORDS_PAD] (load_words) -> digit j + BIAS of each, fp16 [R, WORDS_PAD] (as
+    unpack_words)."""
+    return _digit(_digit_source(words, RADIX, WORD_BYTES, BIAS, PTX), j, RADIX, PER_WORD,
+                  8 * WORD_BYTES // PER_WORD, WORD_BYTES, BIAS, PTX)
 
 
 @triton.jit
 def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
-                 PER_WORD_PAD: tl.constexpr):
-    """words [R, WORDS_PAD] int32 -> codes [R, WORDS_PAD * PER_WORD_PAD] fp16 (exact small
-    integers) in tile order. One-byte words are paired into the 16-bit lanes of a uint32, so each
-    integer op below works on two words; each digit position is unpacked in the pairs' own
-    layout and the positions joined along new minor axes, which stay within each thread: no word
-    is fetched again per digit. tl.join appends the most minor axis, so the last join picks digit
-    bit 0: join(join(d0, d2), join(d1, d3))."""
+                 PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
+    """words [R, WORDS_PAD] (load_words) -> codes + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16 (exact
+    small integers) in tile order; padded digit positions hold BIAS (PER_WORD_PAD < PER_WORD: the
+    first PER_WORD_PAD digits of each word). PTX: the conversions in
+    inline PTX (a GPU; BIAS must then be code_bias), else pure Triton (the interpreter; any BIAS).
+    Pure path: one-byte words are paired into the 16-bit lanes of a uint32, so each integer op
+    works on two words. Each digit position is unpacked in the words' own layout and the
+    positions joined along new minor axes, which stay within each thread: no word is fetched
+    again per digit. tl.join appends the most minor axis, so the last join picks digit bit 0:
+    join(join(d0, d2), join(d1, d3))."""
     B: tl.constexpr = 8 * WORD_BYTES // PER_WORD
-    if WORD_BYTES == 1:  # two words in the 16-bit lanes of a uint32
-        even, odd = tl.split(tl.reshape(words.to(tl.uint32), [words.shape[0], words.shape[1] // 2, 2]))
-        lanes = even | (odd << 16)                                              # (R, WORDS_PAD / 2)
-    else:  # 3-bit codes: 24-bit words, one a lane
-        lanes = words.to(tl.uint32)
-    if RADIX == 3:
-        # Base 3, 5 digits a byte x < 243: x // 3 is (x * 171) >> 9, exact for x < 243 and under
-        # 2^16, so both lanes divide at once; digit j is t_j - 3 t_(j+1). Digits 5-7 pad to 8.
-        t1 = ((lanes * 171) >> 9) & 0x007F007F
-        t2 = ((t1 * 171) >> 9) & 0x007F007F
-        t3 = ((t2 * 171) >> 9) & 0x007F007F
-        t4 = ((t3 * 171) >> 9) & 0x007F007F
-        zero = tl.zeros(words.shape, tl.float16)
-        digits = tl.join(tl.join(tl.join(_to_half(lanes - 3 * t1, 1), _to_half(t4, 1)),
-                                 tl.join(_to_half(t2 - 3 * t3, 1), zero)),
-                         tl.join(tl.join(_to_half(t1 - 3 * t2, 1), zero), tl.join(_to_half(t3 - 3 * t4, 1), zero)))
-    elif PER_WORD_PAD == 1:
-        digits = _to_half(lanes, WORD_BYTES)
+    x = _digit_source(words, RADIX, WORD_BYTES, BIAS, PTX)
+    if PER_WORD_PAD == 1:
+        digits = _digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)
     elif PER_WORD_PAD == 2:
-        digits = tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES))
+        digits = tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                         _digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))
     elif PER_WORD_PAD == 4:
-        digits = tl.join(tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 2, RADIX, PER_WORD, B, WORD_BYTES)),
-                         tl.join(_digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 3, RADIX, PER_WORD, B, WORD_BYTES)))
+        digits = tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                 _digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
+                         tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                 _digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)))
     else:
-        digits = tl.join(tl.join(tl.join(_digit(lanes, 0, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 4, RADIX, PER_WORD, B, WORD_BYTES)),
-                                 tl.join(_digit(lanes, 2, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 6, RADIX, PER_WORD, B, WORD_BYTES))),
-                         tl.join(tl.join(_digit(lanes, 1, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 5, RADIX, PER_WORD, B, WORD_BYTES)),
-                                 tl.join(_digit(lanes, 3, RADIX, PER_WORD, B, WORD_BYTES), _digit(lanes, 7, RADIX, PER_WORD, B, WORD_BYTES))))
+        digits = tl.join(tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                         _digit(x, 4, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
+                                 tl.join(_digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                         _digit(x, 6, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))),
+                         tl.join(tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                         _digit(x, 5, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
+                                 tl.join(_digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
+                                         _digit(x, 7, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))))
     return tl.reshape(digits, [words.shape[0], words.shape[1] * PER_WORD_PAD])
 
 

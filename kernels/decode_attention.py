@@ -35,10 +35,12 @@ import triton.language as tl
 
 from kernels.codes import (
     as_bytes,
+    code_bias,
     code_layout,
     load_words,
     metadata_to_float,
     tile_codes,
+    unpack_digit,
     unpack_words,
 )
 
@@ -116,12 +118,23 @@ def _channels(D: tl.constexpr, FULL: tl.constexpr, PER_WORD: tl.constexpr, WORDS
 
 
 @triton.jit
+def _digit_major(x, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
+    """[R, WORDS_PAD * PER_WORD_PAD] in tile order (word, digit) -> (digit, word): neighbouring
+    columns are then one digit of neighbouring words, the pairs the PTX conversion puts in one
+    register, which are the pairs a tensor-core operand holds along its K axis."""
+    return tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], WORDS_PAD, PER_WORD_PAD]), (0, 2, 1)),
+                      [x.shape[0], WORDS_PAD * PER_WORD_PAD])
+
+
+@triton.jit
 def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
-                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr):
-    """Packed codes of BLOCK_N tokens of one head, int32 [BLOCK_N, WORDS_PAD * PER_WORD_PAD] in tile
-    order (kernels/codes.py). rows [BLOCK_N]: element offset of each token's row."""
+                ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr,
+                BIASED: tl.constexpr, PTX: tl.constexpr):
+    """Packed codes of BLOCK_N tokens of one head, + code_bias(RADIX, BIASED), fp16 [BLOCK_N,
+    WORDS_PAD * PER_WORD_PAD] in tile order (kernels/codes.py). rows [BLOCK_N]: element offset of
+    each token's row."""
     return unpack_words(load_words(ptr + rows, valid, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD),
-                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD)
+                        RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD, code_bias(RADIX, BIASED), PTX)
 
 
 @triton.jit
@@ -131,8 +144,8 @@ def _metadata(ptr, meta_rows, valid, g):
 
 
 @triton.jit
-def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr):
-    """codes int32 [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
+def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr, BIAS: tl.constexpr):
+    """codes + BIAS [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
     pre-RoPE keys need this: elsewhere scale and low fold into the products (see stage 1)."""
     scale = tl.zeros(codes.shape, tl.float32)
     low = tl.zeros(codes.shape, tl.float32)
@@ -140,7 +153,7 @@ def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.c
         in_group = (group == g)[None, :]
         scale = tl.where(in_group, _metadata(scale_ptr, meta_rows, valid, g)[:, None], scale)
         low = tl.where(in_group, _metadata(low_ptr, meta_rows, valid, g)[:, None], low)
-    return codes.to(tl.float32) * scale + low
+    return codes.to(tl.float32) * scale + (low - BIAS * scale)
 
 
 @triton.jit
@@ -179,7 +192,9 @@ def _attend_split(
         v_group_ptr=None, v_smoothing_ptr=None,
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        # codes carry code_bias (the GPU's conversion), unpacked by inline PTX (kernels/codes.py)
+        BIASED: tl.constexpr = False, PTX: tl.constexpr = False):
     pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, q_block = (pid // q_blocks).to(tl.int64), pid % q_blocks
     count = tl.load(count_ptr + b)
@@ -195,13 +210,28 @@ def _attend_split(
     heads = kv_head * G + rows % G
     real_row = (rows < Q_BLOCK * G) & (query < n_queries)
     k_channel, k_real = _channels(D, K_FULL, K_PER_WORD, K_WORDS_PAD, K_PER_WORD_PAD)
+    # Packed keys' columns digit-major (q and the codes alike): the products' operand pairs are the
+    # conversion's register pairs, not regrouped (pre-RoPE keys keep channel order for the rotation)
+    K_DIGIT_MAJOR: tl.constexpr = not K_FULL and not ROPE and K_PER_WORD_PAD > 1 and K_WORD_BYTES == 1
+    if K_DIGIT_MAJOR:
+        k_channel = tl.reshape(_digit_major(k_channel[None, :], K_WORDS_PAD, K_PER_WORD_PAD), [k_channel.shape[0]])
+        k_real = tl.reshape(_digit_major(k_real[None, :], K_WORDS_PAD, K_PER_WORD_PAD), [k_real.shape[0]])
     v_channel, v_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_PER_WORD_PAD)
     k_group = k_channel  # each channel's group: only packed rows with several groups use it
     if not K_FULL:
         k_group = tl.load(k_group_ptr + kv_head * D + k_channel, mask=k_real, other=-1)
-    v_group = v_channel
+    # Ternary values: digits 0-3 of each byte in one product, digit 4 in another, so no column
+    # pads 5 digits to 8 (V_TILE_DIGITS: the first product's digits a word).
+    V_SPLIT: tl.constexpr = not V_FULL and V_PER_WORD == 5
+    V_TILE_DIGITS: tl.constexpr = 4 if V_SPLIT else V_PER_WORD_PAD
+    v_tile_channel, v_tile_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_TILE_DIGITS)
+    v_last_channel = tl.arange(0, V_WORDS_PAD) * V_PER_WORD + 4                 # digit 4 of each byte
+    v_group = v_tile_channel
+    v_last_group = v_last_channel
     if not V_FULL:
-        v_group = tl.load(v_group_ptr + kv_head * D + v_channel, mask=v_real, other=-1)
+        v_group = tl.load(v_group_ptr + kv_head * D + v_tile_channel, mask=v_tile_real, other=-1)
+    if V_SPLIT and V_GROUPS > 1:
+        v_last_group = tl.load(v_group_ptr + kv_head * D + v_last_channel, mask=v_last_channel < D, other=-1)
     q_rows = q_ptr + b * stride_qb + query[:, None] * stride_qq + heads[:, None] * stride_qh
     if ROPE or CAUSAL:
         first_position = tl.load(first_position_ptr + b)
@@ -245,7 +275,9 @@ def _attend_split(
     v_meta = b * stride_vmb + kv_head * stride_vmh
     m = tl.full([M_PAD], float("-inf"), tl.float32)
     l = tl.zeros([M_PAD], tl.float32)
-    acc = tl.zeros([M_PAD, v_channel.shape[0]], tl.float32)
+    acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
+    acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit 4's product
+    v_low = tl.zeros([M_PAD], tl.float32)  # packed values, one group: p @ low, added to acc after the loop
     for block_start in range(start, end, BLOCK_N):
         tokens = block_start + tl.arange(0, BLOCK_N)
         valid = tokens < end
@@ -263,9 +295,10 @@ def _attend_split(
             k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None], other=0.0)
         else:
             k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                            K_WORDS_PAD, K_PER_WORD_PAD)                              # (BLOCK_N, DX) int32
+                            K_WORDS_PAD, K_PER_WORD_PAD, BIASED, PTX)                 # (BLOCK_N, DX) fp16
             if ROPE:
-                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS)
+                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS,
+                                code_bias(K_RADIX, BIASED))
         if ROPE:
             cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a                      # (BLOCK_N / 8, D/2)
             sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
@@ -280,13 +313,16 @@ def _attend_split(
             s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
         elif K_FULL or K_SVD:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
-        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group
+        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
+            # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
+            if K_DIGIT_MAJOR:
+                k = _digit_major(k, K_WORDS_PAD, K_PER_WORD_PAD)
             k = k.to(q.dtype)  # small integers: exact
             s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
             for g in tl.static_range(K_GROUPS):
                 q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
                 scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
-                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g)
+                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g) - code_bias(K_RADIX, BIASED) * scale
                 s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
                       + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
         visible = valid[None, :]
@@ -299,25 +335,42 @@ def _attend_split(
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
+        if V_SPLIT:
+            acc_last = acc_last * alpha[:, None]
         if V_FULL:
             v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
             acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
-        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group
-            v = _load_codes(v_base, slots * stride_vt, valid, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES,
-                            V_WORDS_PAD, V_PER_WORD_PAD).to(q_ptr.dtype.element_ty)   # (BLOCK_N, DX)
+        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group; codes
+            # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
+            v_words = load_words(v_base + slots * stride_vt, valid, V_RADIX, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD)
+            v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS, code_bias(V_RADIX, BIASED),
+                             PTX).to(q_ptr.dtype.element_ty)                          # (BLOCK_N, DX)
+            v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, code_bias(V_RADIX, BIASED),
+                                  PTX).to(q_ptr.dtype.element_ty)                     # (BLOCK_N, V_WORDS_PAD)
             for g in tl.static_range(V_GROUPS):
                 scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                 low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
                 p_scale = (p * scale[None, :]).to(v.dtype)
-                p_low = tl.sum(p * low[None, :], 1)[:, None]
+                p_low = tl.sum(p * low[None, :] - code_bias(V_RADIX, BIASED) * p_scale.to(tl.float32), 1)
                 if V_GROUPS == 1:
-                    acc = tl.dot(p_scale, v, acc) + p_low
+                    acc = tl.dot(p_scale, v, acc)
+                    if V_SPLIT:
+                        acc_last = tl.dot(p_scale, v_last, acc_last)
+                    v_low = v_low * alpha + p_low
                 else:
-                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low, 0.0)
+                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low[:, None], 0.0)
+                    if V_SPLIT:
+                        acc_last += tl.where((v_last_group == g)[None, :], tl.dot(p_scale, v_last) + p_low[:, None],
+                                             0.0)
         m = m_new
+    if V_SPLIT:  # back to the tile of 8 digits a byte: (word, digit 4 b2 + 2 b1 + b0)
+        zero = tl.zeros_like(acc_last)
+        rest = tl.reshape(tl.join(tl.join(acc_last, zero), tl.join(zero, zero)), [M_PAD, V_WORDS_PAD, 4])
+        acc = tl.reshape(tl.permute(tl.join(tl.reshape(acc, [M_PAD, V_WORDS_PAD, 4]), rest), (0, 1, 3, 2)),
+                         [M_PAD, v_channel.shape[0]])
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
-    out = acc / tl.where(has_tokens, l, 1.0)[:, None]
+    out = (acc + v_low[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
     if not V_FULL:
         out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
     split_column = first_split + split
@@ -358,6 +411,7 @@ def _attend_stage1(
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
         V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        BIASED: tl.constexpr = False, PTX: tl.constexpr = False,
         # decode: up to EXTRA full-precision segments (sinks, window), each one more program after
         # the segment's splits: rows [B, Hkv, T, D] as k_ptr's, tokens [B], ring start [B] (A_RING),
         # first token's position [B] (pre-RoPE keys)
@@ -384,7 +438,7 @@ def _attend_stage1(
                       k_basis_ptr, stride_kbb, stride_kbh, k_mean_ptr, stride_kub, stride_kuh,
                       k_bits_ptr, K_SVD, K_RANK, K_TOKEN_GROUP, v_scale_ptr, v_low_ptr, stride_vmb,
                       stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, V_FULL, V_GROUPS,
-                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD)
+                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, BIASED, PTX)
     elif EXTRA > 0:  # a full-precision segment: one program, one split
         if split == n_splits:
             _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
@@ -472,6 +526,14 @@ def _rider(segment: Segment, letter: str) -> dict:
     return args
 
 
+def code_path() -> dict:
+    """Stage 1's conversion of codes: inline PTX where the kernel is compiled, codes carrying
+    code_bias; the interpreter cannot run PTX and keeps the pure-Triton path, unbiased
+    (tests/test_ptx.py runs it biased too, and proves the PTX equal to it)."""
+    compiled = not triton.knobs.runtime.interpret
+    return dict(BIASED=compiled, PTX=compiled)
+
+
 def decode_splits(programs: int, capacity: int, device: torch.device) -> int:
     """Splits of a decode segment of `capacity` slots over `programs` (batch x KV heads) programs:
     about SPLIT_WAVES waves of the SMs, none shorter than a block. Fixed for a cache, so a CUDA
@@ -526,7 +588,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
-            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **where)
+            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **code_path(), **where)
         first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(B, Q, H, device=q.device, dtype=torch.float32)

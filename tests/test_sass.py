@@ -26,12 +26,23 @@ def assert_compiled_without_decode_spills(rows):
             if r["compiled"] and r["decode"] and r["spill_bytes"]] == []
 
 
+def assert_codes_converted_in_ptx(rows):
+    """Every loop over packed codes converts them with kernels/codes.py's PTX (PRMT under the
+    exponent byte, or LOP3 (code & mask) | 0x64006400) and no integer-to-float instruction."""
+    packed = [r for r in rows if r["compiled"] and "ptx_conversion" in r]
+    assert packed
+    assert [(r["target"], r["specialization"], r["ptx_conversion"]) for r in packed
+            if r["ptx_conversion"]["int_to_float"] or not (r["ptx_conversion"]["prmt_0x64"]
+                                                           or r["ptx_conversion"]["lop3_and_or"])] == []
+
+
 def test_representative_specializations_compile_for_a100_and_h100_and_decode_does_not_spill(tmp_path):
     rows = compiled(tmp_path, "--quick")
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     kinds = {r["specialization"].split(" G=")[0] for r in rows}
     assert {"stage1 decode", "stage1 prefill", "merge_splits"} <= kinds and any("quantize" in k for k in kinds)
     assert_compiled_without_decode_spills(rows)
+    assert_codes_converted_in_ptx(rows)
 
 
 @pytest.mark.slow
@@ -39,3 +50,4 @@ def test_every_specialization_compiles_for_every_target_and_decode_does_not_spil
     rows = compiled(tmp_path)
     assert {r["target"] for r in rows} == {"sm_80", "sm_89", "sm_90"}
     assert_compiled_without_decode_spills(rows)
+    assert_codes_converted_in_ptx(rows)
