@@ -27,6 +27,7 @@ from quant.skvq import (
     equal_groups,
     head_pair_groups,
     kmeans_groups,
+    rotation_matrix,
     smoothing_factors,
 )
 from quant.svdq import basis_from_keys, svdq_keys
@@ -192,7 +193,12 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     channel groups, smoothing and clip factors come from the calibration when it has them for the
     spec's group size; otherwise the groups are equal runs of channels with no smoothing or
     clipping. SVDq keys take the calibration's bases, or (svdq-basis=prompt, or no calibration)
-    each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
+    each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py).
+    A rotated side (spec.rotates) takes layer l's rotation_matrix(D, seed=l), keys and values
+    alike: one matrix per layer, so a layer whose sign draw happens to suit its outliers badly is
+    one layer, and every head shares it (a tensor-parallel rank needs no slice of it). It needs no
+    calibration: a rotated side is uncalibrated (equal groups, no smoothing, no clipping), as the
+    calibration's groups, factors and clips were found on unrotated channels."""
     L, Hkv, D = n_layers, n_heads, head_dim
     if calibration is not None:
         calibration.check(L, Hkv, D)
@@ -200,12 +206,14 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
         return kivi_quantizers(spec, L, Hkv, D)
     meta, group_size = META_DTYPES[spec.metadata], spec.channel_group(D)
 
-    def skvq(kind, bits):
-        if calibrated(spec, D, calibration):
+    def skvq(kind, bits, rotated=False):
+        if calibrated(spec, D, calibration) and not rotated:
             return calibration.quantizers(spec.grouping, group_size, kind, bits, meta)
-        return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta) for _ in range(L)]
+        return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta,
+                               rotation=rotation_matrix(D, seed=layer) if rotated else None) for layer in range(L)]
 
-    values = skvq("v", spec.value_bits)
+    rotate_keys, rotate_values = spec.rotates
+    values = skvq("v", spec.value_bits, rotate_values)
     if spec.method == "svdq":
         if calibration is not None and spec.svdq_basis == "calibration":
             keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group, basis, mean)
@@ -213,7 +221,7 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
         else:
             keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group)] * L
         return keys, values
-    return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits), values
+    return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits, rotate_keys), values
 
 
 def default_group_sizes(head_dim: int) -> list[int]:
