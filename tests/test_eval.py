@@ -12,7 +12,7 @@ from quant.calibrate import quantizers_for
 from quant.kivi import kivi_quantizers
 from quant.kvspec import parse
 from quant.methods import per_block, quantized_mask, simulated_cache
-from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups
+from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups, rotation_matrix
 from quant.svdq import basis_from_keys, svdq_keys
 from quant.uniform import dequantize_groups, quantize_groups
 from kernels.reference import attention
@@ -36,16 +36,19 @@ def random_model():
     return model
 
 
-@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("keys_as", ["post-RoPE", "pre-RoPE", "post-RoPE, rotated"])
 @pytest.mark.parametrize("k_bits, v_bits", [(2, 1.5), (3, 2)])
-def test_simulation_equals_token_by_token_decoding(pre_rope, k_bits, v_bits):
+def test_simulation_equals_token_by_token_decoding(keys_as, k_bits, v_bits):
+    """Rotated: keys and values, each layer's own rotation."""
     model = random_model()
     cfg, T = model.config, 40
-    spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + (":pre-rope-keys" if pre_rope else ""))
+    setting = {"post-RoPE": "", "pre-RoPE": ":pre-rope-keys", "post-RoPE, rotated": ":rotation=hadamard"}[keys_as]
+    spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + setting)
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
     groups = kmeans_groups(x.amin(0), x.amax(0), 2)
-    keys = [TokenQuantizer(k_bits, groups, clip=0.95) for _ in range(2)]
-    values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8)) for _ in range(2)]
+    rotations = [rotation_matrix(16, seed=layer) if spec.rotation != "none" else None for layer in range(2)]
+    keys = [TokenQuantizer(k_bits, groups, clip=0.95, rotation=rotations[layer]) for layer in range(2)]
+    values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8), rotation=rotations[layer]) for layer in range(2)]
     tokens = torch.randint(0, 64, (1, T))
     with torch.no_grad():
         simulated = model(tokens, torch.arange(T)[None], simulated_cache(spec, keys, values, model.inv_freq))
