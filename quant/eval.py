@@ -32,6 +32,9 @@ from quant.kivi import kivi_quantizers
 from quant.methods import SimulatedCache, per_block, simulated_cache
 
 SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
+# Issue 21: the default without a calibration file beside rotated caches (which use none).
+ROTATED = ["skvq-k2v1.5", "skvq-k2v1.5:rotation=hadamard-keys", "skvq-k2v1.5:rotation=hadamard",
+           "skvq-k3v1.5:rotation=hadamard"]
 KIVI_BITS = [(4, 4), (2, 2)]
 # SKVQ settings compared, as quant/kvspec.py writes them after `skvq-kKvV`. The default group size is
 # 128 (head_dim 128: one group per head, where equal, head_pairs and kmeans coincide).
@@ -85,6 +88,9 @@ def settings(calibration: Calibration | None, shape: tuple, n_sink: int, window:
         spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}:group-size=32:grouping=equal:metadata=fp16")
         spec = spec.with_settings(**around)
         rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated: no clipping", inv_freq=inv_freq))
+    for text in ROTATED:  # without a calibration file: the default as a new user first runs it; rotated ones use none
+        spec = kvspec.parse(text).with_settings(**around)
+        rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated", inv_freq=inv_freq))
     if calibration is None:
         return rows
     for k_bits, v_bits in SKVQ_BITS:
