@@ -8,7 +8,7 @@ from engine.cache import QuantizedCache
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig
 from quant.eval import attention_error, perplexity, synthetic_attention_inputs
-from quant.calibrate import quantizers_for
+from quant.calibrate import Calibration, calibration_from, layer_rotation, quantizers_for, search_clip
 from quant.kivi import kivi_quantizers
 from quant.kvspec import parse
 from quant.methods import per_block, quantized_mask, simulated_cache
@@ -225,6 +225,27 @@ def test_svdq_simulation_equals_token_by_token_decoding(basis, bits):
     decoded = torch.stack(decoded, 1)
     torch.testing.assert_close(simulated[:, prompt - 1:], decoded, rtol=1e-4, atol=1e-4)
     assert (simulated - model(tokens)).abs().max() > 1e-3  # quantization did change something
+
+
+def test_rotated_caches_take_clip_factors_searched_on_rotated_channels():
+    """A calibration holds, per layer, clip factors of K-post and V searched on their rotated
+    channels; a rotated cache takes them, with equal groups, no smoothing and the layer's rotation;
+    from a calibration without them (made before rotation), no clipping."""
+    captured = {(layer, kind): torch.randn(300, 2, 16) * torch.rand(2, 16) * 3
+                for layer in range(2) for kind in ("k_pre", "k_post", "v")}
+    calibration = calibration_from(captured, 2, [16])
+    spec = parse("skvq-k2v1.5:group-size=16:rotation=hadamard")
+    keys, values = quantizers_for(spec, 2, 2, 16, calibration)
+    for layer in range(2):
+        for quantizer, kind in [(keys[layer], "k_post"), (values[layer], "v")]:
+            assert quantizer.smoothing is None and torch.equal(quantizer.rotation, layer_rotation(layer, 16))
+            assert torch.equal(quantizer.groups.group_index, equal_groups(2, 16, 16).group_index)
+            searched = search_clip(captured[(layer, kind)], quantizer.bits, quantizer.groups, rotation=quantizer.rotation)
+            assert quantizer.clip == pytest.approx(searched, abs=1e-6)  # stored in fp32
+    assert keys[0].clip < 1  # 4 levels over a near-Gaussian token: clipping its extremes pays
+    before_rotation = {name: t for name, t in calibration.tensors.items() if not name.startswith("rotated.")}
+    keys, _ = quantizers_for(spec, 2, 2, 16, Calibration(before_rotation, calibration.settings))
+    assert [q.clip for q in keys] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("kv", ["skvq-pre", "skvq-post", "svdq"])
