@@ -7,9 +7,10 @@ latent keys a block at a time by `_quantize_latent_block`); and `quantize_tokens
 into one token store (a prefill's eviction, bulk quantization). The arithmetic is
 quant/uniform.py's, operation for operation (IEEE division, half-up rounding, codes against the
 metadata as stored; a rotation summed in fp64), so they write the same bytes as
-TokenQuantizer.quantize and LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for bit. (SVDq's projection
-onto its basis is a tl.dot in fp32: on a GPU its summation order may differ from torch's in the
-last bit, and a latent value at a rounding boundary then takes the neighbouring code.)
+TokenQuantizer.quantize and LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for
+bit. (SVDq's projection onto its basis is a tl.dot in fp32: on a GPU its summation order may
+differ from torch's in the last bit, and a latent value at a rounding boundary then takes the
+neighbouring code.)
 """
 import torch
 import triton
@@ -31,7 +32,7 @@ def _round_to_e4m3(x):
     return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
-ROTATE_CHUNK = tl.constexpr(16)  # input channels of the rotation a step: [16, tile] fp64 products in registers
+ROTATE_CHUNK = tl.constexpr(16)  # input channels a rotation step takes: [16, tile] fp64 products in registers
 
 
 @triton.jit
@@ -215,15 +216,17 @@ def _write_decode_token(
             if EVICT_K and K_RANK == 0:
                 meta = b * k_stride_mb + head * k_stride_mh + (stored + i) * k_stride_mt
                 _quantize_row(window_k_ptr + window + slot * stride_wt, k_smoothing_ptr + head * D,
-                              k_rotation_ptr, k_group_ptr + head * D, k_codes_ptr + b * k_stride_cb + head * k_stride_ch
-                              + (stored + i) * k_stride_ct, k_scale_ptr + meta, k_low_ptr + meta, keep, k_clip, D,
+                              k_rotation_ptr, k_group_ptr + head * D,
+                              k_codes_ptr + b * k_stride_cb + head * k_stride_ch + (stored + i) * k_stride_ct,
+                              k_scale_ptr + meta, k_low_ptr + meta, keep, k_clip, D,
                               K_GROUPS, K_LEVELS, K_FLOOR, K_META_FP8, K_RADIX, K_PER_WORD, K_WORD_BYTES,
                               K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD, K_ROTATE)
             if EVICT_V:
                 meta = b * v_stride_mb + head * v_stride_mh + (stored + i) * v_stride_mt
                 _quantize_row(window_v_ptr + window + slot * stride_wt, v_smoothing_ptr + head * D,
-                              v_rotation_ptr, v_group_ptr + head * D, v_codes_ptr + b * v_stride_cb + head * v_stride_ch
-                              + (stored + i) * v_stride_ct, v_scale_ptr + meta, v_low_ptr + meta, keep, v_clip, D,
+                              v_rotation_ptr, v_group_ptr + head * D,
+                              v_codes_ptr + b * v_stride_cb + head * v_stride_ch + (stored + i) * v_stride_ct,
+                              v_scale_ptr + meta, v_low_ptr + meta, keep, v_clip, D,
                               V_GROUPS, V_LEVELS, V_FLOOR, V_META_FP8, V_RADIX, V_PER_WORD, V_WORD_BYTES,
                               V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, V_ROTATE)
     tl.debug_barrier()  # every thread has read the evicted block before any overwrites its slot

@@ -281,7 +281,7 @@ def from_stored(out: torch.Tensor, store) -> torch.Tensor:
     channels: times R^T (undoing its rotation), then its smoothing [Hkv, D]."""
     if store.rotation is not None:
         out = out @ store.rotation.T
-    return out * store.smoothing[None, :, None]
+    return out.mul_(store.smoothing[None, :, None])  # in place: a prefill chunk's largest temporaries
 
 
 # ---------------------------------------------------------------------------------------------
