@@ -223,9 +223,11 @@ def run(args, parallel, device):
         note(f"generating at most {max_new} tokens, the rest of the {memory.context}-token context")
     if memory.context > cfg.max_position_embeddings:
         note(f"a {memory.context}-token context is past the model's trained {cfg.max_position_embeddings}")
-    if spec.quantized and not all(spec.rotates) and not calibrated(spec, cfg.head_dim, calibration):
+    if spec.quantized and not calibrated(spec, cfg.head_dim, calibration):
+        lost = "rotated channels run without clipping" if all(spec.rotates) else \
+            "SKVQ runs with equal channel groups, no smoothing or clipping"
         note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)} in {args.model}: "
-             "SKVQ runs with equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)")
+             f"{lost} (make one with python -m quant.calibrate)")
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         note(f"no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis")
     if tokenizer is None:
