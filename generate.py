@@ -86,6 +86,8 @@ def parse_args(argv=None):
                     help=f"channel grouping from the calibration file (default {kvspec.DEFAULT.grouping})")
     kv.add_argument("--metadata", choices=["fp8", "fp16"],
                     help=f"dtype of scales and zeros (default {kvspec.DEFAULT.metadata})")
+    kv.add_argument("--rotation", choices=kvspec.ROTATIONS,
+                    help=f"skvq: rotate each head's channels before quantizing (default {kvspec.DEFAULT.rotation})")
     kv.add_argument("--pre-rope-keys", action="store_true", default=None, help="skvq: quantize keys before RoPE")
     kv.add_argument("--svdq-basis", choices=["calibration", "prompt"],
                     help="svdq: the calibration's basis (default, where there is one) or each prompt's own")
@@ -222,8 +224,10 @@ def run(args, parallel, device):
     if memory.context > cfg.max_position_embeddings:
         note(f"a {memory.context}-token context is past the model's trained {cfg.max_position_embeddings}")
     if spec.quantized and not calibrated(spec, cfg.head_dim, calibration):
+        lost = "rotated channels run without clipping" if all(spec.rotates) else \
+            "SKVQ runs with equal channel groups, no smoothing or clipping"
         note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)} in {args.model}: "
-             "SKVQ runs with equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)")
+             f"{lost} (make one with python -m quant.calibrate)")
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         note(f"no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis")
     if tokenizer is None:

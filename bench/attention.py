@@ -31,7 +31,7 @@ from kernels.quantize import quantize_tokens
 from kernels.reference import attention
 from model import apply_rope, rope_cos_sin
 from quant.kvspec import parse
-from quant.skvq import TokenQuantizer, equal_groups
+from quant.skvq import TokenQuantizer, equal_groups, rotation_matrix
 from quant.svdq import svdq_keys
 from quant.uniform import META_DTYPES
 
@@ -40,7 +40,7 @@ SHAPES = {"llama2-7b": dict(n_heads=32, n_kv_heads=32, head_dim=128),
           "llama3-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128)}
 # sdpa-fp16: torch's SDPA over an fp16 cache; the rest are caches as quant/kvspec.py names them.
 SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5:pre-rope-keys",
-            "skvq-k2v1.5:group-size=32", "svdq-k1.25v1.5", "svdq-k2v1.5"]
+            "skvq-k2v1.5:group-size=32", "skvq-k2v1.5:rotation=hadamard", "svdq-k1.25v1.5", "svdq-k2v1.5"]
 REFERENCE_TOKENS = 8192  # contexts up to this are checked against the plain-torch reference
 
 
@@ -91,9 +91,11 @@ def make_inputs(setting, B, T, shape, device, dtype, generator):
         dequantized.append((k, v))
     check = T <= REFERENCE_TOKENS  # small enough to dequantize for the reference
     group_size = spec.channel_group(D)
+    rotations = [rotation_matrix(D, seed=0) if rotated else None for rotated in spec.rotates]
     stores = [latent_keys(spec, B, Hkv, D, n_hist, device, generator) if spec.method == "svdq" else
-              packed_tokens(spec.key_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator),
-              packed_tokens(spec.value_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator)]
+              packed_tokens(spec.key_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator, rotations[0]),
+              packed_tokens(spec.value_bits, B, Hkv, D, group_size, meta, n_hist, device, dtype, generator,
+                            rotations[1])]
     bytes_read += sum(t.nbytes for store in stores for t in store.buffers())
     segments.append(Segment(*stores, torch.full((B,), n_hist, device=device), None,
                             torch.full((B,), T - n_hist, device=device)))
@@ -111,9 +113,11 @@ def make_inputs(setting, B, T, shape, device, dtype, generator):
     return call, bytes_read, reference
 
 
-def packed_tokens(bits, B, Hkv, D, group_size, meta_dtype, n, device, dtype, generator) -> TokenStore:
-    """n random tokens per sequence quantized per token (SKVQ) by the fused kernel, in chunks."""
-    quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=meta_dtype)
+def packed_tokens(bits, B, Hkv, D, group_size, meta_dtype, n, device, dtype, generator, rotation=None) -> TokenStore:
+    """n random tokens per sequence quantized per token (SKVQ) by the fused kernel, in chunks;
+    rotation [D, D]: their channels rotated first."""
+    quantizer = TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clip=0.95, meta_dtype=meta_dtype,
+                               rotation=rotation)
     store = TokenStore(quantizer, B, n, device)
     chunk = 1 << 14
     for start in range(0, n, chunk):

@@ -277,13 +277,13 @@ def describe(launch: Launch) -> str:
     if name != "attend_stage1":
         if name == "quantize_tokens":
             meta = "fp8" if kw["META_FP8"] else "fp16"
-            return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {meta}"
+            return f"quantize {kw['LEVELS']} levels, {kw['GROUPS']} group(s), {meta}" + (", rotated" * kw["ROTATE"])
         if name == "write_decode_token":
             def store(s):
                 if kw.get(f"{s}_RANK"):
                     return f"{s} latent rank {kw[f'{s}_RANK']}"
                 return (f"{s} {kw[f'{s}_LEVELS']} levels, {kw[f'{s}_GROUPS']} group(s), "
-                        f"{'fp8' if kw[f'{s}_META_FP8'] else 'fp16'}")
+                        f"{'fp8' if kw[f'{s}_META_FP8'] else 'fp16'}" + (", rotated" * kw.get(f"{s}_ROTATE", False)))
             stores = [store(s) for s in "KV" if kw.get(f"EVICT_{s}")]
             return f"decode write, block {kw.get('BLOCK', 1)}: " + ("; ".join(stores) or "full precision")
         return name
@@ -294,7 +294,8 @@ def describe(launch: Launch) -> str:
         if kw.get(f"{s.upper()}_FULL", True):
             return str(kw[f"{s}_ptr"].dtype).replace("torch.", "")
         meta = str(kw[f"{s}_scale_ptr"].dtype).replace("torch.", "").replace("uint8", "fp8")  # e4m3 as bytes
-        return f"{8 * kw[f'{s}_ptr'].shape[-1] / kw['D']:.3g}b/{kw[f'{s.upper()}_GROUPS']}g/{meta}"
+        rotated = "/rotated" * kw.get(f"{s.upper()}_ROTATE", False)
+        return f"{8 * kw[f'{s}_ptr'].shape[-1] / kw['D']:.3g}b/{kw[f'{s.upper()}_GROUPS']}g/{meta}{rotated}"
 
     flags = [f for f in ("RING", "ROPE", "CAUSAL") if kw.get(f)]
     phase = "decode" if kw["Q_BLOCK"] == 1 else "prefill"

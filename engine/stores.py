@@ -23,7 +23,9 @@ class TokenStore:
             along the last axis (quant/packing.py), channels in model order;
         scale, low [B, Hkv, rows, n_groups] fp16 or fp8 e4m3: one pair per channel group;
         group_index [Hkv, D] int32: each channel's group in its head;
-        smoothing [Hkv, D] fp32: the static divisors of each channel (ones for none)."""
+        smoothing [Hkv, D] fp32: the static divisors of each channel (ones for none);
+        rotation [D, D] fp32 or None: the orthogonal R every head's smoothed channels are
+            multiplied by before quantizing (codes hold rotated channels; read back times R^T)."""
 
     def __init__(self, quantizer, batch: int, rows: int, device):
         Hkv, D, n_groups = quantizer.n_heads, quantizer.head_dim, quantizer.groups.n_groups
@@ -34,6 +36,8 @@ class TokenStore:
         self.group_index = quantizer.groups.group_index.to(device, torch.int32).contiguous()
         smoothing = quantizer.smoothing if quantizer.smoothing is not None else torch.ones(Hkv, D)
         self.smoothing = smoothing.to(device, torch.float32).contiguous()
+        rotation = quantizer.rotation
+        self.rotation = None if rotation is None else rotation.to(device, torch.float32).contiguous()
 
     def observe_prompt(self, b: int, keys: torch.Tensor):
         """Nothing to learn from a prompt: the quantizer is fixed (see LatentStore)."""

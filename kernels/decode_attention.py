@@ -24,7 +24,10 @@ once per block, flash-attention style. Only each sequence's valid tokens are rea
 capacity.
 
 Smoothing factors (quant/skvq.py) cost nothing here: the keys' fold into q (for pre-RoPE keys
-too, as the factors are equal within each RoPE pair), the values' scale the output. The
+too, as the factors are equal within each RoPE pair), the values' scale the output. So does a
+rotation R of the channels (quant/skvq.py rotation_matrix; post-RoPE keys only): a packed
+segment's program multiplies its q tile by R once before the loop (q . k = (q R) . (k R)) and
+its output by R^T once after it, so the loop over tokens is the unrotated one. The
 plain-torch reference is kernels/reference.py over dequantized K/V.
 """
 from dataclasses import dataclass
@@ -99,6 +102,8 @@ def _operand(x, side: str, D: int) -> dict:
                 "k_bits_ptr": x.bit_layout, "K_SVD": True, "K_RANK": x.basis_t.shape[2],
                 "K_TOKEN_GROUP": x.token_group}
     layout = {f"{P}_{name}": value for name, value in code_layout(D, x.bits).items()}
+    if x.rotation is not None:
+        args.update({f"{side}_rotation_ptr": x.rotation, f"{P}_ROTATE": True})
     return {**args, f"{side}_group_ptr": x.group_index, f"{side}_smoothing_ptr": x.smoothing,
             f"{P}_FULL": False, f"{P}_GROUPS": x.scale.shape[-1], **layout}
 
@@ -176,12 +181,13 @@ def _attend_split(
         # position [B] (a causal segment); RoPE inverse frequencies [D/2] (pre-RoPE keys)
         first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
         RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
-        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D]
+        # packed keys: scale, low [B, Hkv, T, groups]; group of each channel [Hkv, D]; smoothing [Hkv, D];
+        # rotation [D, D] (K_ROTATE: codes of rotated channels)
         k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
-        k_group_ptr=None, k_smoothing_ptr=None,
+        k_group_ptr=None, k_smoothing_ptr=None, k_rotation_ptr=None,
         K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
-        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1, K_ROTATE: tl.constexpr = False,
         # latent keys: scale, low above per block [B, Hkv, T / K_TOKEN_GROUP, R]; basis_t [1 or B, Hkv, R, D];
         # mean [1 or B, Hkv, D]; bit layout [2, R]
         k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
@@ -189,10 +195,10 @@ def _attend_split(
         K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
         # packed values, as packed keys
         v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
-        v_group_ptr=None, v_smoothing_ptr=None,
+        v_group_ptr=None, v_smoothing_ptr=None, v_rotation_ptr=None,
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1, V_ROTATE: tl.constexpr = False,
         # codes carry code_bias (the GPU's conversion), unpacked by inline PTX (kernels/codes.py)
         BIASED: tl.constexpr = False, PTX: tl.constexpr = False):
     pid, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -254,6 +260,13 @@ def _attend_split(
         cos_step, sin_step = tl.cos(BLOCK_N * inv_freq), tl.sin(BLOCK_N * inv_freq)
         block_angle = (first_position + start).to(tl.float32) * inv_freq
         cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
+    elif K_ROTATE:  # keys stored rotated: q . k = (q s R) . (k / s R), q s R once here, into the codes' order
+        channel = tl.arange(0, D)
+        q = tl.load(q_rows + channel[None, :], mask=real_row[:, None], other=0.0).to(tl.float32)
+        q = q * tl.load(k_smoothing_ptr + kv_head * D + channel)[None, :]
+        rotation = tl.load(k_rotation_ptr + channel[:, None] * D + k_channel[None, :], mask=k_real[None, :],
+                           other=0.0)                                                   # (D, DX): R's columns
+        q = tl.dot(q, rotation, input_precision="ieee").to(q_ptr.dtype.element_ty)     # (M_PAD, DX)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
@@ -371,16 +384,23 @@ def _attend_split(
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
     out = (acc + v_low[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
+    out_channel, out_real = v_channel, v_real
+    if V_ROTATE:  # values stored rotated: the split's output times R^T, once, back in the model's channels
+        out_channel = tl.arange(0, D)
+        out_real = out_channel < D
+        rotation_t = tl.load(v_rotation_ptr + out_channel[None, :] * D + v_channel[:, None], mask=v_real[:, None],
+                             other=0.0)                                                 # (DX, D): R^T's rows
+        out = tl.dot(out, rotation_t, input_precision="ieee")                          # (M_PAD, D)
     if not V_FULL:
-        out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
+        out = out * tl.load(v_smoothing_ptr + kv_head * D + out_channel, mask=out_real, other=0.0)[None, :]
     split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
     # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0); a
     # split is empty only for a sequence shorter than the splits' blocks. (The test is the split's,
     # not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
     live = (rows * 0 + start) < end
-    tl.store(out_rows + split_column * stride_os + v_channel[None, :], out,
-             mask=(real_row & live)[:, None] & v_real[None, :])
+    tl.store(out_rows + split_column * stride_os + out_channel[None, :], out,
+             mask=(real_row & live)[:, None] & out_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
 
@@ -399,18 +419,18 @@ def _attend_stage1(
         first_slot_ptr=None, first_position_ptr=None, q_position_ptr=None, inv_freq_ptr=None,
         RING: tl.constexpr = False, ROPE: tl.constexpr = False, CAUSAL: tl.constexpr = False,
         k_scale_ptr=None, k_low_ptr=None, stride_kmb=0, stride_kmh=0, stride_kmt=0,
-        k_group_ptr=None, k_smoothing_ptr=None,
+        k_group_ptr=None, k_smoothing_ptr=None, k_rotation_ptr=None,
         K_FULL: tl.constexpr = True, K_GROUPS: tl.constexpr = 1, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
-        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1, K_ROTATE: tl.constexpr = False,
         k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
         k_bits_ptr=None,
         K_SVD: tl.constexpr = False, K_RANK: tl.constexpr = 1, K_TOKEN_GROUP: tl.constexpr = 1,
         v_scale_ptr=None, v_low_ptr=None, stride_vmb=0, stride_vmh=0, stride_vmt=0,
-        v_group_ptr=None, v_smoothing_ptr=None,
+        v_group_ptr=None, v_smoothing_ptr=None, v_rotation_ptr=None,
         V_FULL: tl.constexpr = True, V_GROUPS: tl.constexpr = 1, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1,
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1, V_ROTATE: tl.constexpr = False,
         BIASED: tl.constexpr = False, PTX: tl.constexpr = False,
         # decode: up to EXTRA full-precision segments (sinks, window), each one more program after
         # the segment's splits: rows [B, Hkv, T, D] as k_ptr's, tokens [B], ring start [B] (A_RING),
@@ -433,12 +453,13 @@ def _attend_stage1(
                       stride_kt, v_ptr, stride_vb, stride_vh, stride_vt, G, Q_BLOCK, M_PAD, D,
                       BLOCK_N, first_slot_ptr, first_position_ptr, q_position_ptr, inv_freq_ptr,
                       RING, ROPE, CAUSAL, k_scale_ptr, k_low_ptr, stride_kmb, stride_kmh,
-                      stride_kmt, k_group_ptr, k_smoothing_ptr, K_FULL, K_GROUPS, K_RADIX,
-                      K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD,
+                      stride_kmt, k_group_ptr, k_smoothing_ptr, k_rotation_ptr, K_FULL, K_GROUPS, K_RADIX,
+                      K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD, K_ROTATE,
                       k_basis_ptr, stride_kbb, stride_kbh, k_mean_ptr, stride_kub, stride_kuh,
                       k_bits_ptr, K_SVD, K_RANK, K_TOKEN_GROUP, v_scale_ptr, v_low_ptr, stride_vmb,
-                      stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, V_FULL, V_GROUPS,
-                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, BIASED, PTX)
+                      stride_vmh, stride_vmt, v_group_ptr, v_smoothing_ptr, v_rotation_ptr, V_FULL, V_GROUPS,
+                      V_RADIX, V_PER_WORD, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, V_ROTATE,
+                      BIASED, PTX)
     elif EXTRA > 0:  # a full-precision segment: one program, one split
         if split == n_splits:
             _attend_split(0, 1, q_ptr, stride_qb, stride_qq, stride_qh, out_ptr, stride_ob, stride_oq, stride_oh,
@@ -565,6 +586,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     for (segment, riders), splits in zip(launches, split_counts):
         Hkv = segment.rows.shape[1]
         assert inv_freq is None or getattr(segment.keys, "bits", None) != 1.5, "pre-RoPE keys cannot be ternary"
+        assert inv_freq is None or getattr(segment.keys, "rotation", None) is None, "RoPE does not commute with R"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
         block_n, num_warps = _tile(segment, Q)

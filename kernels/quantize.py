@@ -6,10 +6,11 @@ quantized from the ring into the key and value stores: token stores by `_quantiz
 latent keys a block at a time by `_quantize_latent_block`); and `quantize_tokens`, any tokens
 into one token store (a prefill's eviction, bulk quantization). The arithmetic is
 quant/uniform.py's, operation for operation (IEEE division, half-up rounding, codes against the
-metadata as stored), so they write the same bytes as TokenQuantizer.quantize and
-LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for bit. (SVDq's projection
-onto its basis is a tl.dot in fp32: on a GPU its summation order may differ from torch's in the
-last bit, and a latent value at a rounding boundary then takes the neighbouring code.)
+metadata as stored; a rotation summed in fp64), so they write the same bytes as
+TokenQuantizer.quantize and LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for
+bit. (SVDq's projection onto its basis is a tl.dot in fp32: on a GPU its summation order may
+differ from torch's in the last bit, and a latent value at a rounding boundary then takes the
+neighbouring code.)
 """
 import torch
 import triton
@@ -31,18 +32,31 @@ def _round_to_e4m3(x):
     return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
+ROTATE_CHUNK = tl.constexpr(16)  # input channels a rotation step takes: [16, tile] fp64 products in registers
+
+
 @triton.jit
-def _quantize_row(x_row, smoothing_row, group_row, codes_row, scale_row, low_row, keep, clip,
+def _quantize_row(x_row, smoothing_row, rotation, group_row, codes_row, scale_row, low_row, keep, clip,
                   D: tl.constexpr, GROUPS: tl.constexpr, LEVELS: tl.constexpr, FLOOR: tl.constexpr,
                   META_FP8: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
                   WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-                  PER_WORD_PAD: tl.constexpr):
+                  PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr = False):
     """One token of one head: the D channels at x_row, divided by the head's smoothing factors
-    (smoothing_row [D]), each channel group's (min, max) -> (scale, low) stored at scale_row[g],
-    low_row[g] in the metadata dtype, codes packed into codes_row; stored only where keep (a scalar)."""
+    (smoothing_row [D]) and, where ROTATE, multiplied by the rotation [D, D]; each channel group's
+    (min, max) -> (scale, low) stored at scale_row[g], low_row[g] in the metadata dtype, codes
+    packed into codes_row; stored only where keep (a scalar)."""
     channel, is_code = tile_codes(D, PER_WORD, WORDS_PAD, PER_WORD_PAD)                 # (WORDS_PAD, PER_WORD_PAD)
-    x = tl.load(x_row + channel, mask=is_code, other=0.0)
-    x = tl.div_rn(x.to(tl.float32), tl.load(smoothing_row + channel, mask=is_code, other=1.0))
+    if ROTATE:  # x @ R straight into the tile's order, in fp64 as TokenQuantizer.quantize: the same fp32 result
+        rotated = tl.zeros(channel.shape, tl.float64)
+        for start in range(0, D, ROTATE_CHUNK):  # ROTATE_CHUNK input channels a step: rows of R in tile order
+            d = start + tl.arange(0, ROTATE_CHUNK)
+            x_d = tl.div_rn(tl.load(x_row + d).to(tl.float32), tl.load(smoothing_row + d)).to(tl.float64)
+            rows = tl.load(rotation + d[:, None, None] * D + channel[None, :, :], mask=is_code[None, :, :], other=0.0)
+            rotated += tl.sum(x_d[:, None, None] * rows.to(tl.float64), 0)
+        x = rotated.to(tl.float32)
+    else:
+        x = tl.load(x_row + channel, mask=is_code, other=0.0)
+        x = tl.div_rn(x.to(tl.float32), tl.load(smoothing_row + channel, mask=is_code, other=1.0))
     group = tl.load(group_row + channel, mask=is_code, other=-1)
     scale_x = tl.full(x.shape, 1.0, tl.float32)
     low_x = tl.zeros(x.shape, tl.float32)
@@ -128,12 +142,12 @@ def _quantize_latent_block(window, stride_wt, first_slot, ring, basis_t, mean_pt
 
 @triton.jit
 def _quantize_tokens(x_ptr, batch_ptr, source_ptr, row_ptr, stride_xb, stride_xh, stride_xt,
-                     codes_ptr, scale_ptr, low_ptr, group_ptr, smoothing_ptr,
+                     codes_ptr, scale_ptr, low_ptr, group_ptr, smoothing_ptr, rotation_ptr,
                      stride_cb, stride_ch, stride_ct, stride_mb, stride_mh, stride_mt, clip,
                      D: tl.constexpr, GROUPS: tl.constexpr, LEVELS: tl.constexpr, FLOOR: tl.constexpr,
                      META_FP8: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
                      WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-                     PER_WORD_PAD: tl.constexpr):
+                     PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr):
     """Grid (entry, KV head): token source[entry] of sequence batch[entry] into its history row
     row[entry] (none where negative)."""
     entry, head = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -143,10 +157,10 @@ def _quantize_tokens(x_ptr, batch_ptr, source_ptr, row_ptr, stride_xb, stride_xh
     row = tl.maximum(row, 0)
     meta = b * stride_mb + head * stride_mh + row * stride_mt
     _quantize_row(x_ptr + b * stride_xb + head * stride_xh + tl.load(source_ptr + entry) * stride_xt,
-                  smoothing_ptr + head * D, group_ptr + head * D,
+                  smoothing_ptr + head * D, rotation_ptr, group_ptr + head * D,
                   codes_ptr + b * stride_cb + head * stride_ch + row * stride_ct, scale_ptr + meta, low_ptr + meta,
                   keep, clip, D, GROUPS, LEVELS, FLOOR, META_FP8, RADIX, PER_WORD, WORD_BYTES, ROW_BYTES,
-                  WORDS_PAD, PER_WORD_PAD)
+                  WORDS_PAD, PER_WORD_PAD, ROTATE)
 
 
 @triton.jit
@@ -162,21 +176,23 @@ def _write_decode_token(
         evict_row_ptr=None, BLOCK: tl.constexpr = 1, first_row=0,
         # the key store, quantized into where EVICT_K (as _store_arguments names it), and the value store
         k_codes_ptr=None, k_scale_ptr=None, k_low_ptr=None, k_group_ptr=None, k_smoothing_ptr=None,
+        k_rotation_ptr=None,
         k_stride_cb=0, k_stride_ch=0, k_stride_ct=0, k_stride_mb=0, k_stride_mh=0, k_stride_mt=0, k_clip=1.0,
         EVICT_K: tl.constexpr = False, K_GROUPS: tl.constexpr = 1, K_LEVELS: tl.constexpr = 1,
         K_FLOOR: tl.constexpr = 1.0, K_META_FP8: tl.constexpr = False, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
-        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1,
+        K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1, K_ROTATE: tl.constexpr = False,
         # latent keys (K_RANK > 0: a LatentStore, BLOCK = its token_group): basis_t [1 or B, Hkv, R, D],
         # mean [1 or B, Hkv, D], bit layout [2, R]; codes as above, scale and low one row per block
         k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
         k_bits_ptr=None, K_RANK: tl.constexpr = 0, K_RANK_PAD: tl.constexpr = 16, LATENT_CHUNK: tl.constexpr = 16,
         v_codes_ptr=None, v_scale_ptr=None, v_low_ptr=None, v_group_ptr=None, v_smoothing_ptr=None,
+        v_rotation_ptr=None,
         v_stride_cb=0, v_stride_ch=0, v_stride_ct=0, v_stride_mb=0, v_stride_mh=0, v_stride_mt=0, v_clip=1.0,
         EVICT_V: tl.constexpr = False, V_GROUPS: tl.constexpr = 1, V_LEVELS: tl.constexpr = 1,
         V_FLOOR: tl.constexpr = 1.0, V_META_FP8: tl.constexpr = False, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1):
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1, V_ROTATE: tl.constexpr = False):
     """Grid (batch, KV head)."""
     b, head = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     position = tl.load(position_ptr + b)
@@ -200,17 +216,19 @@ def _write_decode_token(
             if EVICT_K and K_RANK == 0:
                 meta = b * k_stride_mb + head * k_stride_mh + (stored + i) * k_stride_mt
                 _quantize_row(window_k_ptr + window + slot * stride_wt, k_smoothing_ptr + head * D,
-                              k_group_ptr + head * D, k_codes_ptr + b * k_stride_cb + head * k_stride_ch
-                              + (stored + i) * k_stride_ct, k_scale_ptr + meta, k_low_ptr + meta, keep, k_clip, D,
+                              k_rotation_ptr, k_group_ptr + head * D,
+                              k_codes_ptr + b * k_stride_cb + head * k_stride_ch + (stored + i) * k_stride_ct,
+                              k_scale_ptr + meta, k_low_ptr + meta, keep, k_clip, D,
                               K_GROUPS, K_LEVELS, K_FLOOR, K_META_FP8, K_RADIX, K_PER_WORD, K_WORD_BYTES,
-                              K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD)
+                              K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD, K_ROTATE)
             if EVICT_V:
                 meta = b * v_stride_mb + head * v_stride_mh + (stored + i) * v_stride_mt
                 _quantize_row(window_v_ptr + window + slot * stride_wt, v_smoothing_ptr + head * D,
-                              v_group_ptr + head * D, v_codes_ptr + b * v_stride_cb + head * v_stride_ch
-                              + (stored + i) * v_stride_ct, v_scale_ptr + meta, v_low_ptr + meta, keep, v_clip, D,
+                              v_rotation_ptr, v_group_ptr + head * D,
+                              v_codes_ptr + b * v_stride_cb + head * v_stride_ch + (stored + i) * v_stride_ct,
+                              v_scale_ptr + meta, v_low_ptr + meta, keep, v_clip, D,
                               V_GROUPS, V_LEVELS, V_FLOOR, V_META_FP8, V_RADIX, V_PER_WORD, V_WORD_BYTES,
-                              V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD)
+                              V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, V_ROTATE)
     tl.debug_barrier()  # every thread has read the evicted block before any overwrites its slot
     channel = tl.arange(0, D)
     k = tl.load(k_ptr + b * stride_kb + head * stride_kh + channel)
@@ -233,10 +251,12 @@ def _store_arguments(store, prefix: str = "", constexpr_prefix: str = "") -> dic
     assert codes.stride(-1) == scale.stride(-1) == 1 and store.group_index.is_contiguous()
     fp8 = store.scale.dtype == torch.float8_e4m3fn
     pointers = dict(codes_ptr=codes, scale_ptr=scale, low_ptr=low, group_ptr=store.group_index,
-                    smoothing_ptr=store.smoothing, **dict(zip(["stride_cb", "stride_ch", "stride_ct"], codes.stride())),
+                    smoothing_ptr=store.smoothing, rotation_ptr=store.rotation,
+                    **dict(zip(["stride_cb", "stride_ch", "stride_ct"], codes.stride())),
                     **dict(zip(["stride_mb", "stride_mh", "stride_mt"], scale.stride())), clip=store.clip)
     constants = dict(GROUPS=scale.shape[-1], LEVELS=n_levels(store.bits), FLOOR=2.0 ** -9 if fp8 else 1e-6,
-                     META_FP8=fp8, **code_layout(store.quantizer.head_dim, store.bits))
+                     META_FP8=fp8, ROTATE=store.rotation is not None,
+                     **code_layout(store.quantizer.head_dim, store.bits))
     return {**{prefix + name: x for name, x in pointers.items()},
             **{constexpr_prefix + name: x for name, x in constants.items()}}
 
@@ -264,7 +284,8 @@ def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, 
     x [B, Hkv, T, D] float; batch, source, row [N] int32 or int64 on x's device. `store` is packed
     tokens (engine/stores.py TokenStore): codes [B, Hkv, T_hist, packed_size(D, bits)] uint8;
     scale, low [B, Hkv, T_hist, n_groups] in the metadata dtype; group_index [Hkv, D] int32;
-    smoothing [Hkv, D] fp32 (ones for none); bits and clip, as its TokenQuantizer's.
+    smoothing [Hkv, D] fp32 (ones for none); rotation [D, D] fp32 or None; bits and clip, as its
+    TokenQuantizer's.
     """
     n, (_, Hkv, _, D) = batch.shape[0], x.shape
     if n == 0:

@@ -11,7 +11,10 @@ Dequantization is folded around the matmuls rather than done element by element.
 with code vector c_t and, per channel group g, (scale, low):
     score(q, t)  = sum_g scale_tg * ((q * s) . (c_t on g)) + low_tg * sum((q * s) on g)
     sum_t p_t v_t = s * sum_g [ (p * scale_g) @ c + (p @ low_g) ] on g
-with s the store's smoothing (keys': folded into q; values': applied to the block's output).
+with s the store's smoothing (keys': folded into q; values': applied to the block's output). A
+store's rotation R (channels stored rotated, quant/skvq.py) goes the same ways: q s R once per
+attend for the keys, and for the values each block's weighted sum times R^T before s; the C
+kernel's whole packed segment is summed apart, rotated back, then merged by log-sum-exp.
 Pre-RoPE keys must be rotated token by token, so they are dequantized in the block; SVDq keys are
 rebuilt from their latent codes with a matmul against the basis, as in the Triton kernel.
 The whole-sequence reference it is tested against is kernels/reference.py.
@@ -113,6 +116,15 @@ class _Softmax:
         self.acc.mul_(rescale).add_(weighted_sum(p))
         self.m = m
 
+    def merge(self, other: "_Softmax"):
+        """Folds in another softmax's state over other tokens (a segment summed apart)."""
+        m = torch.maximum(self.m, other.m)
+        m.masked_fill_(m == -math.inf, 0.0)
+        mine, theirs = (self.m - m).exp(), (other.m - m).exp()
+        self.l = self.l * mine + other.l * theirs
+        self.acc = self.acc * mine + other.acc * theirs
+        self.m = m
+
     def output(self):
         return self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -169,17 +181,15 @@ class _Operand:
         # Each channel's group as a one-hot [Hkv, groups, width]; unpacked padding channels in none.
         one_hot = torch.zeros(x.group_index.shape[0], n_groups, width)
         one_hot[:, :, :self.D] = torch.nn.functional.one_hot(x.group_index.long(), n_groups).transpose(1, 2).float()
-        self.one_hot, self.n_groups = one_hot, n_groups
-        self.smoothing = torch.nn.functional.pad(x.smoothing, (0, width - self.D))    # (Hkv, width)
+        self.one_hot, self.n_groups, self.width = one_hot, n_groups, width
 
     @functools.cached_property
     def queries(self) -> torch.Tensor:
-        """[B, Hkv, M, width]: the queries as the keys' dot products take them (smoothing folded in)."""
+        """[B, Hkv, M, width]: the queries as the keys' dot products take them (smoothing and
+        rotation folded in)."""
         if self.full or self.latent:
             return self.raw_queries
-        return self.raw_queries * self.smoothing[None, :, None, :self.D] if self.D == self.smoothing.shape[-1] \
-            else torch.nn.functional.pad(self.raw_queries * self.x.smoothing[None, :, None],
-                                         (0, self.smoothing.shape[-1] - self.D))
+        return torch.nn.functional.pad(stored_queries(self.raw_queries, self.x), (0, self.width - self.D))
 
     @functools.cached_property
     def group_queries(self) -> torch.Tensor:
@@ -216,6 +226,7 @@ class _Operand:
             per_channel = lambda t: (t[:, :, :, 0].transpose(-1, -2) @ self.one_hot)          # (B, Hkv, N, width)
             k = self._codes(slots) * per_channel(scale) + per_channel(low)
         if inv_freq is not None:
+            assert getattr(self.x, "rotation", None) is None, "RoPE does not commute with the rotation"
             positions = segment.first_position[:, None] + torch.arange(start, start + k.shape[2])  # (B, N)
             rotated = apply_rope(k[..., :self.D], *rope_cos_sin(positions, inv_freq))
             k = rotated if k.shape[-1] == self.D else torch.cat([rotated, k[..., self.D:]], -1)
@@ -255,7 +266,22 @@ class _Operand:
         else:
             weighted = (p[:, :, None] * scale).flatten(2, 3) @ self._codes(slots)        # (B, Hkv, gM, width)
             out = (weighted.unflatten(2, (self.n_groups, -1)) * self.one_hot[None, :, :, None]).sum(2)
-        return out.add_(lows).mul_(self.smoothing[None, :, None])[..., :self.D]
+        return from_stored(out.add_(lows)[..., :self.D], self.x)
+
+
+def stored_queries(queries: torch.Tensor, store) -> torch.Tensor:
+    """queries [B, Hkv, M, D] as a TokenStore's codes take them: times its smoothing [Hkv, D],
+    then its rotation R (q . k = (q s R) . (k / s R))."""
+    queries = queries * store.smoothing[None, :, None]
+    return queries if store.rotation is None else queries @ store.rotation
+
+
+def from_stored(out: torch.Tensor, store) -> torch.Tensor:
+    """out [B, Hkv, M, D], a weighted sum of a TokenStore's values as stored, in the model's
+    channels: times R^T (undoing its rotation), then its smoothing [Hkv, D]."""
+    if store.rotation is not None:
+        out = out @ store.rotation.T
+    return out.mul_(store.smoothing[None, :, None])  # in place: a prefill chunk's largest temporaries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +375,16 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
                   values.data_ptr(), *keys.stride()[:3], m.data_ptr(), l.data_ptr(), acc.data_ptr(),
                   torch.get_num_threads())
     else:
-        scaled = (queries * keys.smoothing[None, :, None]).contiguous()
-        packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
-               values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(), torch.get_num_threads())
+        scaled = stored_queries(queries, keys).contiguous()
+        operands = B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values)
+        if values.rotation is None:  # the C kernel applies the values' smoothing
+            packed(*operands, values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(),
+                   torch.get_num_threads())
+        else:  # summed apart as stored, then back in the model's channels: the others' acc is not rotated
+            alone = _Softmax(B, Hkv, M, D)
+            ones = torch.ones_like(values.smoothing)
+            packed(*operands, ones.data_ptr(), alone.m.data_ptr(), alone.l.data_ptr(), alone.acc.data_ptr(),
+                   torch.get_num_threads())
+            alone.acc = from_stored(alone.acc, values)
+            state.merge(alone)
     return True

@@ -3,8 +3,9 @@
 Runs the model in full precision over calibration text, records every layer's keys (pre- and
 post-RoPE) and values, and derives for each layer, each of K-pre / K-post / V and each channel
 grouping (quant/skvq.py): each head's channel groups, and a clip factor per bit width searched
-on the data (the alpha minimising the mean squared reconstruction error); and for each layer the
-SVD basis and mean of its pre-RoPE keys (quant/svdq.py). Writes them to
+on the data (the alpha minimising the mean squared reconstruction error); for rotated caches
+(rotation=hadamard) a clip factor per bit width of K-post and V in equal groups, searched on the
+rotated channels; and for each layer the SVD basis and mean of its pre-RoPE keys (quant/svdq.py). Writes them to
 DIR/kv_calibration.safetensors with the settings in its metadata.
 """
 import argparse
@@ -27,6 +28,7 @@ from quant.skvq import (
     equal_groups,
     head_pair_groups,
     kmeans_groups,
+    rotation_matrix,
     smoothing_factors,
 )
 from quant.svdq import basis_from_keys, svdq_keys
@@ -37,6 +39,7 @@ BITS = (1, 1.5, 2, 3, 4, 8)
 CLIPS = [1.0 - 0.02 * i for i in range(11)]  # 1.00 ... 0.80; SKVQ's found factors lie near 0.92-0.96
 KINDS = ("k_pre", "k_post", "v")
 GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups after smoothing (quant/kvspec.py)
+ROTATED_KINDS = ("k_post", "v")  # rotation needs post-RoPE keys (quant/kvspec.py)
 
 
 class CaptureCache:
@@ -95,10 +98,16 @@ def make_groups(grouping: str, x: torch.Tensor, group_size: int) -> ChannelGroup
     return kmeans_groups(x.amin(0), x.amax(0), D // group_size)
 
 
-def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, max_tokens: int = 1024) -> float:
+def layer_rotation(layer: int, head_dim: int) -> torch.Tensor:
+    """The rotation of layer `layer`'s rotated keys and values: one per layer, seeded by its index."""
+    return rotation_matrix(head_dim, seed=layer)
+
+
+def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, rotation=None,
+                max_tokens: int = 1024) -> float:
     x = x[::max(1, x.shape[0] // max_tokens)]  # an even subsample keeps the search quick
-    errors = [(TokenQuantizer(bits, groups, clip, smoothing=smoothing).fake_quantize(x) - x).pow(2).mean().item()
-              for clip in CLIPS]
+    errors = [(TokenQuantizer(bits, groups, clip, smoothing=smoothing, rotation=rotation).fake_quantize(x) - x)
+              .pow(2).mean().item() for clip in CLIPS]
     return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
 
 
@@ -115,6 +124,12 @@ def calibrate(captured: dict, n_layers: int, group_sizes) -> dict:
         tensors[f"{name}.clip"] = torch.tensor([search_clip(x, bits, groups, smoothing) for bits in BITS])
         if smoothing is not None:
             tensors[f"{name}.smoothing"] = smoothing
+    rotated_jobs = [(layer, kind, g) for layer in range(n_layers) for kind in ROTATED_KINDS for g in group_sizes]
+    for layer, kind, group_size in tqdm(rotated_jobs, desc="calibrating rotated", file=sys.stderr):
+        x = captured[(layer, kind)]
+        groups, rotation = equal_groups(x.shape[1], x.shape[2], group_size), layer_rotation(layer, x.shape[2])
+        tensors[f"rotated.g{group_size}.{kind}.{layer}.clip"] = torch.tensor(
+            [search_clip(x, bits, groups, rotation=rotation) for bits in BITS])
     for layer in range(n_layers):  # SVDq's basis of the pre-RoPE keys (quant/svdq.py)
         tensors[f"svdq.basis.{layer}"], tensors[f"svdq.mean.{layer}"] = basis_from_keys(captured[(layer, "k_pre")])
     return tensors
@@ -175,6 +190,14 @@ class Calibration:
             out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
         return out
 
+    def rotated_clips(self, group_size: int, kind: str, bits) -> list[float] | None:
+        """Per layer, the clip factor of rotated K-post or V (`kind`) at `bits`; None where the
+        file has none (made before rotation, or for other group sizes)."""
+        names = [f"rotated.g{group_size}.{kind}.{layer}.clip" for layer in range(self.settings["layers"])]
+        if not all(name in self.tensors for name in names):
+            return None
+        return [float(self.tensors[name][BITS.index(bits)]) for name in names]
+
     def svdq_bases(self) -> list:
         """Per layer (basis [Hkv, D, D], mean [Hkv, D]) of the pre-RoPE keys."""
         return [(self.tensors[f"svdq.basis.{layer}"], self.tensors[f"svdq.mean.{layer}"])
@@ -192,7 +215,12 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     channel groups, smoothing and clip factors come from the calibration when it has them for the
     spec's group size; otherwise the groups are equal runs of channels with no smoothing or
     clipping. SVDq keys take the calibration's bases, or (svdq-basis=prompt, or no calibration)
-    each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py)."""
+    each prompt's own; their values are SKVQ's. KIVI's are its own (quant/kivi.py).
+    A rotated side (spec.rotates) takes layer_rotation, keys and values alike: one matrix per
+    layer, so a sign draw that happens to suit some outliers badly is one layer's, and every head
+    shares it (a tensor-parallel rank needs no slice of it). It needs no calibration: equal groups,
+    no smoothing (the calibration's groups and factors describe unrotated channels), and the
+    calibration's clip factors searched on rotated channels where it has them, else none."""
     L, Hkv, D = n_layers, n_heads, head_dim
     if calibration is not None:
         calibration.check(L, Hkv, D)
@@ -200,12 +228,18 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
         return kivi_quantizers(spec, L, Hkv, D)
     meta, group_size = META_DTYPES[spec.metadata], spec.channel_group(D)
 
-    def skvq(kind, bits):
+    def skvq(kind, bits, rotated=False):
+        if rotated:
+            clips = calibration.rotated_clips(group_size, kind, bits) if calibration is not None else None
+            clips = clips or [1.0] * L
+            return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clips[layer], meta,
+                                   rotation=layer_rotation(layer, D)) for layer in range(L)]
         if calibrated(spec, D, calibration):
             return calibration.quantizers(spec.grouping, group_size, kind, bits, meta)
         return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta) for _ in range(L)]
 
-    values = skvq("v", spec.value_bits)
+    rotate_keys, rotate_values = spec.rotates
+    values = skvq("v", spec.value_bits, rotate_values)
     if spec.method == "svdq":
         if calibration is not None and spec.svdq_basis == "calibration":
             keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group, basis, mean)
@@ -213,7 +247,7 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
         else:
             keys = [svdq_keys(spec.key_bits, Hkv, D, spec.token_group)] * L
         return keys, values
-    return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits), values
+    return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits, rotate_keys), values
 
 
 def default_group_sizes(head_dim: int) -> list[int]:

@@ -32,6 +32,9 @@ from quant.kivi import kivi_quantizers
 from quant.methods import SimulatedCache, per_block, simulated_cache
 
 SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
+# Issue 21: the default without a calibration file beside rotated caches (which use none).
+ROTATED = ["skvq-k2v1.5", "skvq-k2v1.5:rotation=hadamard-keys", "skvq-k2v1.5:rotation=hadamard",
+           "skvq-k3v1.5:rotation=hadamard"]
 KIVI_BITS = [(4, 4), (2, 2)]
 # SKVQ settings compared, as quant/kvspec.py writes them after `skvq-kKvV`. The default group size is
 # 128 (head_dim 128: one group per head, where equal, head_pairs and kmeans coincide).
@@ -92,6 +95,29 @@ def settings(calibration: Calibration | None, shape: tuple, n_sink: int, window:
             spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}" + (variant and f":{variant}")).with_settings(**around)
             rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
     return rows
+
+
+def rotated_settings(calibration: Calibration | None, shape: tuple, n_sink: int, window: int, inv_freq) -> list:
+    """(name, bits per element incl. metadata, cache factory or None) of issue 21's comparison: the
+    default as a new user first runs it (no calibration) beside rotated caches, uncalibrated and,
+    where there is a calibration, with its clip factors searched on rotated channels."""
+    rows = [("fp16", 16.0, None)]
+    for text in ROTATED:
+        spec = kvspec.parse(text).with_settings(sinks=n_sink, window=window)
+        rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated", inv_freq=inv_freq))
+        if calibration is not None and spec.rotation != "none":
+            rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
+    return rows
+
+
+def scored(rows: list, model, ids: list[int], seq_len: int, captured: list, first_query: int) -> list:
+    """(name, bits, perplexity, attention error) of each (name, bits, cache factory)."""
+    out = []
+    for name, bits, factory in tqdm(rows, desc="settings", file=sys.stderr):
+        ppl = perplexity(model, ids, seq_len, factory)
+        err = attention_error(factory() if factory else None, captured, first_query)
+        out.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
+    return out
 
 
 def attention_error(cache, captured: list, first_query: int) -> float:
@@ -248,8 +274,9 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=kvspec.DEFAULT.window, help="recent tokens kept exact (KIVI: R)")
     p.add_argument("--sinks", type=int, default=kvspec.DEFAULT.sinks, help="first tokens kept exact (not KIVI's)")
     p.add_argument("--tables", default="main", type=lambda t: t.split(","),
-                   help="comma-separated: main (every cache setting), synthetic (outlier keys), "
-                        "svdq (SVDq keys against per-channel and SKVQ keys), chunked (prefill in chunks)")
+                   help="comma-separated: main (every cache setting), rotated (the default beside rotated caches), "
+                        "synthetic (outlier keys), svdq (SVDq keys against per-channel and SKVQ keys), chunked "
+                        "(prefill in chunks)")
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
     args = p.parse_args(argv)
@@ -263,9 +290,10 @@ def main(argv=None):
     if calibration is None:
         print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
               file=sys.stderr)
-    unknown = set(args.tables) - {"main", "synthetic", "svdq", "chunked"}
+    unknown = set(args.tables) - {"main", "rotated", "synthetic", "svdq", "chunked"}
     if unknown:
-        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} (main, synthetic, svdq, chunked)")
+        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} "
+                        "(main, rotated, synthetic, svdq, chunked)")
     if calibration is None and {"svdq", "chunked"} & set(args.tables):
         raise UserError(f"--tables svdq and chunked need {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
     captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
@@ -275,18 +303,19 @@ def main(argv=None):
     heading = (f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
                f"{args.sinks} sinks, window {args.window}")
     if "main" in args.tables:
-        rows = []
-        for name, bits, factory in tqdm(settings(calibration, shape, args.sinks, args.window, model.inv_freq),
-                                        desc="settings", file=sys.stderr):
-            ppl = perplexity(model, ids, seq_len, factory)
-            err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
-            rows.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
+        rows = scored(settings(calibration, shape, args.sinks, args.window, model.inv_freq), model, ids, seq_len,
+                      captured, args.sinks + args.window)
         if args.peer:
             for nbits in (4, 2):
                 ppl, bits = quanto_perplexity(args.model, ids, seq_len, nbits)
                 rows.append((f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
                              f"{ppl:.3f}", "n/a"))
         print(f"{heading}:\n")
+        print(table(rows, ["perplexity", "attention rel. error"]))
+    if "rotated" in args.tables:
+        rows = scored(rotated_settings(calibration, shape, args.sinks, args.window, model.inv_freq), model, ids,
+                      seq_len, captured, args.sinks + args.window)
+        print(f"\nRotated caches (issue 21). {heading}:\n")
         print(table(rows, ["perplexity", "attention rel. error"]))
     if "synthetic" in args.tables:
         print_synthetic(args.sinks, args.window)

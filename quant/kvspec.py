@@ -17,6 +17,9 @@ Settings, each also a generate.py flag of the same name (`--window 64`):
     grouping=NAME          smooth | kmeans | head_pairs | equal (quant/skvq.py), from the
                            calibration file                                     skvq, svdq
     metadata=fp8|fp16      dtype of the per-token scales and lows               skvq, svdq
+    rotation=NAME          none | hadamard (keys and values) | hadamard-keys: each head's channels
+                           rotated by a seeded randomised Hadamard matrix before quantizing
+                           (quant/skvq.py rotation_matrix); not with pre-rope-keys    skvq
     pre-rope-keys          quantize keys before RoPE (SVDq keys always are)     skvq
     svdq-basis=NAME        calibration | prompt: the SVD basis of SVDq keys     svdq
     token-group=N          tokens per key block (SVDq: 128; KIVI: 32)           svdq, kivi
@@ -32,6 +35,7 @@ from dataclasses import dataclass, replace
 
 METHODS = ("fp16", "skvq", "svdq", "kivi")
 GROUPINGS = ("smooth", "kmeans", "head_pairs", "equal")
+ROTATIONS = ("none", "hadamard", "hadamard-keys")
 CODE_BITS = (1, 2, 3, 4, 8)         # widths of per-token codes (quant/packing.py)
 VALUE_BITS = CODE_BITS + (1.5,)     # 1.5: ternary, 5 values per byte
 SVDQ_KEY_BITS = (1.25, 2)           # quant/svdq.py SCHEDULES
@@ -70,6 +74,7 @@ class KvSpec:
     group_size: int | None = None     # None: DEFAULT_GROUP_SIZE, or head_dim if that does not divide it
     grouping: str = "smooth"          # from quant/RESULTS.md: copes with outlier channels at one group per head
     metadata: str = "fp8"             # e4m3: 1.94 bits per element at K2V1.5, 1M tokens of a 7B model in 80 GB
+    rotation: str = "none"            # SKVQ's; issue 21's measurements choose the default
     pre_rope_keys: bool = False
     svdq_basis: str = "calibration"
     token_group: int = 128            # SVDq: 0.125 bits of fp16 metadata per latent channel
@@ -88,6 +93,11 @@ class KvSpec:
     @property
     def quantized(self) -> bool:
         return self.method != "fp16"
+
+    @property
+    def rotates(self) -> tuple[bool, bool]:
+        """Whether the keys, and the values, are stored rotated (quant/skvq.py rotation_matrix)."""
+        return self.rotation != "none", self.rotation == "hadamard"
 
     @property
     def keys_pre_rope(self) -> bool:
@@ -143,30 +153,38 @@ class KvSpec:
             raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
         for setting, value, allowed in [("grouping", self.grouping, GROUPINGS),
                                         ("metadata", self.metadata, ("fp8", "fp16")),
+                                        ("rotation", self.rotation, ROTATIONS),
                                         ("svdq-basis", self.svdq_basis, ("calibration", "prompt"))]:
             if value not in allowed:
                 raise ValueError(f"{setting} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.pre_rope_keys and self.rotation != "none":  # R would sit between RoPE's pairs
+            raise ValueError(f"rotation={self.rotation} does not commute with RoPE: it needs post-RoPE keys, "
+                             "not pre-rope-keys (or rotation=none)")
         if self.method == "kivi" and self.window % self.token_group:  # KIVI quantizes whole groups at a flush
             raise ValueError(f"kivi's window {self.window} must be a multiple of its token-group {self.token_group}")
 
 
 SETTINGS = {"sinks": "sinks", "window": "window", "group_size": "group-size", "grouping": "grouping",
-            "metadata": "metadata", "pre_rope_keys": "pre-rope-keys", "svdq_basis": "svdq-basis",
-            "token_group": "token-group"}  # field -> its name in the string and as a flag
+            "metadata": "metadata", "rotation": "rotation", "pre_rope_keys": "pre-rope-keys",
+            "svdq_basis": "svdq-basis", "token_group": "token-group"}  # field -> its name in the string and as a flag
 INTEGER_FIELDS = {"sinks", "window", "group_size", "token_group"}
 APPLIES = {"fp16": set(),
-           "skvq": {"sinks", "window", "group-size", "grouping", "metadata", "pre-rope-keys"},
+           "skvq": {"sinks", "window", "group-size", "grouping", "metadata", "rotation", "pre-rope-keys"},
            "svdq": {"sinks", "window", "group-size", "grouping", "metadata", "svdq-basis", "token-group"},
            "kivi": {"window", "group-size", "token-group"}}
 
 
 def for_method(method: str, key_bits: float = 16, value_bits: float = 16) -> KvSpec:
     """The spec of a method at its defaults. KIVI's are its paper's: no sinks, residual 128,
-    value groups of 32 channels, key groups of 32 tokens, fp16 metadata, no calibration."""
+    value groups of 32 channels, key groups of 32 tokens, fp16 metadata, no calibration. Only
+    SKVQ rotates (SVDq's keys are pre-RoPE), whatever KvSpec's default."""
     if method == "fp16":
-        return KvSpec("fp16", 16, 16)
+        return KvSpec("fp16", 16, 16, rotation="none")
     if method == "kivi":
-        return KvSpec("kivi", key_bits, value_bits, sinks=0, grouping="equal", metadata="fp16", token_group=32)
+        return KvSpec("kivi", key_bits, value_bits, sinks=0, grouping="equal", metadata="fp16", token_group=32,
+                      rotation="none")
+    if method == "svdq":
+        return KvSpec("svdq", key_bits, value_bits, rotation="none")
     return KvSpec(method, key_bits, value_bits)
 
 

@@ -20,7 +20,12 @@ The alternative to grouping by range is smoothing: divide each channel by a stat
 quantizing (`smoothing_factors`) and multiply back after. For keys the factor folds into q_proj
 (q . k = (q * s) . (k / s)), for values into o_proj's input columns, so a deployment pays nothing
 for it; here the division and multiplication are explicit.
+A rotation goes further (`rotation_matrix`): after smoothing, each head's D channels are multiplied
+by an orthogonal R [D, D] before quantizing, and by R^T after. It spreads an outlier channel over
+all D, so a token's range shrinks to that of sums of many channels. The keys' rotation folds into
+q (q . k = (q R) . (k R)), the values' into the output, once per step, not per token.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,18 +88,38 @@ def smoothing_factors(channel_range: torch.Tensor) -> torch.Tensor:
     return torch.cat([pair, pair], -1).clamp_min(1e-3).sqrt()
 
 
+def rotation_matrix(head_dim: int, seed: int) -> torch.Tensor:
+    """R [D, D] fp32, orthogonal, from `seed` (the layer: see quant/calibrate.py quantizers_for).
+    For D a power of two a randomised Hadamard rotation, diag(signs) H / sqrt(D), H Sylvester's
+    and the signs seeded: every entry is +-1/sqrt(D), so each rotated channel mixes all D with
+    equal weight (an exact sum for fp16 inputs, see TokenQuantizer.quantize). For other D a
+    seeded random orthogonal matrix (QR of a Gaussian, signs fixed so that it is uniformly
+    distributed): it spreads outliers as well, and the engine applies R as a product either way."""
+    generator = torch.Generator().manual_seed(seed)
+    if head_dim & (head_dim - 1) == 0:
+        hadamard = torch.ones(1, 1, dtype=torch.float64)
+        while hadamard.shape[0] < head_dim:
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+        signs = torch.randint(0, 2, (head_dim, 1), generator=generator) * 2 - 1
+        return (signs * hadamard / math.sqrt(head_dim)).float()
+    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
 class TokenQuantizer:
-    """Quantizes tokens [..., heads, D] of one layer's K or V: smooth, group, clip, pack.
+    """Quantizes tokens [..., heads, D] of one layer's K or V: smooth, rotate, group, clip, pack.
 
     Stored per token and head: codes uint8 [..., heads, packed_size(D, bits)], the head's D
     channels in model order packed along the last axis (layout in quant/packing.py); scale and
-    low [..., heads, n_groups] in meta_dtype.
+    low [..., heads, n_groups] in meta_dtype. With a rotation the codes are of x / smoothing @ R:
+    channel c of the codes is rotated channel c, and groups are runs of rotated channels.
     """
 
     def __init__(self, bits, groups: ChannelGroups, clip: float = 1.0, meta_dtype=torch.float16,
-                 smoothing: torch.Tensor | None = None):
+                 smoothing: torch.Tensor | None = None, rotation: torch.Tensor | None = None):
         self.bits, self.groups, self.clip, self.meta_dtype = bits, groups, clip, meta_dtype
         self.smoothing = smoothing  # [heads, D] static per-channel divisors, or None
+        self.rotation = rotation    # [D, D] fp32 orthogonal, the same for every head, or None
         self.n_heads, self.head_dim = groups.group_index.shape
 
     @property
@@ -109,6 +134,10 @@ class TokenQuantizer:
     def quantize(self, x: torch.Tensor):
         if self.smoothing is not None:
             x = x / self.smoothing.to(x.device)
+        if self.rotation is not None:
+            # In fp64: the products of fp32 values are exact and so, almost always, are their sums,
+            # whatever the order: kernels/quantize.py, summing in its own order, writes the same codes.
+            x = (x.double() @ self.rotation.to(x.device, torch.float64)).float()
         codes, scale, low = quantize_groups(x, self.bits, self.groups.group_index, self.groups.n_groups,
                                             self.clip, self.meta_dtype)
         return pack(codes, self.bits), scale, low
@@ -116,6 +145,8 @@ class TokenQuantizer:
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         codes = unpack(packed, self.bits, self.head_dim)
         x = dequantize_groups(codes, scale, low, self.groups.group_index)
+        if self.rotation is not None:
+            x = x @ self.rotation.to(x.device).T
         return x if self.smoothing is None else x * self.smoothing.to(x.device)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,8 @@ def test_bad_flags(checkpoint, prompt, flags, message):
     (["--kv", "skvq-k2v1.5:window=0"], "window must be a positive integer, got 0"),
     (["--kv", "skvq-k2v1.5:colour=red"], "unknown setting 'colour'"),
     (["--kv", "skvq-k2v1.5:grouping=kmeans", "--grouping", "best"], "invalid choice: 'best'"),
+    (["--pre-rope-keys", "--rotation", "hadamard"], "rotation=hadamard does not commute with RoPE"),
+    (["--kv", "svdq-k2v1.5", "--rotation", "hadamard"], "rotation does not apply to svdq"),
 ])
 def test_kv_flags_are_checked_before_anything_loads(flags, message):
     """A bad --kv, or a setting the chosen cache does not have, exits 2 with one line, before any

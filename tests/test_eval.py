@@ -8,11 +8,11 @@ from engine.cache import QuantizedCache
 from engine.runner import decode_one_token, prefill
 from model import Llama, LlamaConfig
 from quant.eval import attention_error, perplexity, synthetic_attention_inputs
-from quant.calibrate import quantizers_for
+from quant.calibrate import Calibration, calibration_from, layer_rotation, quantizers_for, search_clip
 from quant.kivi import kivi_quantizers
 from quant.kvspec import parse
 from quant.methods import per_block, quantized_mask, simulated_cache
-from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups
+from quant.skvq import TokenQuantizer, equal_groups, kmeans_groups, rotation_matrix
 from quant.svdq import basis_from_keys, svdq_keys
 from quant.uniform import dequantize_groups, quantize_groups
 from kernels.reference import attention
@@ -36,16 +36,19 @@ def random_model():
     return model
 
 
-@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("keys_as", ["post-RoPE", "pre-RoPE", "post-RoPE, rotated"])
 @pytest.mark.parametrize("k_bits, v_bits", [(2, 1.5), (3, 2)])
-def test_simulation_equals_token_by_token_decoding(pre_rope, k_bits, v_bits):
+def test_simulation_equals_token_by_token_decoding(keys_as, k_bits, v_bits):
+    """Rotated: keys and values, each layer's own rotation."""
     model = random_model()
     cfg, T = model.config, 40
-    spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + (":pre-rope-keys" if pre_rope else ""))
+    setting = {"post-RoPE": "", "pre-RoPE": ":pre-rope-keys", "post-RoPE, rotated": ":rotation=hadamard"}[keys_as]
+    spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + setting)
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
     groups = kmeans_groups(x.amin(0), x.amax(0), 2)
-    keys = [TokenQuantizer(k_bits, groups, clip=0.95) for _ in range(2)]
-    values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8)) for _ in range(2)]
+    rotations = [rotation_matrix(16, seed=layer) if spec.rotation != "none" else None for layer in range(2)]
+    keys = [TokenQuantizer(k_bits, groups, clip=0.95, rotation=rotations[layer]) for layer in range(2)]
+    values = [TokenQuantizer(v_bits, equal_groups(2, 16, 8), rotation=rotations[layer]) for layer in range(2)]
     tokens = torch.randint(0, 64, (1, T))
     with torch.no_grad():
         simulated = model(tokens, torch.arange(T)[None], simulated_cache(spec, keys, values, model.inv_freq))
@@ -222,6 +225,27 @@ def test_svdq_simulation_equals_token_by_token_decoding(basis, bits):
     decoded = torch.stack(decoded, 1)
     torch.testing.assert_close(simulated[:, prompt - 1:], decoded, rtol=1e-4, atol=1e-4)
     assert (simulated - model(tokens)).abs().max() > 1e-3  # quantization did change something
+
+
+def test_rotated_caches_take_clip_factors_searched_on_rotated_channels():
+    """A calibration holds, per layer, clip factors of K-post and V searched on their rotated
+    channels; a rotated cache takes them, with equal groups, no smoothing and the layer's rotation;
+    from a calibration without them (made before rotation), no clipping."""
+    captured = {(layer, kind): torch.randn(300, 2, 16) * torch.rand(2, 16) * 3
+                for layer in range(2) for kind in ("k_pre", "k_post", "v")}
+    calibration = calibration_from(captured, 2, [16])
+    spec = parse("skvq-k2v1.5:group-size=16:rotation=hadamard")
+    keys, values = quantizers_for(spec, 2, 2, 16, calibration)
+    for layer in range(2):
+        for quantizer, kind in [(keys[layer], "k_post"), (values[layer], "v")]:
+            assert quantizer.smoothing is None and torch.equal(quantizer.rotation, layer_rotation(layer, 16))
+            assert torch.equal(quantizer.groups.group_index, equal_groups(2, 16, 16).group_index)
+            searched = search_clip(captured[(layer, kind)], quantizer.bits, quantizer.groups, rotation=quantizer.rotation)
+            assert quantizer.clip == pytest.approx(searched, abs=1e-6)  # stored in fp32
+    assert keys[0].clip < 1  # 4 levels over a near-Gaussian token: clipping its extremes pays
+    before_rotation = {name: t for name, t in calibration.tensors.items() if not name.startswith("rotated.")}
+    keys, _ = quantizers_for(spec, 2, 2, 16, Calibration(before_rotation, calibration.settings))
+    assert [q.clip for q in keys] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("kv", ["skvq-pre", "skvq-post", "svdq"])

@@ -21,7 +21,7 @@ from model import Llama, LlamaConfig, apply_rope, rope_cos_sin
 from quant.calibrate import Calibration
 from quant.kvspec import parse
 from quant.packing import WIDTHS
-from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups
+from quant.skvq import ChannelGroups, TokenQuantizer, equal_groups, rotation_matrix
 from quant.svdq import basis_from_keys, svdq_keys
 
 # fp32 accumulation over fp16 inputs: the tolerance is fp16's, not the kernel's. On the CPU the
@@ -56,13 +56,15 @@ def write_all(store, x):
     store.write(x, torch.arange(B, device=x.device).repeat_interleave(T), source, source, kernels=False)
 
 
-def packed(x, bits, n_groups, meta_dtype, smooth):
-    """x [B, Hkv, T, D] quantized into a TokenStore: (the store, x as it reads back)."""
+def packed(x, bits, n_groups, meta_dtype, smooth, rotate=False):
+    """x [B, Hkv, T, D] quantized into a TokenStore: (the store, x as it reads back). rotate: its
+    channels rotated (quant/skvq.py rotation_matrix, a random layer's)."""
     B, Hkv, T, D = x.shape
     # Equal within RoPE pairs (c, c + D/2), as quant/skvq.py's factors are, so they commute with RoPE.
     smoothing = (torch.rand(Hkv, D // 2, device=x.device) + 0.5).repeat(1, 2) if smooth else None
+    rotation = rotation_matrix(D, seed=int(torch.randint(100, ()))) if rotate else None
     quantizer = TokenQuantizer(bits, random_groups(Hkv, D, n_groups), clip=0.95, meta_dtype=meta_dtype,
-                               smoothing=smoothing)
+                               smoothing=smoothing, rotation=rotation)
     store = TokenStore(quantizer, B, T, x.device)
     write_all(store, x)
     return store, store.read(T).to(x.dtype)
@@ -95,12 +97,15 @@ BITS = [(1, 1.5), (2, 1.5), (2, 1), (3, 2), (4, 3), (8, 4), (2, 8), (4, 1.5)]
 @pytest.mark.parametrize("k_bits, v_bits", BITS)
 @pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64), (4, 64)])
 @pytest.mark.parametrize("variant", ["post-RoPE, one group, fp16 metadata",
-                                     "pre-RoPE, four groups, smoothing, fp8 metadata"])
+                                     "pre-RoPE, four groups, smoothing, fp8 metadata",
+                                     "post-RoPE, rotated, two groups, smoothing, fp8 metadata"])
 def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, variant):
     """A packed history plus an fp16 ring window, merged by stage 2, against attention over the
-    dequantized history and the window, keys rotated at their positions when pre-RoPE."""
-    pre_rope = variant.startswith("pre")
-    n_groups, meta = (4, torch.float8_e4m3fn) if pre_rope else (1, torch.float16)
+    dequantized history and the window, keys rotated at their positions when pre-RoPE; keys and
+    values stored with their channels rotated (q rotated before the loop, the output after)."""
+    pre_rope, rotate, smooth = variant.startswith("pre"), "rotated" in variant, "smoothing" in variant
+    n_groups = next(n for word, n in [("one", 1), ("two", 2), ("four", 4)] if f"{word} group" in variant)
+    meta = torch.float16 if variant.endswith("fp16 metadata") else torch.float8_e4m3fn
     B, Hkv, capacity, W = 3, 2, 150, 16
     history_count = torch.tensor([0, 37, 150])   # empty; shorter than a block; several splits
     window_count = torch.tensor([5, 16, 16])     # partly filled; full
@@ -109,8 +114,8 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
     window_start = history_start + history_count
     q = torch.randn(B, Hkv * group, D, device=DEVICE, dtype=DTYPE)
     x = torch.randn(2, B, Hkv, capacity, D, device=DEVICE) * (torch.rand(2, 1, Hkv, 1, D, device=DEVICE) * 4)
-    stored_k, k_hat = packed(x[0].to(DTYPE), k_bits, n_groups, meta, pre_rope)
-    stored_v, v_hat = packed(x[1].to(DTYPE), v_bits, n_groups, meta, pre_rope)
+    stored_k, k_hat = packed(x[0].to(DTYPE), k_bits, n_groups, meta, smooth, rotate)
+    stored_v, v_hat = packed(x[1].to(DTYPE), v_bits, n_groups, meta, smooth, rotate)
     window_k = torch.randn(B, Hkv, W, D, device=DEVICE, dtype=DTYPE)
     window_v = torch.randn(B, Hkv, W, D, device=DEVICE, dtype=DTYPE)
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
@@ -132,12 +137,16 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
 @pytest.mark.parametrize("bits", list(WIDTHS))
 @pytest.mark.parametrize("meta", [torch.float16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("D", [64, 128])
-def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D):
-    """Bit for bit: codes, scales and lows of the chosen rows; every other row untouched."""
+@pytest.mark.parametrize("rotate", [False, True])
+def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D, rotate):
+    """Bit for bit: codes, scales and lows of the chosen rows; every other row untouched; with
+    smoothing and, rotated, each token times a rotation after it."""
     B, Hkv, T, rows = 3, 2, 9, 6
     x = (torch.randn(B, Hkv, T, D, device=DEVICE) * torch.rand(Hkv, 1, D, device=DEVICE) * 3).to(DTYPE)
     smoothing = torch.rand(Hkv, D, device=DEVICE) + 0.5
-    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, 4), clip=0.93, meta_dtype=meta, smoothing=smoothing)
+    rotation = rotation_matrix(D, seed=int(torch.randint(100, ()))) if rotate else None
+    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, 4), clip=0.93, meta_dtype=meta, smoothing=smoothing,
+                               rotation=rotation)
     store = TokenStore(quantizer, B, rows, DEVICE)
     codes, scale, low = store.codes, store.scale, store.low
     codes.random_(256)
@@ -165,7 +174,8 @@ def cache_buffers(cache):
 
 
 @pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v3:metadata=fp16", "skvq-k1v8:group-size=16",
-                                "skvq-k3v2:pre-rope-keys", "svdq-k1.25v1.5"])
+                                "skvq-k3v2:pre-rope-keys", "svdq-k1.25v1.5", "skvq-k2v1.5:rotation=hadamard",
+                                "skvq-k3v2:group-size=32:rotation=hadamard-keys"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_write_kernel_writes_what_torch_writes(kv, D):
     """A decode step's write of one layer in one launch (kernels/quantize.py write_decode_token):
@@ -228,7 +238,8 @@ def random_model(n_kv_heads, head_dim):
 
 @pytest.mark.parametrize("kv, pre_rope, n_kv_heads, head_dim",
                          [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
-                          ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64)])
+                          ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64),
+                          ("skvq-k2v1.5:rotation=hadamard", False, 2, 128)])
 def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
     """A batch of prompts of different lengths, prefilled in chunks of 8 and decoded past the
     window: the kernel path (prefill attention over the held segments plus the causal chunk,
@@ -302,11 +313,14 @@ def test_svdq_keys_decode_attention_matches_reference(group, D, bits, shared_bas
         torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
 
 
-@pytest.mark.parametrize("group, D, pre_rope", [(1, 64, False), (4, 128, True), (8, 64, True), (4, 64, False)])
-def test_prefill_attention_matches_reference(group, D, pre_rope):
+@pytest.mark.parametrize("group, D, pre_rope, rotate", [(1, 64, False, False), (4, 128, True, False),
+                                                       (8, 64, True, False), (4, 64, False, False),
+                                                       (4, 128, False, True)])
+def test_prefill_attention_matches_reference(group, D, pre_rope, rotate):
     """A chunk of queries (37 per sequence: not a whole number of query blocks; the second
-    sequence's chunk shorter) over packed history, a ring window and itself, causally, against
-    attention over the dequantized history, the window and the chunk's earlier tokens."""
+    sequence's chunk shorter) over packed history (its channels rotated, or not), a ring window
+    and itself, causally, against attention over the dequantized history, the window and the
+    chunk's earlier tokens."""
     B, Hkv, capacity, W, Q = 2, 2, 70, 16, 37
     history_count, window_count, chunk_count = torch.tensor([70, 0]), torch.tensor([16, 5]), torch.tensor([37, 20])
     first_slot = torch.randint(W, (B,))
@@ -315,9 +329,9 @@ def test_prefill_attention_matches_reference(group, D, pre_rope):
     chunk_start = window_start + window_count                                   # the queries' positions
     q = torch.randn(B, Q, Hkv * group, D, device=DEVICE, dtype=DTYPE)
     stored_k, k_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 2, 4, torch.float8_e4m3fn,
-                             smooth=pre_rope)
+                             smooth=pre_rope, rotate=rotate)
     stored_v, v_hat = packed(torch.randn(B, Hkv, capacity, D, device=DEVICE, dtype=DTYPE), 1.5, 1, torch.float16,
-                             smooth=False)
+                             smooth=False, rotate=rotate)
     window_k, window_v, chunk_k, chunk_v = (torch.randn(B, Hkv, n, D, device=DEVICE, dtype=DTYPE) for n in (W, W, Q, Q))
     inv_freq = 1.0 / 10000 ** (torch.arange(D // 2, device=DEVICE) / (D // 2)) if pre_rope else None
     to = lambda t: t.to(DEVICE)

@@ -9,7 +9,8 @@ from conftest import ROOT
 from quant.kvspec import DEFAULT, KvSpec, Schedule, for_method, parse
 
 SPECS = ["fp16", "skvq-k2v1.5", "skvq-k4v4:sinks=0:window=64:group-size=32:grouping=kmeans:metadata=fp16",
-         "skvq-k3v1:pre-rope-keys", "svdq-k1.25v1.5:svdq-basis=prompt:token-group=64", "svdq-k2v2:group-size=64",
+         "skvq-k3v1:pre-rope-keys", "skvq-k2v1.5:rotation=hadamard", "skvq-k3v1.5:window=64:rotation=hadamard-keys",
+         "svdq-k1.25v1.5:svdq-basis=prompt:token-group=64", "svdq-k2v2:group-size=64",
          "kivi-k2v2", "kivi-k4v2:window=64:group-size=16:token-group=16"]
 
 
@@ -35,6 +36,9 @@ def test_settings_in_any_order_and_at_their_defaults_name_one_spec():
     ("skvq-k2v2:token-group=64", "token-group does not apply to skvq"), ("skvq-k2v2:window=0", "positive integer"),
     ("skvq-k2v2:sinks=-1", "sinks must be an integer >= 0"), ("skvq-k2v2:window=1e3", "must be an integer"),
     ("skvq-k2v2:window", "needs a value"), ("skvq-k2v2:pre-rope-keys=yes", "takes no value"),
+    ("skvq-k2v2:rotation=random", "rotation must be one of none, hadamard, hadamard-keys"),
+    ("skvq-k2v2:pre-rope-keys:rotation=hadamard", "does not commute with RoPE"),
+    ("svdq-k2v2:rotation=hadamard", "rotation does not apply to svdq"),
     ("skvq-k2v2:grouping=best", "grouping must be one of"), ("skvq-k2v2:metadata=fp4", "metadata must be one of"),
     ("kivi-k2v2:window=100", "multiple of its token-group 32"), ("skvq-k2v2:size=3", "unknown setting 'size'"),
 ])

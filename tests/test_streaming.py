@@ -32,7 +32,8 @@ def rotation(D):
 
 
 VARIANTS = ["post-RoPE, one group, fp16 metadata, compiled", "post-RoPE, one group, fp8 metadata, torch",
-            "pre-RoPE, four groups, smoothing, fp8 metadata"]
+            "pre-RoPE, four groups, smoothing, fp8 metadata", "post-RoPE, rotated, smoothing, fp8 metadata, compiled",
+            "post-RoPE, rotated, smoothing, fp16 metadata, torch"]
 # Ternary keys only post-RoPE: the Triton kernel refuses pre-RoPE ternary keys (attend asserts it),
 # and no --kv spec makes ternary keys at all.
 DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2)] for variant in VARIANTS
@@ -43,8 +44,9 @@ DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2)
 @pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64)])
 def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch):
     """Packed history (empty; within one block; several blocks) and a ring window; a history of
-    whole-byte codes in one group through kernels/packed_history.c, or through torch alone."""
-    pre_rope = variant.startswith("pre")
+    whole-byte codes in one group through kernels/packed_history.c, or through torch alone; its
+    channels stored rotated or not."""
+    pre_rope, rotate, smooth = variant.startswith("pre"), "rotated" in variant, "smoothing" in variant
     if variant.endswith("torch"):
         monkeypatch.setattr(streaming, "compiled_kernel", lambda: None)
     elif variant.endswith("compiled") and k_bits != 3 and v_bits != 3:
@@ -57,8 +59,8 @@ def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch
     history_start = torch.randint(0, 10, (B,))
     q = torch.randn(B, Hkv * group, D)
     x = torch.randn(2, B, Hkv, capacity, D) * (torch.rand(2, 1, Hkv, 1, D) * 4)
-    stored_k, k_hat = packed(x[0], k_bits, n_groups, meta, pre_rope)
-    stored_v, v_hat = packed(x[1], v_bits, n_groups, meta, pre_rope)
+    stored_k, k_hat = packed(x[0], k_bits, n_groups, meta, smooth, rotate)
+    stored_v, v_hat = packed(x[1], v_bits, n_groups, meta, smooth, rotate)
     window_k, window_v = torch.randn(2, B, Hkv, W, D)
     inv_freq = rotation(D) if pre_rope else None
     segments = [Segment(window_k, window_v, window_count, first_slot, history_start + history_count),
@@ -134,6 +136,7 @@ def test_prefill_chunk_matches_reference(group, D, pre_rope):
 @pytest.mark.parametrize("kv, heads, n_kv_heads, D",
                          [("fp16", 4, 4, 64), ("skvq-k2v1.5", 8, 1, 128), ("skvq-k2v1.5:pre-rope-keys", 8, 2, 64),
                           ("skvq-k3v2:metadata=fp16:group-size=32", 4, 4, 64), ("svdq-k1.25v1.5:token-group=16", 8, 2, 128),
+                          ("skvq-k2v1.5:rotation=hadamard", 8, 2, 64), ("skvq-k4v2:rotation=hadamard-keys", 4, 1, 128),
                           ("svdq-k2v1.5:svdq-basis=prompt:token-group=16", 4, 1, 64)])
 def test_cache_streams_as_the_reference_attends(kv, heads, n_kv_heads, D):
     """Through engine/cache.py: a batch of prompts of 290 and 75 tokens prefilled in chunks of
