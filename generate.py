@@ -9,6 +9,7 @@ allocation, with the numbers. On several devices, under torchrun (engine/paralle
 rank 0 prints.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,12 +33,20 @@ DTYPES = {"float32", "float16", "bfloat16"}
 # text (4 on average in English; 3 per CJK character), never 64.
 PROMPT_BYTES_PER_TOKEN = 64
 AUTO_CONTEXT = 2 ** 22  # the longest prompt --max-context auto may take per GPU: past what one holds
+# The longest --max-context: 8 PiB of cache for Llama-3-8B even at 1 bit per element, yet small
+# enough that no size computed from it overflows 64 bits.
+MAX_CONTEXT = 2 ** 40
 # The flags that change one setting of --kv (quant/kvspec.py): flag -> KvSpec field.
 KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
 
 def context_size(s):
-    return s if s == "auto" else positive_int(s)
+    if s == "auto":
+        return s
+    n = positive_int(s)
+    if n > MAX_CONTEXT:
+        raise argparse.ArgumentTypeError(f"must be at most 2^40 = {MAX_CONTEXT} tokens, got {n}")
+    return n
 
 
 def engine_spec(text: str) -> kvspec.KvSpec:
@@ -92,8 +101,8 @@ def parse_args(argv=None):
     kv.add_argument("--token-group", type=positive_int,
                     help=f"svdq: tokens per key block (default {kvspec.DEFAULT.token_group})")
     args = p.parse_args(argv)
-    if not args.temperature >= 0:
-        p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        p.error(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
     if mismatch := world_mismatch(args.tp, args.cp):
@@ -213,6 +222,9 @@ def run(args, parallel, device):
         raise UserError(f"cannot allocate the KV cache on {where}: {memory.explain()}; at most {longest} tokens fit")
     if prompt_ids is None:  # random ids past the special ones, reproducible with --seed, after the BOS
         bos = tokenizer.bos_id if tokenizer else cfg.bos_token_id
+        if bos is not None and not 0 <= bos < vocab_size:
+            raise UserError(f"{args.model / 'config.json'}: bos_token_id {bos} is outside the vocabulary "
+                            f"(vocab_size {vocab_size})")
         bos = [] if bos is None else [bos]
         generator = torch.Generator().manual_seed(args.seed or 0)
         prompt_ids = bos + torch.randint(3, vocab_size, (n_prompt - len(bos),), generator=generator).tolist()
