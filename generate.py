@@ -142,12 +142,13 @@ def main(args):
 
 
 def load(args, parallel, device):
-    """What every rank loads: the config, the prompt, the tokenizer, the model (under tensor
-    parallelism the rank's part of it). Flags the model cannot take are refused before its weights load."""
+    """What every rank loads: the config, the prompt, the tokenizer and the ids that end
+    generation, the model (under tensor parallelism the rank's part of it). Flags the model cannot
+    take are refused before its weights load."""
     import torch
 
     from engine.parallel import load_model
-    from engine.tokenizer import has_tokenizer, load_tokenizer
+    from engine.tokenizer import eos_ids, has_tokenizer, load_tokenizer
     from model import LlamaConfig
 
     if not args.model.is_dir():
@@ -168,10 +169,11 @@ def load(args, parallel, device):
     prompt = read_prompt(args.prompt_file, longest_prompt) if args.prompt_file else None
     # --prompt-tokens needs no tokenizer: without one, stdout gets the new ids.
     tokenizer = load_tokenizer(args.model) if prompt is not None or has_tokenizer(args.model) else None
+    end_ids = eos_ids(args.model, cfg)
     model = load_model(args.model, device, args.dtype and getattr(torch, args.dtype), parallel)
     if tokenizer and tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{args.model}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
-    return cfg, prompt, tokenizer, model
+    return cfg, prompt, tokenizer, end_ids, model
 
 
 def run(args, parallel, device):
@@ -187,12 +189,12 @@ def run(args, parallel, device):
         usable_bytes,
     )
     from engine.runner import generate
-    from engine.tokenizer import StreamDecoder, eos_ids
+    from engine.tokenizer import StreamDecoder
     from quant.calibrate import CALIBRATION_FILE, calibrated, load_calibration
 
     spec = args.kv
     # Every rank loads; one rank's error stops all alike, and rank 0 reports it.
-    cfg, prompt, tokenizer, model = parallel.agree(lambda: load(args, parallel, device))
+    cfg, prompt, tokenizer, end_ids, model = parallel.agree(lambda: load(args, parallel, device))
     dtype = model.lm_head.weight.dtype
     speaks = parallel.rank == 0  # every rank computes every token; rank 0 prints
 
@@ -259,7 +261,6 @@ def run(args, parallel, device):
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    end_ids = eos_ids(args.model, cfg)
     start = time.perf_counter()
     n_sampled, n_new = 0, 0
     try:

@@ -129,7 +129,7 @@ def test_bad_prompt(checkpoint, tmp_path, content, message):
     (["--max-new-tokens", "0"], "--max-new-tokens: must be positive"),
     (["--max-new-tokens", "-5"], "--max-new-tokens: must be positive"),
     (["--max-new-tokens", "ten"], "is not an integer"),
-    (["--temperature", "-0.1"], "--temperature: must be >= 0"),
+    (["--temperature", "-0.1"], "--temperature: must be a finite number >= 0"),
     (["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["--top-k", "0"], "--top-k: must be positive"),
