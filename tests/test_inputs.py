@@ -454,3 +454,12 @@ def test_the_planner_keeps_within_ulimit_v():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 0 < int(r.stdout) <= 2 ** 30
+
+
+def test_a_token_group_past_the_context_quantizes_nothing(capsys, base, prompt):
+    """SVDq blocks of 10^12 tokens: none fills, every key stays exact, the text is the fp16 cache's
+    (a decode step once built indices for a whole block: 8 TB)."""
+    greedy = ["--temperature", 0, "--dtype", "float32"]
+    fp16 = run(capsys, base, prompt, *greedy, "--kv", "fp16")
+    code, out, err = run(capsys, base, prompt, *greedy, "--kv", "svdq-k1.25v1.5", "--token-group", 10 ** 12)
+    assert code == 0 and out == fp16[1], err
