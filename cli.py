@@ -41,6 +41,9 @@ class FlagError(UserError):
 def run_cli(main):
     """Run a command-line entry point: a UserError becomes one `error:` line and its exit status;
     Ctrl-C, a closed pipe and a failed write end it as the module docstring says."""
+    if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write to stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        sys.stderr = open(2, "w")
     try:
         if sys.stdout is None:  # started with stdout closed (>&-): the output would be lost
             raise UserError("stdout is closed: nowhere to write the output")
@@ -162,8 +165,11 @@ def open_regular(path: Path, what: str):
     opened without blocking, so that a FIFO without a writer is refused rather than waited on."""
     with reading(path, what):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(path)
             raise UserError(f"{path}: {what} is not a regular file")
         os.set_blocking(fd, True)
         return open(fd, "rb")

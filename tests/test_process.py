@@ -16,7 +16,6 @@ import pytest
 from cli import UserError
 from conftest import ROOT
 from engine import parallel
-from kernels import native
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +155,8 @@ def compile_to(path, source, tmp_path):
 
 
 def test_the_kernel_is_built_and_its_hash_recorded(cache):
+    from kernels import native
+
     tmp_path, command = cache
     library = native.load("answer", command, "k1", ["answer"])
     assert library.answer() == 42
@@ -168,6 +169,8 @@ def test_the_kernel_is_built_and_its_hash_recorded(cache):
 def test_a_foreign_or_damaged_library_is_rebuilt_not_loaded(cache, damage):
     """A planted library would run its constructor at load (it makes a marker file); a truncated
     one crashed the process with SIGBUS. Either is replaced by a fresh build."""
+    from kernels import native
+
     tmp_path, command = cache
     library = tmp_path / "xdg" / "kvq" / "answer-k2.so"
     marker = tmp_path / "planted-ran"
@@ -187,6 +190,8 @@ def test_a_foreign_or_damaged_library_is_rebuilt_not_loaded(cache, damage):
 @pytest.mark.parametrize("problem", ["folder writable by others", "kvq is a file", "unwritable cache home",
                                      "missing symbol", "compiler error"])
 def test_an_unusable_cache_falls_back_to_torch_with_a_note(cache, monkeypatch, capsys, problem):
+    from kernels import native
+
     tmp_path, command = cache
     folder = tmp_path / "xdg" / "kvq"
     symbols = ["answer"]
