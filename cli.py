@@ -160,13 +160,14 @@ def reading(path: Path, what: str):
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e})")
 
 
-def open_regular(path: Path, what: str):
-    """`path` opened for reading, refused unless it is a regular file (a checkpoint's files are):
-    opened without blocking, so that a FIFO without a writer is refused rather than waited on."""
+def open_file(path: Path, what: str, regular: bool):
+    """`path` opened for reading without waiting for a writer: a FIFO with none reads as empty
+    rather than blocking forever (a pipe with one, as `<(...)` gives, reads as usual). regular:
+    refuse anything but a regular file (a checkpoint's files are)."""
     with reading(path, what):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        if regular and not stat.S_ISREG(mode):
             os.close(fd)
             if stat.S_ISDIR(mode):
                 raise IsADirectoryError(path)
@@ -179,7 +180,7 @@ def read_file(path: Path, what: str, limit: int | None = None, why: str = "", re
     """The bytes of the user's file `path`. limit: refuse a file of more bytes, before reading it
     whole (it may be /dev/zero), saying `why` the limit. regular: only a regular file (a
     checkpoint's), not whatever the user names (a prompt from a pipe, `<(...)`)."""
-    with reading(path, what), (open_regular(path, what) if regular else open(path, "rb")) as f:
+    with reading(path, what), open_file(path, what, regular) as f:
         if limit is None:
             return f.read()
         chunks, size = [], 0  # in pieces: f.read(limit + 1) would allocate all of a huge limit at once
@@ -219,7 +220,7 @@ def read_json(path: Path, what: str) -> dict:
 def readable(path: Path, what: str) -> Path:
     """`path`, once it is known to be a regular file and one byte of it has been read: for files a
     library opens itself (safetensors), whose own errors for an unreadable file mislead."""
-    with reading(path, what), open_regular(path, what) as f:
+    with reading(path, what), open_file(path, what, regular=True) as f:
         f.read(1)
     return Path(path)
 

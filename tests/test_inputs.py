@@ -326,6 +326,12 @@ def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(capsys, ckpt, prompt,
         assert_error(run(capsys, ckpt, prompt), 1, f"{ckpt / name}: {what} is not a regular file")
 
 
+def test_a_prompt_fifo_without_a_writer_reads_as_empty(capsys, ckpt, tmp_path):
+    os.mkfifo(tmp_path / "prompt")
+    with deadline(30):
+        assert_error(run(capsys, ckpt, tmp_path / "prompt"), 1, "prompt file is empty")
+
+
 @pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
 def test_endless_or_deeply_nested_json_is_refused(capsys, ckpt, prompt, name):
     (ckpt / name).unlink(missing_ok=True)
