@@ -33,9 +33,6 @@ DTYPES = {"float32", "float16", "bfloat16"}
 # text (4 on average in English; 3 per CJK character), never 64.
 PROMPT_BYTES_PER_TOKEN = 64
 AUTO_CONTEXT = 2 ** 22  # the longest prompt --max-context auto may take per GPU: past what one holds
-# The longest --max-context: 8 PiB of cache for Llama-3-8B even at 1 bit per element, yet small
-# enough that no size computed from it overflows 64 bits.
-MAX_CONTEXT = 2 ** 40
 # The flags that change one setting of --kv (quant/kvspec.py): flag -> KvSpec field.
 KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
@@ -44,8 +41,8 @@ def context_size(s):
     if s == "auto":
         return s
     n = positive_int(s)
-    if n > MAX_CONTEXT:
-        raise argparse.ArgumentTypeError(f"must be at most 2^40 = {MAX_CONTEXT} tokens, got {n}")
+    if n > kvspec.MAX_TOKENS:  # 8 PiB of cache for Llama-3-8B even at 1 bit per element
+        raise argparse.ArgumentTypeError(f"must be at most 2^40 = {kvspec.MAX_TOKENS} tokens, got {n}")
     return n
 
 

@@ -427,6 +427,9 @@ def test_tiny_temperatures_sample_the_largest_logit():
     (["--max-context", str(2 ** 63 - 1)], "--max-context: must be at most 2^40"),
     (["--max-context", str(10 ** 30)], "--max-context: must be at most 2^40"),
     (["--max-context", "1e30"], "--max-context: '1e30' is not an integer"),
+    (["--sinks", str(10 ** 30)], "sinks must be at most 2^40"),
+    (["--window", str(10 ** 30)], "window must be at most 2^40"),
+    (["--kv", "svdq-k1.25v1.5", "--token-group", str(10 ** 30)], "token-group must be at most 2^40"),
 ])
 def test_huge_or_non_finite_flags_exit_2(capsys, base, prompt, flags, message):
     assert_error(run(capsys, base, prompt, *flags), 2, message)
