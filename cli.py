@@ -107,8 +107,7 @@ def launch() -> Launch:
                         "(torchrun --nproc-per-node N ...), or unset WORLD_SIZE for one")
     rank = env_int("RANK", 0, world - 1)
     local_world = env_int("LOCAL_WORLD_SIZE", 1, world) if "LOCAL_WORLD_SIZE" in env else 1
-    local_rank = env_int("LOCAL_RANK", 0, local_world - 1 if "LOCAL_WORLD_SIZE" in env else world - 1) \
-        if "LOCAL_RANK" in env else 0
+    local_rank = env_int("LOCAL_RANK", 0, world - 1) if "LOCAL_RANK" in env else 0
     return Launch(rank, world, local_rank, local_world, env["MASTER_ADDR"], env_int("MASTER_PORT", 1, 65535))
 
 
