@@ -9,6 +9,7 @@ allocation, with the numbers. On several devices, under torchrun (engine/paralle
 rank 0 prints.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,12 @@ KV_FLAGS = {f"--{setting}": field for field, setting in kvspec.SETTINGS.items()}
 
 
 def context_size(s):
-    return s if s == "auto" else positive_int(s)
+    if s == "auto":
+        return s
+    n = positive_int(s)
+    if n > kvspec.MAX_TOKENS:  # 8 PiB of cache for Llama-3-8B even at 1 bit per element
+        raise argparse.ArgumentTypeError(f"must be at most 2^40 = {kvspec.MAX_TOKENS} tokens, got {n}")
+    return n
 
 
 def engine_spec(text: str) -> kvspec.KvSpec:
@@ -94,8 +100,8 @@ def parse_args(argv=None):
     kv.add_argument("--token-group", type=positive_int,
                     help=f"svdq: tokens per key block (default {kvspec.DEFAULT.token_group})")
     args = p.parse_args(argv)
-    if not args.temperature >= 0:
-        p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        p.error(f"argument --temperature: must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
     if mismatch := world_mismatch(args.tp, args.cp):
@@ -135,12 +141,13 @@ def main(args):
 
 
 def load(args, parallel, device):
-    """What every rank loads: the config, the prompt, the tokenizer, the model (under tensor
-    parallelism the rank's part of it). Flags the model cannot take are refused before its weights load."""
+    """What every rank loads: the config, the prompt, the tokenizer and the ids that end
+    generation, the model (under tensor parallelism the rank's part of it). Flags the model cannot
+    take are refused before its weights load."""
     import torch
 
     from engine.parallel import load_model
-    from engine.tokenizer import has_tokenizer, load_tokenizer
+    from engine.tokenizer import eos_ids, has_tokenizer, load_tokenizer
     from model import LlamaConfig
 
     if not args.model.is_dir():
@@ -161,10 +168,11 @@ def load(args, parallel, device):
     prompt = read_prompt(args.prompt_file, longest_prompt) if args.prompt_file else None
     # --prompt-tokens needs no tokenizer: without one, stdout gets the new ids.
     tokenizer = load_tokenizer(args.model) if prompt is not None or has_tokenizer(args.model) else None
+    end_ids = eos_ids(args.model, cfg)
     model = load_model(args.model, device, args.dtype and getattr(torch, args.dtype), parallel)
     if tokenizer and tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{args.model}: tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
-    return cfg, prompt, tokenizer, model
+    return cfg, prompt, tokenizer, end_ids, model
 
 
 def run(args, parallel, device):
@@ -180,12 +188,12 @@ def run(args, parallel, device):
         usable_bytes,
     )
     from engine.runner import generate
-    from engine.tokenizer import StreamDecoder, eos_ids
+    from engine.tokenizer import StreamDecoder
     from quant.calibrate import CALIBRATION_FILE, calibrated, load_calibration
 
     spec = args.kv
     # Every rank loads; one rank's error stops all alike, and rank 0 reports it.
-    cfg, prompt, tokenizer, model = parallel.agree(lambda: load(args, parallel, device))
+    cfg, prompt, tokenizer, end_ids, model = parallel.agree(lambda: load(args, parallel, device))
     dtype = model.lm_head.weight.dtype
     speaks = parallel.rank == 0  # every rank computes every token; rank 0 prints
 
@@ -215,6 +223,9 @@ def run(args, parallel, device):
         raise UserError(f"cannot allocate the KV cache on {where}: {memory.explain()}; at most {longest} tokens fit")
     if prompt_ids is None:  # random ids past the special ones, reproducible with --seed, after the BOS
         bos = tokenizer.bos_id if tokenizer else cfg.bos_token_id
+        if bos is not None and not 0 <= bos < vocab_size:
+            raise UserError(f"{args.model / 'config.json'}: bos_token_id {bos} is outside the vocabulary "
+                            f"(vocab_size {vocab_size})")
         bos = [] if bos is None else [bos]
         generator = torch.Generator().manual_seed(args.seed or 0)
         prompt_ids = bos + torch.randint(3, vocab_size, (n_prompt - len(bos),), generator=generator).tolist()
@@ -251,7 +262,6 @@ def run(args, parallel, device):
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    end_ids = eos_ids(args.model, cfg)
     start = time.perf_counter()
     n_sampled, n_new = 0, 0
     try:

@@ -6,14 +6,15 @@ knows nothing of bits or kernels.
 """
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, read_file, readable
+from cli import UserError, read_json, readable
 
 
 @dataclass
@@ -137,17 +138,6 @@ def refuse_unsupported(raw: dict, path: Path):
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
     if not all(str(name).lower() == "llamaforcausallm" for name in architectures):  # early conversions: LLaMA...
         raise UserError(f"{path}: unsupported architectures {architectures} (this engine runs LlamaForCausalLM)")
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A checkpoint's JSON file as an object, or one UserError naming the file and why."""
-    try:
-        raw = json.loads(read_file(path, what))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +287,9 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None, shard=None) -> "Llama":
         """Load a Hugging Face-layout checkpoint, streaming each tensor straight to the target.
         shard: one rank's part of a tensor-parallel model (engine/parallel.py Parallel): its
-        config (shard_config) and the slice of each tensor it reads alone (full_shape, index)."""
+        config (shard_config) and the slice of each tensor it reads alone (full_shape, index).
+        Every tensor's name, shape and dtype is checked against config.json from the files'
+        headers before any weight is read or any module built."""
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"{path}: model directory not found")
@@ -306,12 +298,12 @@ class Llama(nn.Module):
             cfg = shard.shard_config(cfg)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        reads = check_tensors(path, cfg, checkpoint_shards(path), shard)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {name: t.shape for name, t in model.state_dict().items()}
         state, sums = {}, {}
-        for file in checkpoint_files(path):
-            state.update(read_safetensors(file, expected, device, dtype, sums, shard))
+        for file, names in reads.items():
+            state.update(read_safetensors(file, names, device, dtype, sums, shard))
         # A cheap check for NaN or inf weights (or weights past the range of `dtype`): one fp32
         # sum per tensor, no copy, one host sync for the whole checkpoint.
         finite = torch.isfinite(torch.stack(list(sums.values())).cpu()) if sums else torch.ones(0, dtype=torch.bool)
@@ -319,11 +311,7 @@ class Llama(nn.Module):
             name, file = list(sums)[int((~finite).nonzero()[0])]
             raise UserError(f"{file}: tensor {name} holds NaN or infinite values (in {str(dtype).removeprefix('torch.')})")
         if cfg.tie_word_embeddings:  # the checkpoint may omit lm_head.weight, or carry a copy we do not need
-            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        missing = sorted(name for name in expected if state.get(name) is None)
-        if missing:
-            hint = " (tie_word_embeddings is false)" if missing == ["lm_head.weight"] else ""
-            raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}{hint}")
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -331,45 +319,128 @@ class Llama(nn.Module):
         return model.eval()
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """model.safetensors, or the shards named by model.safetensors.index.json."""
+def checkpoint_shards(path: Path) -> dict[Path, list[str]]:
+    """The checkpoint's safetensors files and the tensors to read from each: model.safetensors
+    and all it holds, or the shards model.safetensors.index.json's weight_map names, each for the
+    tensors weight_map places in it. A shard is a plain file name in the model folder (a symlink
+    there, as in the Hub's cache, is fine); only regular files are opened."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index, "safetensors index").get("weight_map")
-        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
-            raise UserError(f"{index}: not a valid safetensors index (no weight_map of file names)")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = [path / "model.safetensors"]
-    return [readable(f, "weights file") for f in files]
+    if not index.exists():
+        file = readable(path / "model.safetensors", "weights file")
+        return {file: safetensors_header(file)[0]}
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+        raise UserError(f"{index}: not a valid safetensors index (no weight_map of file names)")
+    shards = {}
+    for name, file in weight_map.items():
+        if Path(file).name != file or file in ("", ".", "..") or "\0" in file:
+            raise UserError(f"{index}: weight_map places {name} in {file!r}, not a file name in the model folder")
+        shards.setdefault(path / file, []).append(name)
+    return {readable(file, "weights file"): names for file, names in sorted(shards.items())}
+
+
+def safetensors_header(file: Path) -> tuple[list[str], dict]:
+    """The names of the tensors a safetensors file holds and, by name, (shape, dtype) read from
+    its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = list(f.keys())
+            return names, {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in names}
+    except SafetensorError as e:
+        raise UserError(f"{file}: corrupt or truncated safetensors file ({e})")
+
+
+def layer_shapes(cfg: LlamaConfig) -> dict:
+    """Name -> shape of every parameter of a one-layer model of `cfg`, built on the meta device:
+    with parameter_names and parameter_shape, a config of 100000 layers costs no more than one."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Llama(replace(cfg, num_hidden_layers=1)).state_dict().items()}
+
+
+def parameter_names(cfg: LlamaConfig, shapes: dict):
+    """Every parameter's name (lazily), from layer_shapes."""
+    yield from (name for name in shapes if not LAYER.fullmatch(name))
+    for i in range(cfg.num_hidden_layers):
+        yield from (f"model.layers.{i}.{m[2]}" for name in shapes if (m := LAYER.fullmatch(name)))
+
+
+def parameter_shape(cfg: LlamaConfig, name: str, shapes: dict):
+    """The shape config.json implies for parameter `name` (shapes: layer_shapes), None for a name
+    that is not one of its Llama's parameters."""
+    if m := LAYER.fullmatch(name):
+        layer = int(m[1])
+        if m[1] != str(layer) or layer >= cfg.num_hidden_layers:
+            return None
+        name = f"model.layers.0.{m[2]}"
+    return shapes.get(name)
+
+
+LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def check_tensors(path: Path, cfg: LlamaConfig, shards: dict, shard=None) -> dict[Path, list[str]]:
+    """Every tensor of the checkpoint (from the headers alone) is where the index places it, in
+    one file, a Llama parameter of the shape config.json implies and floating point; none lacks.
+    Returns the tensors to read from each file."""
+    shapes = layer_shapes(cfg)
+    where, reads = {}, {}
+    for file, names in shards.items():
+        held, header, placed = *safetensors_header(file), set(names)
+        for name in held:
+            if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store it; we recompute
+                continue
+            if name in where:
+                raise UserError(f"{file}: tensor {name} is also in {where[name].name} (a tensor belongs to one shard)")
+            if name not in placed:
+                raise UserError(f"{file}: tensor {name} is not placed in this file by the index's weight_map")
+            expected = parameter_shape(cfg, name, shapes)
+            if expected is None:
+                raise UserError(f"{file}: unexpected tensor {name} (not a Llama parameter)")
+            shape, dtype = header[name]
+            full = tuple(expected) if shard is None else shard.full_shape(name, expected)
+            if shape != full:
+                raise UserError(f"{file}: tensor {name} has shape {list(shape)}, config.json implies {list(full)}")
+            if dtype not in FLOAT_DTYPES:
+                raise UserError(f"{file}: tensor {name} is {dtype}; a Llama checkpoint stores "
+                                f"floating-point weights ({', '.join(sorted(FLOAT_DTYPES))})")
+            where[name] = file
+            reads.setdefault(file, []).append(name)
+        lacking = [name for name in names if name not in header]
+        if lacking:
+            raise UserError(f"{file}: lacks tensor {lacking[0]}, which the index's weight_map places in it")
+    # Every tensor held is a distinct parameter: a count tells whether any lacks, without listing them.
+    tied = cfg.tie_word_embeddings
+    per_layer = sum(bool(LAYER.fullmatch(name)) for name in shapes)
+    needed = len(shapes) + per_layer * (cfg.num_hidden_layers - 1) - tied
+    have = len(where) - (tied and "lm_head.weight" in where)
+    if have < needed:
+        missing = next(name for name in parameter_names(cfg, shapes)
+                       if name not in where and not (tied and name == "lm_head.weight"))
+        hint = " (tie_word_embeddings is false)" if missing == "lm_head.weight" and needed - have == 1 else ""
+        raise UserError(f"{path}: checkpoint lacks {needed - have} tensor(s), e.g. {missing}{hint}")
+    return reads
 
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of what casts to the model dtype faithfully
 
 
-def read_safetensors(file: Path, expected: dict, device, dtype, sums: dict, shard=None) -> dict:
-    """Tensors of one safetensors file, each read to `device` and cast, checked against `expected`
-    in name, shape and dtype; each tensor's fp32 sum into sums[(name, file)]. With a `shard`, only
-    its slice of each tensor is read (Llama.from_pretrained)."""
+def read_safetensors(file: Path, names: list[str], device, dtype, sums: dict, shard=None) -> dict:
+    """The tensors `names` of one safetensors file (checked: check_tensors), each read to
+    `device` and cast; each tensor's fp32 sum into sums[(name, file)]. With a `shard`, only its
+    slice of each tensor is read (Llama.from_pretrained)."""
     from safetensors import SafetensorError, safe_open
 
     state = {}
     try:
         with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store it; we recompute
-                    continue
-                if name not in expected:
-                    raise UserError(f"{file}: unexpected tensor {name} (not a Llama parameter)")
-                stored = f.get_slice(name)
-                shape = tuple(stored.get_shape())
-                full = tuple(expected[name]) if shard is None else shard.full_shape(name, expected[name])
-                if shape != full:
-                    raise UserError(f"{file}: tensor {name} has shape {list(shape)}, config.json implies {list(full)}")
-                if stored.get_dtype() not in FLOAT_DTYPES:
-                    raise UserError(f"{file}: tensor {name} is {stored.get_dtype()}; a Llama checkpoint stores "
-                                    f"floating-point weights ({', '.join(sorted(FLOAT_DTYPES))})")
-                tensor = f.get_tensor(name) if shard is None else stored[shard.index(name, shape)]
+            for name in names:
+                if shard is None:
+                    tensor = f.get_tensor(name)
+                else:
+                    stored = f.get_slice(name)
+                    tensor = stored[shard.index(name, tuple(stored.get_shape()))]
                 state[name] = tensor.to(device=device, dtype=dtype)
                 sums[name, file] = state[name].sum(dtype=torch.float32)
     except SafetensorError as e:

@@ -31,7 +31,6 @@ the table into bench/RESULTS.md.
     python -m bench.decode --device cpu                     # 4K, 32K, 128K: about 10 minutes
     python -m bench.decode --device cpu --contexts 4096,32768
 """
-import argparse
 import json
 import os
 import platform
@@ -43,7 +42,15 @@ from pathlib import Path
 import torch
 
 from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
-from cli import UserError, add_parallel_flags, world_mismatch
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_parallel_flags,
+    positive_int,
+    positive_ints,
+    run_cli,
+    world_mismatch,
+)
 from engine.cache import KVCache, make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
@@ -386,21 +393,20 @@ def plot(result, out: Path):
 
 
 def main(argv=None):
-    ints = lambda s: [int(x) for x in s.split(",")]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
     p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
-    p.add_argument("--contexts", type=ints, default=[4096, 32768, 131072, 524288, 1048576])
+    p.add_argument("--contexts", type=positive_ints, default=[4096, 32768, 131072, 524288, 1048576])
     p.add_argument("--batches", type=lambda s: s.split(","), default=["1", "max"],
                    help="batch sizes; max: the largest that fits at each context")
-    p.add_argument("--steps", type=int, default=20, help="timed decode steps per row")
-    p.add_argument("--prefill", type=int, default=0, help="also time a real prefill of this many tokens")
-    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per row")
+    p.add_argument("--prefill", type=positive_int, default=None, help="also time a real prefill of this many tokens")
+    p.add_argument("--prefill-chunk", type=positive_int, default=4096)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--copy-bytes", type=int, default=1 << 30)
+    p.add_argument("--copy-bytes", type=positive_int, default=1 << 30)
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--threads", type=int, default=2, help="CPU table: torch threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU table: torch threads")
     add_parallel_flags(p)
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md",
                    help="CPU table: the markdown file it writes the table into")
@@ -409,7 +415,8 @@ def main(argv=None):
         args.models, args.contexts, args.batches, args.steps = ["tiny"], [300], ["2"], 3
         args.copy_bytes = 1 << 20
         args.kv = [kv.replace("svdq-k1.25v1.5", "svdq-k1.25v1.5:token-group=32") for kv in KV]
-    unknown = [m for m in args.models if m not in CONFIGS] + [b for b in args.batches if b != "max" and not b.isdigit()]
+    unknown = [m for m in args.models if m not in CONFIGS] + [
+        b for b in args.batches if b != "max" and not (b.isdigit() and int(b) > 0)]
     if unknown:
         p.error(f"unknown model or batch: {', '.join(unknown)} (models: {', '.join(CONFIGS)}; batches: N or max)")
     try:
@@ -456,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

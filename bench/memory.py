@@ -17,7 +17,6 @@ tensor parallel, context parallel and both.
 
     python -m bench.memory --plan-gib 80 --gpus 1,2,4,8 --kv skvq-k2v1.5
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,17 @@ import torch
 
 from bench.attention import ROOT, command_line, device_name, git_commit
 from bench.decode import CONFIGS, random_model
-from cli import FlagError, add_parallel_flags, world_mismatch
+from cli import (
+    ArgumentParser,
+    FlagError,
+    UserError,
+    add_parallel_flags,
+    positive_int,
+    positive_ints,
+    positive_number,
+    run_cli,
+    world_mismatch,
+)
 from engine.cache import make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import (
@@ -92,22 +101,21 @@ def plan_table(args, specs) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
     p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     add_parallel_flags(p)
-    p.add_argument("--plan-gib", type=float, default=None,
+    p.add_argument("--plan-gib", type=positive_number, default=None,
                    help="no GPU: the planner's longest context on GPUs of this many GiB, every layout of --gpus")
-    p.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--gpus", type=positive_ints, default=[1, 2, 4, 8])
     args = p.parse_args(argv)
     if mismatch := world_mismatch(args.tp, args.cp):
         p.error(mismatch)
     if args.plan_gib is None and not torch.cuda.is_available():
-        print("error: bench/memory.py finds the longest context by allocating on a GPU, and no CUDA device is "
-              "available", file=sys.stderr)
-        sys.exit(1)
+        raise UserError("bench/memory.py finds the longest context by allocating on a GPU, and no CUDA device is "
+                        "available (--plan-gib G: the planner's arithmetic alone)")
     unknown = [m for m in args.models if m not in CONFIGS]
     if unknown:
         p.error(f"unknown model {', '.join(unknown)} (models: {', '.join(CONFIGS)})")
@@ -169,4 +177,4 @@ def allocated_table(args, specs, device, parallel: Parallel) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

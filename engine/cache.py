@@ -225,7 +225,9 @@ class QuantizedCache(Cache):
             mine = (row >= self.first_row) & (row < self.first_row + self.rows)
             self.evict_row = torch.where(mine, row, -1)
             if not self.use_kernels:  # as entries (b, ring slot, row of this rank's stores) of each of its tokens
-                G = self.schedule.block
+                # A block longer than the ring as allocated (a context too short to fill one, such as
+                # SVDq's token-group 10^12) never leaves it: its entries are all -1, as many as ring slots.
+                G = min(self.schedule.block, self.window_k.shape[3])
                 rows = torch.where(self.evict_row[:, None] >= 0, self.evict_row[:, None] + torch.arange(
                     G, device=held.device), -1)                                                 # (B, G)
                 batch = torch.arange(len(held), device=held.device).repeat_interleave(G)

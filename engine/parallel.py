@@ -21,20 +21,25 @@ memory is spread evenly and N ranks hold N times the context. The full-precision
 attends over its segments and returns its output and log-sum-exp; `merge_attention` all-gathers
 them and merges exactly, the math of kernels/decode_attention.py's stage 2.
 
-A rank that fails makes the others fail: its exit ends torchrun's other processes, and a
-collective waiting on a lost rank raises (gloo at once, a hung rank after TIMEOUT).
+Ranks come from torchrun's variables, checked (cli.launch). The processes meet within RENDEZVOUS
+or stop with one line; a rank that fails later makes the others fail: its exit ends torchrun's
+other processes, and a collective waiting on a lost rank raises (gloo at once, a hung rank after
+TIMEOUT).
 """
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from cli import FlagError, UserError, world_mismatch
+from cli import FlagError, Launch, UserError, launch, world_mismatch
 from model import Llama
 
 TIMEOUT = timedelta(minutes=5)  # the longest wait on another rank: loading a large checkpoint included
+RENDEZVOUS = 60                 # seconds for every process to come: torchrun starts them together
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split: weight dim 0
 ROW_PARALLEL = ("o_proj", "down_proj")                                    # input columns split: dim 1
 
@@ -189,7 +194,9 @@ def start(tp: int, cp: int, device: torch.device) -> Parallel:
     if tp * cp == 1:
         return Parallel()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    here = launch()
+    dist.init_process_group(backend, store=meet(here), rank=here.rank, world_size=here.world, timeout=TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
     rank = dist.get_rank()
     # Every rank makes every group, in the same order (torch.distributed's rule), and keeps its own.
     tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)]     # rows of the grid
@@ -197,11 +204,56 @@ def start(tp: int, cp: int, device: torch.device) -> Parallel:
     return Parallel(tp, cp, rank, tp_groups[rank // tp], cp_groups[rank % tp])
 
 
+def meet(here: Launch) -> dist.Store:
+    """The store every process meets at (MASTER_ADDR:MASTER_PORT: torchrun's agent hosts it, else
+    rank 0 does), once all WORLD_SIZE have come. In waits of a second, so that Ctrl-C is heard;
+    a UserError after RENDEZVOUS seconds."""
+    hosts = here.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    where = f"{here.master_addr}:{here.master_port}"
+    deadline = time.monotonic() + RENDEZVOUS
+    key = f"kvq/joined/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}"
+    store = None
+    with stderr_silenced():  # c10d logs every failed attempt to connect, with a C++ stack
+        while store is None:
+            try:
+                store = dist.TCPStore(here.master_addr, here.master_port, here.world, hosts, timedelta(seconds=1),
+                                      wait_for_workers=False)
+            except RuntimeError as e:  # DistNetworkError, DistStoreError
+                if hosts:
+                    raise UserError(f"rank 0 cannot host the rendezvous at {where} ({str(e).splitlines()[0]})")
+                if time.monotonic() > deadline:
+                    raise UserError(f"rank {here.rank}: no rendezvous at {where} within {RENDEZVOUS} s "
+                                    "(is rank 0 running? torchrun starts every rank)")
+        store.add(key, 1)
+        while (joined := store.add(key, 0)) < here.world:
+            if time.monotonic() > deadline:
+                raise UserError(f"rank {here.rank}: {joined} of WORLD_SIZE={here.world} processes came to the "
+                                f"rendezvous at {where} within {RENDEZVOUS} s (torchrun --nproc-per-node "
+                                f"{here.world} starts them all)")
+            time.sleep(0.1)
+    store.set_timeout(TIMEOUT)
+    return store
+
+
+@contextmanager
+def stderr_silenced():
+    """File descriptor 2 pointed at /dev/null (what C++ libraries write there too) for the block."""
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def local_device(device_type: str) -> torch.device:
     """The device of this process: under torchrun on CUDA, GPU LOCAL_RANK (one per process)."""
     if device_type != "cuda":
         return torch.device(device_type)
-    index = int(os.environ.get("LOCAL_RANK", "0"))
+    index = launch().local_rank
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

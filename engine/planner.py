@@ -10,12 +10,13 @@ request's config is the rank's (its heads and MLP columns), its cache the rank's
 memory the least of any rank's; the group holds what each rank holds.
 """
 import ctypes
-import os
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from cli import launch
 from engine.cache import make_cache
 from engine.parallel import Parallel
 from engine.runner import PREFILL_CHUNK
@@ -49,18 +50,21 @@ class Request:
 def usable_bytes(device) -> int:
     """What a plan may use: the free memory less HEADROOM. On the CPU, the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE) share the host's memory: each may use its part."""
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torch.device(device).type == "cpu" else 1
+    ranks_here = launch().local_world if torch.device(device).type == "cpu" else 1
     return (free_bytes(device) - HEADROOM) // ranks_here
 
 
 def free_bytes(device) -> int:
-    """Memory that can still be allocated: free GPU memory, or the host's MemAvailable."""
+    """Memory that can still be allocated: free GPU memory, or the host's MemAvailable within what
+    `ulimit -v` (RLIMIT_AS) leaves this process of its address space."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    left = float("inf") if limit == resource.RLIM_INFINITY else limit - status_bytes("VmSize:")
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
+            return int(min(int(line.split()[1]) * 1024, left))
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
@@ -95,8 +99,12 @@ def return_freed_memory():
 
 
 def resident_bytes(peak: bool = False) -> int:
-    """This process's resident memory now, or its peak so far (VmRSS, VmHWM)."""
-    field = "VmHWM:" if peak else "VmRSS:"
+    """This process's resident memory now, or its peak so far."""
+    return status_bytes("VmHWM:" if peak else "VmRSS:")
+
+
+def status_bytes(field: str) -> int:
+    """A size from /proc/self/status (VmRSS: resident, VmHWM: its peak, VmSize: address space), 0 if absent."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
             return int(line.split()[1]) * 1024

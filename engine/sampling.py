@@ -7,7 +7,12 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits [B, vocab] -> token ids [B]. No host sync, so it can run inside a CUDA graph."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Shifted so that the largest is 0 before the division: any temperature > 0, however small
+    # (1e-40), gives logits <= 0 with a 0 among them, never inf - inf (NaN) in the softmax. One
+    # below fp32's smallest normal (1e-320) would round to 0 and make 0 / 0: it samples as that one
+    # does, the largest logit alone.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -32,11 +32,11 @@ import hashlib
 import math
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
+from kernels import native
 from kernels.decode_attention import Segment
 from model import apply_rope, rope_cos_sin
 from quant.packing import WIDTHS, unpack
@@ -308,7 +308,8 @@ class _PackedOperand(ctypes.Structure):
 @functools.cache
 def compiled_kernel():
     """kernels/packed_history.c's attend_packed and attend_full, built once per source and
-    machine; None where there is no C compiler (or it fails): the torch path then runs."""
+    machine (kernels/native.py: where, and what is checked before it is loaded); None where there
+    is no C compiler, or the build or the load fails: the torch path then runs."""
     source = Path(__file__).with_name("packed_history.c")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -319,18 +320,9 @@ def compiled_kernel():
     cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
         if Path("/proc/cpuinfo").exists() else []
     key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
-    library = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvq" / f"packed_history-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        partial = library.with_suffix(f".{os.getpid()}.tmp")  # concurrent builds must not read half a file
-        built = subprocess.run([compiler, *flags, str(source), "-o", str(partial), "-lm"], capture_output=True,
-                               check=False)
-        if built.returncode:
-            return None
-        partial.rename(library)
-    try:
-        library = ctypes.CDLL(str(library))
-    except OSError:  # built for another machine, or broken: torch instead
+    library = native.load("packed_history", [compiler, *flags, str(source), "-lm", "-o"], key,
+                          ["attend_packed", "attend_full"])
+    if library is None:
         return None
     packed, full = library.attend_packed, library.attend_full
     packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \

@@ -42,6 +42,9 @@ SVDQ_KEY_BITS = (1.25, 2)           # quant/svdq.py SCHEDULES
 KIVI_KEY_BITS = (1, 2, 4, 8)        # per-channel codes in a mixed-width row (quant/packing.py)
 DEFAULT_GROUP_SIZE = 128
 KIVI_GROUP_SIZE = 32                # KIVI's value groups, in channels
+# The most tokens any setting (and generate.py's --max-context) may name: past every context a
+# machine holds, and small enough that sums and products of them with a cache's sizes fit int64.
+MAX_TOKENS = 2 ** 40
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,9 @@ class KvSpec:
                 raise ValueError(f"{setting} must be a positive integer, got {value!r}")
         if not (isinstance(self.sinks, int) and self.sinks >= 0):
             raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
+        for setting, value in {**positive, "sinks": self.sinks}.items():
+            if value > MAX_TOKENS:
+                raise ValueError(f"{setting} must be at most 2^40 = {MAX_TOKENS}, got {value}")
         for setting, value, allowed in [("grouping", self.grouping, GROUPINGS),
                                         ("metadata", self.metadata, ("fp8", "fp16")),
                                         ("rotation", self.rotation, ROTATIONS),

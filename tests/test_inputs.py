@@ -3,16 +3,24 @@ bad file, 2 for a bad flag. generate.py runs in this process (parse_args, then m
 cli.run_cli, as its __main__ does) to keep the many cases fast; tests/test_cli.py runs it as a
 subprocess. Unreadable files are links to /proc/self/mem, which no one (root included) can read
 at offset 0."""
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import SMALL, make_hf_model
+from conftest import ROOT, SMALL, make_hf_model
 from safetensors.torch import load_file, save_file
 
 import generate
-from cli import run_cli
+from cli import JSON_BYTES, run_cli
+from engine.sampling import sample
+from engine.tokenizer import load_tokenizer
 from quant.calibrate import (
     CALIBRATION_FILE,
     calibration_from,
@@ -236,3 +244,231 @@ def test_calibrate_adapts_its_group_sizes_to_head_dim(capsys, tmp_path, tokenize
     text.write_text("the lord said unto moses and the light was day " * 40)
     run_cli(lambda: calibrate_main(["--model", str(path), "--text", str(text), "--tokens", "128", "--seq-len", "64"]))
     assert load_calibration(path).settings["group_sizes"] == [32, 64]
+
+
+# -- a checkpoint is its folder --------------------------------------------------------------------
+
+def shard(path):
+    """Splits the checkpoint's model.safetensors into a.safetensors and b.safetensors with an index,
+    as transformers writes a sharded checkpoint. Returns the names in each."""
+    state = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(state)
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({n: state[n] for n in part}, path / file, metadata={"format": "pt"})
+    write_index(path, {n: file for file, part in halves.items() for n in part})
+    return halves
+
+
+def write_index(path, weight_map):
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("place", ["/abs", "../base/ckpt/model.safetensors", "sub/b.safetensors", "..", ""])
+def test_weight_map_names_only_files_in_the_model_folder(capsys, base, ckpt, prompt, place):
+    """An absolute path (another checkpoint's weights) or one that leaves the folder is refused
+    before any file it names is opened."""
+    halves = shard(ckpt)
+    place = str(base / "model.safetensors") if place == "/abs" else place
+    write_index(ckpt, {n: place if file == "b.safetensors" else file for file, part in halves.items() for n in part})
+    assert_error(run(capsys, ckpt, prompt), 1, f"in {place!r}, not a file name in the model folder")
+
+
+def test_sharded_checkpoint_reads_what_weight_map_places(capsys, base, ckpt, prompt, tmp_path):
+    """Shards as symlinks to files elsewhere (the Hub cache's layout) load; a tensor also present in
+    another shard, or in a shard the index does not place it in, is refused."""
+    greedy = ["--temperature", 0, "--kv", "fp16"]
+    expected = run(capsys, base, prompt, *greedy)
+    halves = shard(ckpt)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for file in halves:
+        (ckpt / file).rename(blobs / file)
+        (ckpt / file).symlink_to(blobs / file)
+    assert run(capsys, ckpt, prompt, *greedy)[:2] == expected[:2]
+    a = load_file(blobs / "a.safetensors")
+    moved = halves["a.safetensors"][0]
+    save_file({**load_file(blobs / "b.safetensors"), moved: a[moved] * 0 + 5}, blobs / "b.safetensors")
+    assert_error(run(capsys, ckpt, prompt), 1, f"b.safetensors: tensor {moved} is also in a.safetensors")
+    (ckpt / "a.safetensors").unlink()  # now only in b, and weight_map places it nowhere
+    save_file({k: v for k, v in a.items() if k != moved}, ckpt / "a.safetensors")
+    write_index(ckpt, {n: file for file, part in halves.items() for n in part if n != moved})
+    assert_error(run(capsys, ckpt, prompt), 1, f"b.safetensors: tensor {moved} is not placed in this file")
+    write_index(ckpt, {n: file for file, part in halves.items() for n in part})
+    assert_error(run(capsys, ckpt, prompt), 1, f"a.safetensors: lacks tensor {moved}, which the index's weight_map")
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fails the test instead of hanging on a blocking open."""
+    def hang(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name, what", [("model.safetensors", "weights file"), ("config.json", "config.json"),
+                                        ("tokenizer.model", "tokenizer.model"), ("c.safetensors", "weights file")])
+def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(capsys, ckpt, prompt, name, what):
+    if name == "c.safetensors":  # named by weight_map
+        halves = shard(ckpt)
+        write_index(ckpt, {n: "c.safetensors" if file == "b.safetensors" else file
+                           for file, part in halves.items() for n in part})
+    (ckpt / name).unlink(missing_ok=True)
+    os.mkfifo(ckpt / name)
+    with deadline(30):
+        assert_error(run(capsys, ckpt, prompt), 1, f"{ckpt / name}: {what} is not a regular file")
+
+
+def test_a_prompt_fifo_without_a_writer_reads_as_empty(capsys, ckpt, tmp_path):
+    os.mkfifo(tmp_path / "prompt")
+    with deadline(30):
+        assert_error(run(capsys, ckpt, tmp_path / "prompt"), 1, "prompt file is empty")
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+def test_endless_or_deeply_nested_json_is_refused(capsys, ckpt, prompt, name):
+    (ckpt / name).unlink(missing_ok=True)
+    (ckpt / name).symlink_to("/dev/zero")  # not a regular file
+    assert_error(run(capsys, ckpt, prompt), 1, f"{name} is not a regular file")
+    (ckpt / name).unlink()
+    (ckpt / name).write_text('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+    assert_error(run(capsys, ckpt, prompt), 1, f"{name} is nested too deeply")
+    (ckpt / name).write_text(" " * (JSON_BYTES + 1))
+    assert_error(run(capsys, ckpt, prompt), 1, f"{name} is over {JSON_BYTES} bytes")
+
+
+def test_layer_count_is_checked_before_the_model_is_built(capsys, ckpt, prompt):
+    """config.json's 100000 layers against a checkpoint of 2: refused from the headers, at once
+    (building the model first took minutes)."""
+    edit_config(ckpt, num_hidden_layers=100000)
+    start = time.monotonic()
+    assert_error(run(capsys, ckpt, prompt), 1, "checkpoint lacks 899982 tensor(s), e.g. model.layers.2.")
+    assert time.monotonic() - start < 30
+
+
+# -- tokenizers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, bos, eos", [({}, True, False), ({"add_bos_token": False}, False, False),
+                                              ({"add_bos_token": True, "add_eos_token": True}, True, True),
+                                              ({"add_bos_token": False, "add_eos_token": True}, False, True)])
+def test_sentencepiece_adds_bos_and_eos_as_tokenizer_config_says(ckpt, tokenizer_path, config, bos, eos):
+    import sentencepiece as spm
+
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    text = "In the beginning, café"
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    assert load_tokenizer(ckpt).encode(text) == [1] * bos + sp.Encode(text) + [2] * eos
+
+
+def test_tokenizer_json_is_preferred_to_tokenizer_model(ckpt):
+    """As transformers chooses: a tokenizer.json beside a tokenizer.model that disagrees with it."""
+    from test_llama3 import build_tokenizer_json
+    from transformers import AutoTokenizer
+
+    build_tokenizer_json(ckpt)
+    text = "the lord said unto moses"
+    assert load_tokenizer(ckpt).encode(text) == AutoTokenizer.from_pretrained(ckpt).encode(text)
+
+
+def test_sentencepiece_without_bos(capsys, ckpt, prompt, tmp_path):
+    import sentencepiece as spm
+
+    (tmp_path / "text.txt").write_text("\n".join(["the lord said unto moses and light was day"] * 100))
+    spm.SentencePieceTrainer.Train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "nobos"),
+                                   vocab_size=20, bos_id=-1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    shutil.copy(tmp_path / "nobos.model", ckpt / "tokenizer.model")
+    assert_error(run(capsys, ckpt, prompt), 1, "the SentencePiece model has no BOS token, and tokenizer_config.json "
+                                               "does not say add_bos_token: false")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    code, out, err = run(capsys, ckpt, prompt, "--temperature", 0)
+    assert code == 0 and out, err
+
+
+@pytest.mark.parametrize("bos", [300, 10 ** 12, -1])
+def test_bos_outside_the_vocabulary(capsys, ckpt, bos):
+    (ckpt / "tokenizer.model").unlink()
+    edit_config(ckpt, bos_token_id=bos)
+    assert_error(cli(capsys, "--model", ckpt, "--prompt-tokens", 5, "--device", "cpu"), 1,
+                 f"bos_token_id {bos} is outside the vocabulary (vocab_size 300)")
+
+
+def test_tokenizer_ids_past_the_model_vocabulary(capsys, ckpt, prompt):
+    """A token of id 5000 in a tokenizer.json of a few hundred: ids run to 5000, the model has 300."""
+    from test_llama3 import build_tokenizer_json
+
+    build_tokenizer_json(ckpt)
+    raw = json.loads((ckpt / "tokenizer.json").read_text())
+    raw["model"]["vocab"]["zzz"] = 5000
+    (ckpt / "tokenizer.json").write_text(json.dumps(raw))
+    assert_error(run(capsys, ckpt, prompt), 1, "tokenizer has 5001 tokens, the model only 300")
+
+
+# -- flags -------------------------------------------------------------------------------------------
+
+def test_tiny_temperatures_sample_the_largest_logit():
+    """A temperature of 1e-40 (or one fp32 cannot hold) once divided the logits into inf - inf."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 10
+    for temperature in (1e-40, 1e-320):
+        for top_k, top_p in ((None, 1.0), (5, 0.9)):
+            ids = sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+            assert ids.tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "inf"], "--temperature: must be a finite number >= 0, got inf"),
+    (["--temperature", "nan"], "--temperature: must be a finite number >= 0, got nan"),
+    (["--max-context", str(2 ** 63 - 1)], "--max-context: must be at most 2^40"),
+    (["--max-context", str(10 ** 30)], "--max-context: must be at most 2^40"),
+    (["--max-context", "1e30"], "--max-context: '1e30' is not an integer"),
+    (["--sinks", str(10 ** 30)], "sinks must be at most 2^40"),
+    (["--window", str(10 ** 30)], "window must be at most 2^40"),
+    (["--kv", "svdq-k1.25v1.5", "--token-group", str(10 ** 30)], "token-group must be at most 2^40"),
+])
+def test_huge_or_non_finite_flags_exit_2(capsys, base, prompt, flags, message):
+    assert_error(run(capsys, base, prompt, *flags), 2, message)
+
+
+@pytest.mark.parametrize("module, flags, message", [
+    ("decode", ["--threads", "0"], "--threads: must be positive, got 0"),
+    ("decode", ["--contexts", "4096,0"], "--contexts: must be positive, got 0"),
+    ("decode", ["--batches", "0"], "unknown model or batch: 0"),
+    ("decode", ["--steps", "-1"], "--steps: must be positive, got -1"),
+    ("memory", ["--plan-gib", "-1"], "--plan-gib: must be a positive finite number, got -1"),
+    ("memory", ["--plan-gib", "nan"], "--plan-gib: must be a positive finite number, got nan"),
+    ("memory", ["--plan-gib", "80", "--batch", "0"], "--batch: must be positive, got 0"),
+    ("memory", ["--plan-gib", "80", "--gpus", "1,0"], "--gpus: must be positive, got 0"),
+])
+def test_bench_flags_are_checked(capsys, module, flags, message):
+    from bench import decode, memory
+
+    main = {"decode": decode.main, "memory": memory.main}[module]
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--device", "cpu"] if module == "decode" else flags)
+    assert e.value.code == 2
+    assert_error((2, *capsys.readouterr()), 2, message)
+
+
+def test_the_planner_keeps_within_ulimit_v():
+    """Free memory on the CPU is MemAvailable within the address space RLIMIT_AS leaves."""
+    code = ("import resource; from engine.planner import free_bytes, status_bytes; "
+            "resource.setrlimit(resource.RLIMIT_AS, (status_bytes('VmSize:') + 2 ** 30, resource.RLIM_INFINITY)); "
+            "print(free_bytes('cpu'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 0 < int(r.stdout) <= 2 ** 30
+
+
+def test_a_token_group_past_the_context_quantizes_nothing(capsys, base, prompt):
+    """SVDq blocks of 10^12 tokens: none fills, every key stays exact, the text is the fp16 cache's
+    (a decode step once built indices for a whole block: 8 TB)."""
+    greedy = ["--temperature", 0, "--dtype", "float32"]
+    fp16 = run(capsys, base, prompt, *greedy, "--kv", "fp16")
+    code, out, err = run(capsys, base, prompt, *greedy, "--kv", "svdq-k1.25v1.5", "--token-group", 10 ** 12)
+    assert code == 0 and out == fp16[1], err
