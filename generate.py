@@ -222,7 +222,7 @@ def run(args, parallel, device):
     if memory.context > cfg.max_position_embeddings:
         note(f"a {memory.context}-token context is past the model's trained {cfg.max_position_embeddings}")
     if spec.quantized and not calibrated(spec, cfg.head_dim, calibration):
-        note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)} in {args.model}: "
+        note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)}, grouping {spec.grouping} in {args.model}: "
              "SKVQ runs with equal channel groups, no smoothing or clipping (make one with python -m quant.calibrate)")
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         note(f"no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis")
