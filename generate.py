@@ -237,8 +237,8 @@ def run(args, parallel, device):
     if spec.quantized and not calibrated(spec, cfg.head_dim, calibration):
         lost = "rotated channels run without clipping" if all(spec.rotates) else \
             "SKVQ runs with equal channel groups, no smoothing or clipping"
-        note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)} in {args.model}: "
-             f"{lost} (make one with python -m quant.calibrate)")
+        note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)}, grouping {spec.grouping} "
+             f"in {args.model}: {lost} (make one with python -m quant.calibrate)")
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:
         note(f"no {CALIBRATION_FILE} in {args.model}: SVDq keys take the prompt's own basis")
     if tokenizer is None:

@@ -31,6 +31,14 @@ def load_tokenizer(model_dir: Path):
     return SentencePieceTokenizer(model_dir / "tokenizer.model", config, config_path)
 
 
+def prompt_prefix(tokenizer) -> list[int]:
+    """The ids `encode(text)` puts before a prompt's text, as generate.py encodes prompts: BOS
+    where the tokenizer adds one (SentencePiece's; a tokenizer.json's post-processor may add one,
+    SmolLM2's adds none). quant.calibrate and quant.eval feed every window of text after them."""
+    text, prompt = tokenizer.encode("a", bos=False), tokenizer.encode("a", bos=True)
+    return prompt[:prompt.index(text[0])]
+
+
 def eos_ids(model_dir: Path, cfg: LlamaConfig) -> list[int]:
     """The ids that end generation: generation_config.json's eos_token_id, else config.json's."""
     path = Path(model_dir) / "generation_config.json"

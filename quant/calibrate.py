@@ -1,23 +1,31 @@
-"""Calibration: python -m quant.calibrate --model DIR --text FILE
+"""Calibration: python -m quant.calibrate --model DIR --text FILE [--kv SPEC]
 
 Runs the model in full precision over calibration text, records every layer's keys (pre- and
-post-RoPE) and values, and derives for each layer, each of K-pre / K-post / V and each channel
-grouping (quant/skvq.py): each head's channel groups, and a clip factor per bit width searched
-on the data (the alpha minimising the mean squared reconstruction error); for rotated caches
+post-RoPE) and values past the sinks, and derives for each layer, each of K-pre / K-post / V and
+each channel grouping and group size asked for (quant/skvq.py): each head's channel groups, and
+a clip factor per bit width searched on the data (the alpha minimising the mean squared
+reconstruction error, every candidate in one batched tensor operation); for rotated caches
 (rotation=hadamard) a clip factor per bit width of K-post and V in equal groups, searched on the
 rotated channels; and for each layer the SVD basis and mean of its pre-RoPE keys (quant/svdq.py). Writes them to
 DIR/kv_calibration.safetensors with the settings in its metadata.
+
+By default it calibrates what the cache `--kv` names will use (the engine's default cache: its
+grouping and group size for the model's head_dim); --groupings and --group-sizes search more.
+Every flag, the output's writability and the text's length are checked before the model loads.
 """
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cli import UserError, read_text, readable, run_cli
+from cli import ArgumentParser, FlagError, UserError, positive_int, read_text, readable, run_cli
 from kernels.reference import attention
 from model import Llama, apply_rope, rope_cos_sin
 from quant import kvspec
@@ -32,14 +40,19 @@ from quant.skvq import (
     smoothing_factors,
 )
 from quant.svdq import basis_from_keys, svdq_keys
-from quant.uniform import META_DTYPES
+from quant.uniform import META_DTYPES, dequantize_groups, quantize_groups
 
 CALIBRATION_FILE = "kv_calibration.safetensors"
 BITS = (1, 1.5, 2, 3, 4, 8)
-CLIPS = [1.0 - 0.02 * i for i in range(11)]  # 1.00 ... 0.80; SKVQ's found factors lie near 0.92-0.96
+# 1.00 ... 0.50. SKVQ's found factors lie near 0.92-0.96 at 4 bits; at 1-2 bits the error keeps
+# falling below 0.80 (on SmolLM2-135M the search stopped at the old grid's end, 0.80, for every layer).
+CLIPS = [1.0 - 0.02 * i for i in range(26)]
 KINDS = ("k_pre", "k_post", "v")
 GROUPINGS = ("equal", "head_pairs", "kmeans", "smooth")  # smooth: equal groups after smoothing (quant/kvspec.py)
 ROTATED_KINDS = ("k_post", "v")  # rotation needs post-RoPE keys (quant/kvspec.py)
+# Tokens past the sinks and the window a text must have: what the clip search fits (subsampled to
+# at most 1024 tokens) and k-means clusters; fewer leave channel ranges and clip factors to chance.
+MIN_TOKENS = 256
 
 
 class CaptureCache:
@@ -58,32 +71,39 @@ class CaptureCache:
         return attention(q, k, v, positions)
 
 
-def token_major(records: list, n_layers: int) -> dict:
-    """CaptureCache records -> {(layer, kind): [N, Hkv, D]}, one row per token."""
+def token_major(records: list, n_layers: int, n_sink: int = 0) -> dict:
+    """CaptureCache records -> {(layer, kind): [N, Hkv, D]}, one row per token, the first n_sink
+    positions of each window left out: the cache holds them in full precision, and their keys
+    and values (the attention sink's above all) are outliers that would stretch every range."""
     chunks = {}
     for i, (q, *kvs) in enumerate(records):
         for kind, x in zip(KINDS, kvs):
-            chunks.setdefault((i % n_layers, kind), []).append(x.transpose(1, 2).flatten(0, 1).float())
+            chunks.setdefault((i % n_layers, kind), []).append(x[:, :, n_sink:].transpose(1, 2).flatten(0, 1).float())
     return {key: torch.cat(xs) for key, xs in chunks.items()}
 
 
-def window_tokens(ids: list[int], w: int, seq_len: int, bos: int | None) -> tuple[list[int], list[int]]:
-    """(inputs, targets) of window w of seq_len tokens of `ids`: fed as [BOS] + window[:-1], as a
-    prompt is at generation time, so every token of the window is predicted once. A model with no
-    BOS (null in config.json) is fed window[:-1] and predicts window[1:]."""
+def window_tokens(ids: list[int], w: int, seq_len: int, prefix: list[int]) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of window w of seq_len tokens of `ids` (text tokens, no BOS), fed as a
+    prompt is at generation time: after `prefix`, the ids the tokenizer puts before a prompt's
+    text (engine/tokenizer.py prompt_prefix). With a BOS, [BOS] + window[:-1] predicts the whole
+    window; with none (SmolLM2's tokenizer adds none), window[:-1] predicts window[1:]."""
     window = ids[w * seq_len:(w + 1) * seq_len]
-    return ([bos] + window[:-1], window) if bos is not None else (window[:-1], window[1:])
+    return (prefix + window[:-1], window) if prefix else (window[:-1], window[1:])
+
+
+def n_windows(n_ids: int, seq_len: int) -> int:
+    """Windows of seq_len tokens in n_ids: a tail shorter than seq_len is dropped unless it is all there is."""
+    return max(1, n_ids // seq_len)
 
 
 @torch.no_grad()
-def capture(model, ids: list[int], seq_len: int, max_windows: int) -> CaptureCache:
+def capture(model, ids: list[int], seq_len: int, max_windows: int, prefix: list[int]) -> CaptureCache:
     """A full-precision forward over up to max_windows windows of seq_len tokens of `ids`, each
     fed as perplexity feeds it (window_tokens), recorded by a CaptureCache."""
     cache = CaptureCache(model.inv_freq)
-    n_windows = max(1, min(len(ids) // seq_len, max_windows))
-    for w in tqdm(range(n_windows), desc="capturing K/V", file=sys.stderr, disable=n_windows == 1):
-        window = torch.tensor(window_tokens(ids, w, seq_len, model.config.bos_token_id)[0],
-                              device=model.inv_freq.device)[None]
+    count = min(n_windows(len(ids), seq_len), max_windows)
+    for w in tqdm(range(count), desc="capturing K/V", file=sys.stderr, disable=count == 1):
+        window = torch.tensor(window_tokens(ids, w, seq_len, prefix)[0], device=model.inv_freq.device)[None]
         model(window, torch.arange(window.shape[1], device=window.device)[None], cache)
     return cache
 
@@ -103,18 +123,34 @@ def layer_rotation(layer: int, head_dim: int) -> torch.Tensor:
     return rotation_matrix(head_dim, seed=layer)
 
 
+def clip_errors(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, rotation=None) -> torch.Tensor:
+    """Mean squared error [len(CLIPS)] of x [N, Hkv, D] quantized as TokenQuantizer(bits, groups,
+    clip, fp16 metadata, smoothing, rotation) quantizes it, for every clip of CLIPS in one batched
+    quantize-dequantize (packing is lossless, so it is skipped)."""
+    xs = x if smoothing is None else x / smoothing
+    if rotation is not None:
+        xs = xs @ rotation
+    clip = torch.tensor(CLIPS)[:, None, None, None]                              # (C, 1, 1, 1)
+    codes, scale, low = quantize_groups(xs, bits, groups.group_index, groups.n_groups, clip)  # codes (C, N, Hkv, D)
+    x_hat = dequantize_groups(codes, scale, low, groups.group_index)
+    if rotation is not None:
+        x_hat = x_hat @ rotation.T
+    if smoothing is not None:
+        x_hat = x_hat * smoothing
+    return (x_hat - x).pow(2).mean((1, 2, 3))
+
+
 def search_clip(x: torch.Tensor, bits, groups: ChannelGroups, smoothing=None, rotation=None,
                 max_tokens: int = 1024) -> float:
+    """The clip factor of CLIPS with the least mean squared error on x [N, Hkv, D] (the first of equals)."""
     x = x[::max(1, x.shape[0] // max_tokens)]  # an even subsample keeps the search quick
-    errors = [(TokenQuantizer(bits, groups, clip, smoothing=smoothing, rotation=rotation).fake_quantize(x) - x)
-              .pow(2).mean().item() for clip in CLIPS]
-    return CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
+    return CLIPS[int(clip_errors(x, bits, groups, smoothing, rotation).argmin())]
 
 
-def calibrate(captured: dict, n_layers: int, group_sizes) -> dict:
+def calibrate(captured: dict, n_layers: int, groupings, group_sizes) -> dict:
     tensors = {}
     jobs = [(layer, kind, grouping, g) for layer in range(n_layers) for kind in KINDS
-            for grouping in GROUPINGS for g in group_sizes]
+            for grouping in groupings for g in group_sizes]
     for layer, kind, grouping, group_size in tqdm(jobs, desc="calibrating", file=sys.stderr):
         x = captured[(layer, kind)]
         groups = make_groups(grouping, x, group_size)
@@ -178,9 +214,11 @@ class Calibration:
                    meta_dtype=torch.float16) -> list[TokenQuantizer]:
         """Per layer, the TokenQuantizer of K-pre, K-post or V (`kind`) at `bits`."""
         if grouping not in self.settings["groupings"]:
-            raise UserError(f"the calibration has groupings {self.settings['groupings']}, not {grouping}")
+            raise UserError(f"{self.name} has groupings {', '.join(self.settings['groupings'])}, not {grouping} "
+                            f"(python -m quant.calibrate --groupings {grouping} makes it)")
         if group_size not in self.settings["group_sizes"]:
-            raise UserError(f"the calibration has group sizes {self.settings['group_sizes']}, not {group_size}")
+            raise UserError(f"{self.name} has group sizes {self.settings['group_sizes']}, not {group_size} "
+                            f"(python -m quant.calibrate --group-sizes {group_size} makes it)")
         out = []
         for layer in range(self.settings["layers"]):
             name = f"{grouping}.g{group_size}.{kind}.{layer}"
@@ -205,8 +243,10 @@ class Calibration:
 
 
 def calibrated(spec, head_dim: int, calibration: Calibration | None) -> bool:
-    """Whether the calibration holds SKVQ's tables for the channel groups `spec` asks for."""
-    return calibration is not None and spec.channel_group(head_dim) in calibration.settings["group_sizes"]
+    """Whether the calibration holds SKVQ's tables for the channel groups `spec` asks for: its
+    group size and grouping (a calibration holds those it was asked for, quant.calibrate --kv)."""
+    return (calibration is not None and spec.channel_group(head_dim) in calibration.settings["group_sizes"]
+            and spec.grouping in calibration.settings["groupings"])
 
 
 def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration: Calibration | None = None):
@@ -250,53 +290,120 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     return skvq("k_pre" if spec.pre_rope_keys else "k_post", spec.key_bits, rotate_keys), values
 
 
-def default_group_sizes(head_dim: int) -> list[int]:
-    """Group sizes to calibrate for a model of head_dim: those of 32, 64, 128 that divide it, and
-    the group size a cache takes by default (quant/kvspec.py), so that the default finds its tables."""
-    return sorted({g for g in (32, 64, 128) if head_dim % g == 0} | {kvspec.DEFAULT.channel_group(head_dim)})
-
-
 def load_calibration(model_dir) -> Calibration | None:
     path = Path(model_dir) / CALIBRATION_FILE
     return Calibration.load(path) if path.exists() else None
 
 
-def calibration_from(captured: dict, n_layers: int, group_sizes, **settings) -> Calibration:
-    tensors = calibrate(captured, n_layers, group_sizes)
+def calibration_from(captured: dict, n_layers: int, group_sizes, groupings=GROUPINGS, **settings) -> Calibration:
+    tensors = calibrate(captured, n_layers, groupings, group_sizes)
     n_tokens = next(iter(captured.values())).shape[0]
     return Calibration(tensors, dict(layers=n_layers, group_sizes=list(group_sizes), bits=list(BITS), clip_grid=CLIPS,
-                                     kinds=list(KINDS), groupings=list(GROUPINGS), tokens=n_tokens, **settings))
+                                     kinds=list(KINDS), groupings=list(groupings), tokens=n_tokens, **settings))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Calibrate SKVQ channel groups and clip factors.")
+def calibrated_spec(text: str) -> kvspec.KvSpec:
+    """--kv: a cache that reads a calibration (skvq, svdq)."""
+    try:
+        spec = kvspec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    if spec.method not in ("skvq", "svdq"):
+        raise argparse.ArgumentTypeError(f"{spec.method} reads no calibration (skvq and svdq caches do)")
+    return spec
+
+
+def choices(allowed):
+    """A comma-separated list of names from `allowed`, or all of them."""
+    def parse(text: str) -> list[str]:
+        names = list(allowed) if text == "all" else text.split(",")
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (all, or from {', '.join(allowed)})")
+        return names
+    return parse
+
+
+def group_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
+    if any(g <= 0 or g % 2 for g in sizes):
+        raise argparse.ArgumentTypeError(f"{text}: each must be positive and even")
+    return sizes
+
+
+def writable(path: Path) -> Path:
+    """`path`, once a file has been made beside it: the folder's writability is known before any
+    work, not after it (a read-only folder, or a read-only filesystem, where even root cannot write)."""
+    if path.is_dir():
+        raise UserError(f"{path}: the calibration file would replace a directory")
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the calibration there ({e.strerror or e}; --out FILE writes it elsewhere)")
+    return path
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Calibrate SKVQ channel groups and clip factors, and SVDq key bases.")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--text", type=Path, required=True, help="calibration text (not the evaluation text)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to use")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--group-sizes", default=None,
-                   help="channel group sizes to calibrate (default: those of 32, 64, 128 that divide head_dim, "
-                        "and the group size a cache takes by default)")
+    p.add_argument("--kv", type=calibrated_spec, default=kvspec.DEFAULT,
+                   help=f"the cache to calibrate for: its grouping, group size and sinks (default {kvspec.DEFAULT})")
+    p.add_argument("--groupings", type=choices(GROUPINGS), default=None,
+                   help="channel groupings to calibrate, comma-separated, or all (default: the --kv cache's)")
+    p.add_argument("--group-sizes", type=group_sizes, default=None,
+                   help="channel group sizes to calibrate, comma-separated (default: the --kv cache's for the "
+                        "model's head_dim)")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="calibration tokens to use (default 4096)")
+    p.add_argument("--seq-len", type=positive_int, default=2048,
+                   help="tokens per forward (default 2048, or the model's context if shorter)")
     p.add_argument("--out", type=Path, default=None, help=f"default: MODEL/{CALIBRATION_FILE}")
-    args = p.parse_args(argv)
-    from engine.tokenizer import load_tokenizer
+    return p.parse_args(argv)
+
+
+def model_config(model_dir: Path):
+    """The checkpoint's config.json, read before its weights: the flags are checked against it."""
+    from model import LlamaConfig
+
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model directory not found")
+    return LlamaConfig.from_json(model_dir / "config.json")
+
+
+def main(args):
+    from engine.tokenizer import load_tokenizer, prompt_prefix
+
+    cfg = model_config(args.model)
+    spec = args.kv
+    try:
+        spec.check(cfg.head_dim)
+    except ValueError as e:
+        raise FlagError(f"--kv {spec}: {e}")
+    sizes = args.group_sizes or [spec.channel_group(cfg.head_dim)]
+    if any(cfg.head_dim % g for g in sizes):
+        raise FlagError(f"--group-sizes {','.join(map(str, sizes))}: each must divide head_dim {cfg.head_dim}")
+    groupings = args.groupings or [spec.grouping]
+    out = writable(args.out or args.model / CALIBRATION_FILE)
+    tokenizer = load_tokenizer(args.model)
+    ids = tokenizer.encode(read_text(args.text, "calibration text"), bos=False)[:args.tokens]
+    needed = spec.sinks + spec.window + MIN_TOKENS
+    if len(ids) < needed:
+        raise UserError(f"{args.text}: {len(ids)} tokens (of at most --tokens {args.tokens}) are too few to calibrate: "
+                        f"it takes {needed}, the {spec.sinks} sinks and {spec.window}-token window kept exact "
+                        f"and {MIN_TOKENS} more")
+    seq_len = min(args.seq_len, cfg.max_position_embeddings, len(ids))
 
     torch.manual_seed(0)  # k-means and nothing else is random; keep the file reproducible
     model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-    cfg = model.config
-    try:
-        group_sizes = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else default_group_sizes(cfg.head_dim)
-    except ValueError:
-        raise UserError(f"--group-sizes {args.group_sizes!r}: expected comma-separated integers")
-    if any(g <= 0 or g % 2 or cfg.head_dim % g for g in group_sizes):
-        raise UserError(f"--group-sizes {args.group_sizes}: each must be even and divide head_dim {cfg.head_dim}")
-    tokenizer = load_tokenizer(args.model)
-    ids = tokenizer.encode(read_text(args.text, "calibration text"), bos=False)
-    seq_len = args.seq_len or cfg.max_position_embeddings
-    captured = token_major(capture(model, ids, seq_len, args.tokens // seq_len).records, cfg.num_hidden_layers)
-    calibration = calibration_from(captured, cfg.num_hidden_layers, group_sizes, seq_len=seq_len,
-                                   text=args.text.name)
-    out = args.out or args.model / CALIBRATION_FILE
+    records = capture(model, ids, seq_len, len(ids) // seq_len, prompt_prefix(tokenizer)).records
+    captured = token_major(records, cfg.num_hidden_layers, spec.sinks)
+    calibration = calibration_from(captured, cfg.num_hidden_layers, sizes, groupings, seq_len=seq_len,
+                                   sinks=spec.sinks, text=args.text.name)
     save_file({k: v.contiguous() for k, v in calibration.tensors.items()}, out,
               metadata={"settings": json.dumps(calibration.settings)})
     print(f"wrote {out}: {len(calibration.tensors)} tensors from {calibration.settings['tokens']} tokens",
@@ -304,4 +411,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    args = parse_args()
+    run_cli(lambda: main(args))

@@ -1,20 +1,28 @@
 """Accuracy of each cache setting: python -m quant.eval --model DIR --text FILE
 
-Prints a markdown table, one row per setting: bits per element including metadata, perplexity on
-the text with every token scored as decoding would score it (quant/methods.py), and the relative
-error of attention outputs against full precision on K/V captured from the model. With
---synthetic, the same error on synthetic keys with a few outlier channels.
+Prints markdown tables. The main one has a row per cache the engine offers (calibrated and not),
+KIVI's and, with --peer, transformers' quantized caches: bits per element including metadata
+(for the model's own head_dim), and what a user feels: perplexity on the text with every token
+scored as decoding would score it (quant/methods.py), the mean KL divergence of each next-token
+distribution from the fp16 cache's (full vocabulary), how often its top token is fp16's, and the
+relative error of attention outputs on K/V captured from the model. KL and top-1 come from the
+same simulated forward as the perplexity, against one fp16 forward per window. `--tables
+retrieval`: a pass key planted in the text, read back greedily through the engine's real cache
+(engine/cache.py make_cache, engine/runner.py prefill and decode). Windows of text are fed after
+the ids the tokenizer puts before a prompt, as generate.py feeds prompts. Other tables: synthetic
+(outlier keys), svdq, chunked, groupings. Every flag is checked before the model loads.
 """
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import UserError, read_text, run_cli
+from cli import ArgumentParser, FlagError, UserError, positive_int, read_text, run_cli
 from kernels.reference import attention
 from model import Llama, apply_rope, rope_cos_sin
 from quant import kvspec
@@ -22,8 +30,11 @@ from quant.calibrate import (
     CALIBRATION_FILE,
     Calibration,
     calibration_from,
+    calibrated,
     capture,
     load_calibration,
+    model_config,
+    n_windows,
     quantizers_for,
     token_major,
     window_tokens,
@@ -36,6 +47,9 @@ SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
 ROTATED = ["skvq-k2v1.5", "skvq-k2v1.5:rotation=hadamard-keys", "skvq-k2v1.5:rotation=hadamard",
            "skvq-k3v1.5:rotation=hadamard"]
 KIVI_BITS = [(4, 4), (2, 2)]
+# The caches the engine offers besides its default (quant/kvspec.py DEFAULT), in the main table.
+ENGINE_CACHES = ["skvq-k2v1.5", "svdq-k2v1.5", "skvq-k4v4", "svdq-k1.25v1.5", "skvq-k2v2"]
+TABLES = ("main", "rotated", "retrieval", "synthetic", "svdq", "chunked", "groupings")
 # SKVQ settings compared, as quant/kvspec.py writes them after `skvq-kKvV`. The default group size is
 # 128 (head_dim 128: one group per head, where equal, head_pairs and kmeans coincide).
 SKVQ_VARIANTS = ["grouping=equal:metadata=fp16", "group-size=32:grouping=equal:metadata=fp16",
@@ -47,23 +61,59 @@ SKVQ_VARIANTS = ["grouping=equal:metadata=fp16", "group-size=32:grouping=equal:m
                  "group-size=32:grouping=head_pairs"]
 
 
-def perplexity(model, ids: list[int], seq_len: int, cache_factory=None) -> float:
-    """exp(mean NLL per token) over the consecutive seq_len-token windows of `ids` (text tokens,
-    no BOS); a tail shorter than seq_len is dropped unless it is all there is. Each window is fed
-    as quant/calibrate.py window_tokens says: [BOS] + window[:-1], so every token is predicted once."""
-    n_windows = max(1, len(ids) // seq_len)
-    total, count = 0.0, 0
+class Scores:
+    """Sums over scored tokens of the negative log-likelihood, the KL divergence of the next-token
+    distribution from the reference's (fp16), and agreements of the top token with its."""
+
+    def __init__(self):
+        self.nll = self.kl = self.agree = 0.0
+        self.count = 0
+
+    def add(self, logits, targets, reference=None):
+        """logits [T, V] predicting targets [T]; reference [T, V] fp16's log-probabilities."""
+        logp = logits.float().log_softmax(-1)
+        self.nll += F.nll_loss(logp, targets, reduction="sum").item()
+        if reference is not None:
+            self.kl += F.kl_div(logp, reference, log_target=True, reduction="sum").item()
+            self.agree += (logp.argmax(-1) == reference.argmax(-1)).sum().item()
+        self.count += targets.numel()
+
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.count)
+
+    def columns(self) -> list[str]:
+        return [f"{self.perplexity():.3f}", f"{self.kl / self.count:.4f}", f"{self.agree / self.count:.3f}"]
+
+
+def score(model, ids: list[int], seq_len: int, prefix: list[int], cache_factory=None, references=None) -> Scores:
+    """Scores over the consecutive seq_len-token windows of `ids` (text tokens, no BOS; quant/calibrate.py
+    n_windows), each fed after `prefix` as window_tokens says, so every token is predicted once;
+    against references (one [T, V] log-probability tensor per window), if given."""
+    scores = Scores()
     with torch.no_grad():
-        for w in range(n_windows):
+        for w in range(n_windows(len(ids), seq_len)):
             inputs, targets = (torch.tensor(x, device=model.inv_freq.device)
-                               for x in window_tokens(ids, w, seq_len, model.config.bos_token_id))
+                               for x in window_tokens(ids, w, seq_len, prefix))
             inputs = inputs[None]                                                   # (1, T)
             positions = torch.arange(inputs.shape[1], device=inputs.device)[None]
             cache = cache_factory() if cache_factory else None
-            logits = model(inputs, positions if cache else None, cache)
-            total += F.cross_entropy(logits[0], targets, reduction="sum").item()
-            count += targets.numel()
-    return math.exp(total / count)
+            logits = model(inputs, positions if cache else None, cache)[0]          # (T, V)
+            scores.add(logits, targets, references and references[w])
+    return scores
+
+
+def perplexity(model, ids: list[int], seq_len: int, prefix: list[int], cache_factory=None) -> float:
+    return score(model, ids, seq_len, prefix, cache_factory).perplexity()
+
+
+def reference_logprobs(model, ids: list[int], seq_len: int, prefix: list[int]) -> list:
+    """fp16's (the full-precision forward's) log-probabilities [T, V] per window: computed once, kept."""
+    references = []
+    with torch.no_grad():
+        for w in range(n_windows(len(ids), seq_len)):
+            inputs = torch.tensor(window_tokens(ids, w, seq_len, prefix)[0], device=model.inv_freq.device)[None]
+            references.append(model(inputs)[0].float().log_softmax(-1))
+    return references
 
 
 def setting_row(spec, shape, calibration=None, name=None, values_exact=False, context=None, **simulation):
@@ -77,8 +127,31 @@ def setting_row(spec, shape, calibration=None, name=None, values_exact=False, co
     return name or str(spec), bits, lambda: simulated_cache(spec, keys, values, **simulation)
 
 
-def settings(calibration: Calibration | None, shape: tuple, n_sink: int, window: int, inv_freq) -> list:
-    """(name, bits per element incl. metadata, cache factory or None for full precision)."""
+def engine_settings(calibration: Calibration | None, shape: tuple, n_sink: int, window: int, inv_freq,
+                    seq_len: int) -> list:
+    """(name, bits per element incl. metadata, cache factory or None for fp16): fp16, KIVI as its
+    released code runs, and every cache the engine offers (its default first) as the engine runs
+    it: with the calibration where it holds the cache's tables, and without (as the engine runs
+    with no calibration file: equal groups, no smoothing or clipping; SVDq keys in each prompt's
+    basis, stored per sequence: its bits count it over seq_len)."""
+    rows = [("fp16", 16.0, None)]
+    for k_bits, v_bits in KIVI_BITS:
+        rows.append(setting_row(kvspec.parse(f"kivi-k{k_bits}v{v_bits}").with_settings(window=window), shape,
+                                inv_freq=None))
+    specs = [kvspec.DEFAULT] + [s for s in map(kvspec.parse, ENGINE_CACHES) if s != kvspec.DEFAULT]
+    for spec in specs:
+        spec = spec.with_settings(sinks=n_sink, window=window)
+        if calibrated(spec, shape[2], calibration):
+            rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
+        context = seq_len if spec.method == "svdq" else None
+        rows.append(setting_row(spec, shape, None, f"{spec}, uncalibrated", context=context, inv_freq=inv_freq))
+    return rows
+
+
+def grouping_settings(calibration: Calibration, shape: tuple, n_sink: int, window: int, inv_freq) -> list:
+    """(name, bits, cache factory): SKVQ at each width of SKVQ_BITS, uncalibrated with groups of
+    32 channels in order, then in each calibrated variant of SKVQ_VARIANTS whose tables the
+    calibration holds (python -m quant.calibrate --groupings all --group-sizes 32,64,128)."""
     rows = [("fp16", 16.0, None)]
     around = dict(sinks=n_sink, window=window)
     for k_bits, v_bits in KIVI_BITS:
@@ -88,12 +161,11 @@ def settings(calibration: Calibration | None, shape: tuple, n_sink: int, window:
         spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}:group-size=32:grouping=equal:metadata=fp16")
         spec = spec.with_settings(**around)
         rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated: no clipping", inv_freq=inv_freq))
-    if calibration is None:
-        return rows
     for k_bits, v_bits in SKVQ_BITS:
         for variant in SKVQ_VARIANTS:
             spec = kvspec.parse(f"skvq-k{k_bits}v{v_bits}" + (variant and f":{variant}")).with_settings(**around)
-            rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
+            if calibrated(spec, shape[2], calibration):
+                rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
     return rows
 
 
@@ -108,16 +180,6 @@ def rotated_settings(calibration: Calibration | None, shape: tuple, n_sink: int,
         if calibration is not None and spec.rotation != "none":
             rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
     return rows
-
-
-def scored(rows: list, model, ids: list[int], seq_len: int, captured: list, first_query: int) -> list:
-    """(name, bits, perplexity, attention error) of each (name, bits, cache factory)."""
-    out = []
-    for name, bits, factory in tqdm(rows, desc="settings", file=sys.stderr):
-        ppl = perplexity(model, ids, seq_len, factory)
-        err = attention_error(factory() if factory else None, captured, first_query)
-        out.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
-    return out
 
 
 def attention_error(cache, captured: list, first_query: int) -> float:
@@ -234,96 +296,244 @@ def synthetic_attention_inputs(n_layers=2, T=1024, n_heads=8, n_kv_heads=2, D=12
     return records
 
 
-def quanto_perplexity(model_dir: Path, ids: list[int], seq_len: int, nbits: int):
+def quanto_scores(model_dir: Path, ids: list[int], seq_len: int, prefix: list[int], nbits: int, references):
     """The peer row: transformers' LlamaForCausalLM decoding token by token with its QuantizedCache
-    (optimum-quanto backend, its defaults: group 64, residual 128). Returns (perplexity, bits per
-    element of its quantized keys as stored). Test/benchmark-only dependency."""
+    (optimum-quanto backend, its defaults: group 64, residual 128), each window fed as `score`
+    feeds it. Returns (Scores against fp16's references, bits per element of its quantized keys as
+    stored). Test/benchmark-only dependency."""
     from transformers import LlamaForCausalLM, QuantizedCache
 
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    n_windows = max(1, len(ids) // seq_len)
-    total, count, bits = 0.0, 0, None
+    scores, bits = Scores(), None
     with torch.no_grad():
-        for w in tqdm(range(n_windows), desc=f"transformers QuantizedCache {nbits}-bit", file=sys.stderr):
-            inputs, targets = map(torch.tensor, window_tokens(ids, w, seq_len, hf.config.bos_token_id))
+        for w in tqdm(range(n_windows(len(ids), seq_len)), desc=f"transformers QuantizedCache {nbits}-bit",
+                      file=sys.stderr):
+            inputs, targets = map(torch.tensor, window_tokens(ids, w, seq_len, prefix))
             cache = QuantizedCache(backend="quanto", config=hf.config, nbits=nbits, q_group_size=64, residual_length=128)
-            for t in range(len(inputs)):
-                logits = hf(inputs[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-                total += F.cross_entropy(logits[None], targets[t:t + 1]).item()
-                count += 1
+            logits = torch.cat([hf(inputs[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0]
+                                for t in range(len(inputs))])                         # (T, V)
+            scores.add(logits, targets, references[w])
             stored = cache.layers[0]._quantized_keys
             data = stored._data._data if hasattr(stored._data, "_data") else stored._data  # packed codes
             bits = 8 * (data.nbytes + stored._scale.nbytes + stored._shift.nbytes) / stored.numel()
-    return math.exp(total / count), bits
+    return scores, bits
+
+
+# The pass-key test (as in Landmark Attention and LongBench's passkey retrieval): a number said
+# once somewhere in a long document of unrelated real text, then asked for.
+INTRO = "There is a pass key hidden inside the text below. Find it and remember it.\n\n"
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+ANSWER_TOKENS = 8
+
+
+def passkey_prompt(tokenizer, filler: list[int], length: int, trial: int) -> tuple[list[int], list[int], str]:
+    """(document ids, question ids, the key) of `length` tokens in all: the intro after the
+    tokenizer's prompt prefix, filler text (cycled from a trial's offset) with the key planted
+    at a random depth of 10-80% of it, then the question. Trial t is the same for every cache."""
+    from engine.tokenizer import prompt_prefix
+
+    g = torch.Generator().manual_seed(trial)
+    key = str(int(torch.randint(10000, 100000, (), generator=g)))
+    head = prompt_prefix(tokenizer) + tokenizer.encode(INTRO, bos=False)
+    needle, question = (tokenizer.encode(t, bos=False) for t in (NEEDLE.format(key=key), QUESTION))
+    n_filler = length - len(head) - len(needle) - len(question)
+    offset = int(torch.randint(len(filler), (), generator=g))
+    text = (filler * (1 + (offset + n_filler) // len(filler)))[offset:offset + n_filler]
+    depth = int(n_filler * (0.1 + 0.7 * float(torch.rand((), generator=g))))
+    return head + text[:depth] + needle + text[depth:], question, key
+
+
+@torch.no_grad()
+def read_back(model, cache, document: list[int], question: list[int]) -> list[int]:
+    """Greedy answer through the engine's own prefill and decode (engine/runner.py): the document
+    prefilled (in the engine's chunks when long), then the question as a second prefill that
+    reads the document as the cache stores it, as a follow-up question in a chat does; then
+    ANSWER_TOKENS decoded. Returns the answer's ids."""
+    from engine.runner import decode_one_token, prefill
+
+    device = model.inv_freq.device
+    for ids in (document, question):
+        logits = prefill(model, torch.tensor([ids], device=device), torch.tensor([len(ids)], device=device), cache)
+    answer = logits.argmax(-1)                                                      # (1,)
+    for _ in range(ANSWER_TOKENS - 1):
+        answer = torch.cat([answer, decode_one_token(model, answer[-1:], cache).argmax(-1)])
+    return answer.tolist()
+
+
+def retrieval_settings(calibration: Calibration | None, head_dim: int, n_sink: int, window: int) -> list:
+    """(name, spec, calibration) of each cache the engine offers, as engine_settings names them:
+    calibrated where the calibration holds its tables, and the default uncalibrated too (each
+    trial is a long prefill, so the uncalibrated variants of the others are left out)."""
+    rows = [("fp16", kvspec.parse("fp16"), None)]
+    specs = [kvspec.DEFAULT] + [s for s in map(kvspec.parse, ENGINE_CACHES) if s != kvspec.DEFAULT]
+    for spec in specs:
+        spec = spec.with_settings(sinks=n_sink, window=window)
+        if calibrated(spec, head_dim, calibration):
+            rows.append((str(spec), spec, calibration))
+        if spec == kvspec.DEFAULT.with_settings(sinks=n_sink, window=window) or calibration is None:
+            rows.append((f"{spec}, uncalibrated", spec, None))
+    return rows
+
+
+def retrieval_table(model, tokenizer, filler: list[int], lengths: list[int], trials: int, calibration,
+                    n_sink: int, window: int):
+    """Yields rows (name, bits per element, 'found/trials' per length) of the pass-key test through
+    each engine cache, every cache on the same prompts."""
+    from engine.cache import make_cache
+
+    cfg = model.config
+    settings = retrieval_settings(calibration, cfg.head_dim, n_sink, window)
+    jobs = tqdm(total=len(settings) * len(lengths) * trials, desc="retrieval", file=sys.stderr)
+    for name, spec, cal in settings:
+        found, bits = [], 16.0
+        for length in lengths:
+            hits = 0
+            for trial in range(trials):
+                document, question, key = passkey_prompt(tokenizer, filler, length, trial)
+                cache = make_cache(spec, cfg, 1, length + ANSWER_TOKENS, "cpu", torch.float32, cal)
+                answer = tokenizer.decode(read_back(model, cache, document, question))
+                hits += key in answer
+                bits = cache.bits_per_element() if spec.quantized else 16.0
+                jobs.update()
+            found.append(f"{hits}/{trials}")
+        yield name, bits, *found
+    jobs.close()
+
+
+def table_head(columns) -> str:
+    return "| setting | bits/element (incl. metadata) | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2)
+
+
+def table_row(name, bits, *values) -> str:
+    return f"| {name} | {bits:.3f} | " + " | ".join(values) + " |"
 
 
 def table(rows, columns) -> str:
-    head = "| setting | bits/element (incl. metadata) | " + " | ".join(columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 2)]
-    for name, bits, *values in rows:
-        lines.append(f"| {name} | {bits:.3f} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    return "\n".join([table_head(columns)] + [table_row(*row) for row in rows])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_table(heading: str, columns, rows):
+    """A table whose rows are printed as they come (long evaluations show what they have), then its time."""
+    start = time.perf_counter()
+    print(f"{heading}:\n\n{table_head(columns)}", flush=True)
+    for row in rows:
+        print(table_row(*row), flush=True)
+    print(f"\n({time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU thread(s))", flush=True)
+
+
+def comma_list(item_type, allowed=None):
+    """An argparse type: comma-separated items of item_type, each in `allowed` if given."""
+    def parse(text: str) -> list:
+        items = [item_type(x) for x in text.split(",")]
+        unknown = [x for x in items if allowed is not None and x not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(str, unknown))} (from {', '.join(allowed)})")
+        return items
+    return parse
+
+
+def non_negative_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--text", type=Path, required=True, help="held-out text")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
-    p.add_argument("--window", type=int, default=kvspec.DEFAULT.window, help="recent tokens kept exact (KIVI: R)")
-    p.add_argument("--sinks", type=int, default=kvspec.DEFAULT.sinks, help="first tokens kept exact (not KIVI's)")
-    p.add_argument("--tables", default="main", type=lambda t: t.split(","),
-                   help="comma-separated: main (every cache setting), rotated (the default beside rotated caches), "
-                        "synthetic (outlier keys), svdq (SVDq keys against per-channel and SKVQ keys), chunked "
-                        "(prefill in chunks)")
+    p.add_argument("--text", type=Path, required=True, help="held-out text (the filler of the retrieval test too)")
+    p.add_argument("--seq-len", type=positive_int, default=2048,
+                   help="tokens per scored window (default 2048, or the model's context if shorter: the "
+                        "simulation's attention is T x T per layer)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate on at most this many tokens")
+    p.add_argument("--window", type=positive_int, default=kvspec.DEFAULT.window,
+                   help="recent tokens kept exact (KIVI: R)")
+    p.add_argument("--sinks", type=non_negative_int, default=kvspec.DEFAULT.sinks,
+                   help="first tokens kept exact (not KIVI's)")
+    p.add_argument("--tables", default=["main"], type=comma_list(str, TABLES),
+                   help="comma-separated: main (every cache: perplexity, KL, top-1), retrieval (a pass key "
+                        "read back through the engine's caches), synthetic (outlier keys), svdq (SVDq keys against "
+                        "per-channel and SKVQ keys), chunked (prefill in chunks), groupings (SKVQ's grouping "
+                        "variants; needs quant.calibrate --groupings all --group-sizes 32,64,128)")
+    p.add_argument("--lengths", type=comma_list(positive_int), default=[2048],
+                   help="retrieval: prompt lengths in tokens, comma-separated (default 2048)")
+    p.add_argument("--trials", type=positive_int, default=2, help="retrieval: pass keys per length (default 2)")
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
-    args = p.parse_args(argv)
-    from engine.tokenizer import load_tokenizer
+    return p.parse_args(argv)
+
+
+def main(args):
+    from engine.tokenizer import load_tokenizer, prompt_prefix
+
+    cfg = model_config(args.model)
+    context = cfg.max_position_embeddings
+    lengths = args.lengths if "retrieval" in args.tables else []
+    if longer := [n for n in lengths if n > context]:
+        raise FlagError(f"--lengths {','.join(map(str, longer))}: past the model's context of {context}")
+    if shorter := [n for n in lengths if n <= 2 * (args.sinks + args.window)]:
+        raise FlagError(f"--lengths {','.join(map(str, shorter))}: a pass key needs a history to hide in, "
+                        f"more than twice the {args.sinks} sinks and {args.window}-token window")
+    calibration = load_calibration(args.model)
+    if calibration is None and {"svdq", "chunked", "groupings"} & set(args.tables):
+        raise UserError(f"--tables svdq, chunked and groupings need {args.model}/{CALIBRATION_FILE} "
+                        "(python -m quant.calibrate)")
+    tokenizer = load_tokenizer(args.model)
+    prefix = prompt_prefix(tokenizer)
+    ids = tokenizer.encode(read_text(args.text, "text"), bos=False)[:args.max_tokens]
+    if len(ids) <= args.sinks + args.window + 1:
+        raise UserError(f"{args.text}: {len(ids)} tokens are too few to evaluate: every one would be read exactly "
+                        f"({args.sinks} sinks and a {args.window}-token window)")
+    seq_len = min(args.seq_len, context, len(ids))
+    if calibration is None:
+        print(f"note: no {CALIBRATION_FILE} in {args.model} (python -m quant.calibrate makes one): "
+              "only uncalibrated rows", file=sys.stderr)
 
     model = Llama.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-    ids = load_tokenizer(args.model).encode(read_text(args.text, "text"), bos=False)
-    ids = ids[:args.max_tokens]
-    seq_len = args.seq_len or model.config.max_position_embeddings
-    calibration = load_calibration(args.model)
-    if calibration is None:
-        print(f"note: no calibration in {args.model} (run python -m quant.calibrate): SKVQ rows skipped",
-              file=sys.stderr)
-    unknown = set(args.tables) - {"main", "rotated", "synthetic", "svdq", "chunked"}
-    if unknown:
-        raise UserError(f"--tables: unknown table(s) {', '.join(sorted(unknown))} "
-                        "(main, rotated, synthetic, svdq, chunked)")
-    if calibration is None and {"svdq", "chunked"} & set(args.tables):
-        raise UserError(f"--tables svdq and chunked need {args.model}/{CALIBRATION_FILE} (python -m quant.calibrate)")
-    captured = capture(model, ids, seq_len, max_windows=1).records  # one window's (q, k_pre, k_post, v) per layer
-    cfg = model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n_scored = min(len(ids), max(1, len(ids) // seq_len) * seq_len)
-    heading = (f"Perplexity on {args.text.name} ({n_scored} tokens, windows of {seq_len}), "
-               f"{args.sinks} sinks, window {args.window}")
+    windows = n_windows(len(ids), seq_len)
+    heading = (f"{args.text.name}: {windows} window(s) of {seq_len} tokens, {args.sinks} sinks, window {args.window}, "
+               f"head_dim {cfg.head_dim}")
+    captured = capture(model, ids, seq_len, 1, prefix).records  # one window's (q, k_pre, k_post, v) per layer
+    n_scored = sum(len(window_tokens(ids, w, seq_len, prefix)[1]) for w in range(windows))
+    columns = ["perplexity", "KL from fp16", "top-1 = fp16", "attention rel. error"]
+    references = []  # fp16's log-probabilities, computed once for every table that scores caches
+
+    def scored_rows(settings, peer=False):
+        references[:] = references or reference_logprobs(model, ids, seq_len, prefix)
+        for name, bits, factory in tqdm(settings, desc="settings", file=sys.stderr):
+            err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
+            yield name, bits, *score(model, ids, seq_len, prefix, factory, references).columns(), f"{err:.4f}"
+        for nbits in (4, 2) if peer else ():
+            scores, bits = quanto_scores(args.model, ids, seq_len, prefix, nbits, references)
+            yield (f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
+                   *scores.columns(), "n/a")
+
     if "main" in args.tables:
-        rows = scored(settings(calibration, shape, args.sinks, args.window, model.inv_freq), model, ids, seq_len,
-                      captured, args.sinks + args.window)
-        if args.peer:
-            for nbits in (4, 2):
-                ppl, bits = quanto_perplexity(args.model, ids, seq_len, nbits)
-                rows.append((f"transformers QuantizedCache, quanto int{nbits} (group 64, residual 128)", bits,
-                             f"{ppl:.3f}", "n/a"))
-        print(f"{heading}:\n")
-        print(table(rows, ["perplexity", "attention rel. error"]))
+        print_table(f"Perplexity, KL divergence from fp16's next-token distribution and top-1 agreement with fp16 "
+                    f"on {n_scored} tokens of {heading}", columns,
+                    scored_rows(engine_settings(calibration, shape, args.sinks, args.window, model.inv_freq, seq_len),
+                         args.peer))
     if "rotated" in args.tables:
-        rows = scored(rotated_settings(calibration, shape, args.sinks, args.window, model.inv_freq), model, ids,
-                      seq_len, captured, args.sinks + args.window)
-        print(f"\nRotated caches (issue 21). {heading}:\n")
-        print(table(rows, ["perplexity", "attention rel. error"]))
+        print_table(f"\nRotated caches on {n_scored} tokens of {heading}", columns,
+                    scored_rows(rotated_settings(calibration, shape, args.sinks, args.window, model.inv_freq)))
+    if "retrieval" in args.tables:
+        print_table(f"\nPass keys read back greedily through the engine's caches: {args.trials} per length, planted "
+                    f"in {args.text.name}", [f"found in {n} tokens" for n in args.lengths],
+                    retrieval_table(model, tokenizer, ids, args.lengths, args.trials, calibration, args.sinks,
+                                    args.window))
     if "synthetic" in args.tables:
         print_synthetic(args.sinks, args.window)
     if "svdq" in args.tables:
         rows = []
         for name, bits, factory in tqdm(svdq_settings(calibration, shape, args.sinks, args.window,
                                                       model.inv_freq, seq_len), desc="svdq", file=sys.stderr):
-            ppl = perplexity(model, ids, seq_len, factory)
+            ppl = perplexity(model, ids, seq_len, prefix, factory)
             errors = key_errors(factory(), captured, args.sinks, args.window) if factory else (0.0, 0.0, 0.0)
             rows.append((name, bits, f"{ppl:.3f}", *(f"{e:.4f}" for e in errors)))
         print(f"\nSVDq keys against per-channel and SKVQ keys. {heading}:\n")
@@ -332,9 +542,18 @@ def main(argv=None):
         rows = []
         for name, bits, factory in tqdm(chunked_settings(calibration, shape, args.sinks, args.window,
                                                          model.inv_freq), desc="chunked", file=sys.stderr):
-            rows.append((name, bits, f"{perplexity(model, ids, seq_len, factory):.3f}"))
+            rows.append((name, bits, f"{perplexity(model, ids, seq_len, prefix, factory):.3f}"))
         print(f"\nPrefill in chunks: each chunk reads the history as stored and itself exactly. {heading}:\n")
         print(table(rows, ["perplexity"]))
+    if "groupings" in args.tables:
+        rows = []
+        for name, bits, factory in tqdm(grouping_settings(calibration, shape, args.sinks, args.window,
+                                                          model.inv_freq), desc="groupings", file=sys.stderr):
+            ppl = perplexity(model, ids, seq_len, prefix, factory)
+            err = attention_error(factory() if factory else None, captured, args.sinks + args.window)
+            rows.append((name, bits, f"{ppl:.3f}", f"{err:.4f}"))
+        print(f"\nSKVQ's channel groupings. {heading}:\n")
+        print(table(rows, ["perplexity", "attention rel. error"]))
 
 
 def print_synthetic(n_sink, window):
@@ -343,11 +562,13 @@ def print_synthetic(n_sink, window):
     _, n_kv_heads, T, D = records[0][1].shape
     calibration = calibration_from(token_major(calib_records, len(calib_records)), len(records), [32, 64, 128])
     rows = [(name, bits, f"{attention_error(f() if f else None, records, n_sink + window):.4f}")
-            for name, bits, f in settings(calibration, (len(records), n_kv_heads, D), n_sink, window, inv_freq=None)
+            for name, bits, f in grouping_settings(calibration, (len(records), n_kv_heads, D), n_sink, window, inv_freq=None)
             if "pre-rope-keys" not in name]  # synthetic keys have no RoPE
     print(f"\nSynthetic keys ({len(records)} layers, {n_kv_heads} KV heads x {D} channels, "
           f"{records[0][0].shape[1]} query heads, {T} tokens; 3 RoPE-pair outlier channels per head at 20-50x):\n")
     print(table(rows, ["attention rel. error"]))
 
+
 if __name__ == "__main__":
-    run_cli(main)
+    args = parse_args()
+    run_cli(lambda: main(args))

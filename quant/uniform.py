@@ -18,7 +18,9 @@ META_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 def quantize_groups(x: torch.Tensor, bits, group_index: torch.Tensor, n_groups: int,
                     clip: float = 1.0, meta_dtype=torch.float16):
     """x [..., C]; group_index int64, broadcastable to x, names each channel's group (0..n_groups-1).
-    Returns codes uint8 [..., C], scale and low [..., n_groups] in meta_dtype (0 for an empty group)."""
+    Returns codes uint8 [..., C], scale and low [..., n_groups] in meta_dtype (0 for an empty group).
+    clip: a float, or candidates [K, 1, ..., 1] that broadcast ahead of x's dims: each result then
+    has a leading axis of K, the extremes found once (quant/calibrate.py's clip search)."""
     levels = n_levels(bits)
     xf = x.float()
     shape = (*xf.shape[:-1], n_groups)
@@ -29,7 +31,7 @@ def quantize_groups(x: torch.Tensor, bits, group_index: torch.Tensor, n_groups: 
         index = group_index.to(x.device).expand_as(xf)
         hi = torch.full(shape, -torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amax")
         lo = torch.full(shape, torch.inf, device=x.device).scatter_reduce(-1, index, xf, "amin")
-        per_channel = lambda t: t.float().gather(-1, index)
+        per_channel = lambda t: t.float().gather(-1, index.expand(*t.shape[:-1], index.shape[-1]))
     empty = hi < lo
     hi, lo = hi.masked_fill(empty, 0.0), lo.masked_fill(empty, 0.0)
     # A constant group has max == min: any positive scale reproduces it exactly (code 0). The

@@ -84,3 +84,18 @@ def checkpoint(tmp_path, tokenizer_path):
         return out, hf
 
     return make
+
+
+def run_main(capsys, module, *argv):
+    """(exit status, stdout, stderr) of a command-line module with parse_args and main (generate,
+    quant.calibrate, quant.eval) given ARGV, run in this process as its __main__ runs it."""
+    from cli import run_cli
+
+    try:
+        args = module.parse_args([str(a) for a in argv])
+        run_cli(lambda: module.main(args))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err

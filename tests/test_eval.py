@@ -1,14 +1,31 @@
-"""The evaluation's whole-sequence simulation scores tokens exactly as decoding through the real cache does."""
+"""The evaluation's whole-sequence simulation scores tokens exactly as decoding through the real cache does;
+its measures (perplexity, KL and top-1 against fp16, pass-key retrieval through the real cache), the
+way it feeds windows (as generate.py feeds a prompt) and its refusals."""
 import math
+import shutil
 
 import pytest
 import torch
 
-from engine.cache import QuantizedCache
+from conftest import make_hf_model, run_main
+
+import quant.eval
+from engine.cache import QuantizedCache, make_cache
 from engine.runner import decode_one_token, prefill
+from engine.tokenizer import load_tokenizer, prompt_prefix
 from model import Llama, LlamaConfig
-from quant.eval import attention_error, perplexity, synthetic_attention_inputs
-from quant.calibrate import Calibration, calibration_from, layer_rotation, quantizers_for, search_clip
+from quant.eval import (
+    ANSWER_TOKENS,
+    attention_error,
+    passkey_prompt,
+    perplexity,
+    read_back,
+    reference_logprobs,
+    retrieval_table,
+    score,
+    synthetic_attention_inputs,
+)
+from quant.calibrate import Calibration, calibration_from, layer_rotation, quantizers_for, search_clip, window_tokens
 from quant.kivi import kivi_quantizers
 from quant.kvspec import parse
 from quant.methods import per_block, quantized_mask, simulated_cache
@@ -174,11 +191,11 @@ def test_perplexity_matches_transformers_loss(checkpoint):
             # transformers' loss predicts tokens 1..T-1 of its input: feed BOS + the window.
             window = torch.tensor([[1] + ids[w:w + 50]])
             nll += hf(window, labels=window).loss.item() * 50
-    assert math.isclose(perplexity(ours, ids, 50), math.exp(nll / 100), rel_tol=1e-5)
+    assert math.isclose(perplexity(ours, ids, 50, [1]), math.exp(nll / 100), rel_tol=1e-5)
 
 
 def test_perplexity_without_bos_matches_transformers_loss(checkpoint):
-    """A model with a null BOS: each window's first token is context, the rest are predicted."""
+    """A tokenizer that adds no BOS: each window's first token is context, the rest are predicted."""
     from transformers import LlamaForCausalLM
 
     path, _ = checkpoint(num_key_value_heads=2, bos_token_id=None)
@@ -187,7 +204,7 @@ def test_perplexity_without_bos_matches_transformers_loss(checkpoint):
     ids = torch.randint(3, 300, (100,)).tolist()
     with torch.no_grad():
         nll = sum(hf(window, labels=window).loss.item() * 49 for window in (torch.tensor([ids[w:w + 50]]) for w in (0, 50)))
-    assert math.isclose(perplexity(ours, ids, 50), math.exp(nll / 98), rel_tol=1e-5)
+    assert math.isclose(perplexity(ours, ids, 50, []), math.exp(nll / 98), rel_tol=1e-5)
 
 
 def test_attention_error_grows_as_bits_fall():
@@ -276,3 +293,111 @@ def test_chunked_prefill_equals_its_simulation(kv):
     torch.testing.assert_close(real[0], simulated[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(real[1, :37], simulated[1, :37], rtol=1e-4, atol=1e-4)
     assert (simulated - model(tokens)).abs().max() > 1e-3  # quantized history did change something
+
+
+def test_kl_and_top1_are_exact_for_fp16_and_not_for_a_quantized_cache():
+    model = random_model()
+    ids = torch.randint(0, 64, (120,)).tolist()
+    references = reference_logprobs(model, ids, 60, [1])
+    fp16 = score(model, ids, 60, [1], None, references)
+    assert fp16.count == 120 and abs(fp16.kl) < 1e-6 and fp16.agree == 120
+    spec = parse("skvq-k2v1.5:sinks=2:window=8")
+    keys, values = quantizers_for(spec, 2, 2, 16)
+    quantized = score(model, ids, 60, [1], lambda: simulated_cache(spec, keys, values, model.inv_freq), references)
+    assert quantized.kl > 1e-3 and quantized.agree < 120
+    assert quantized.perplexity() == perplexity(model, ids, 60, [1], lambda: simulated_cache(spec, keys, values,
+                                                                                             model.inv_freq))
+
+
+def json_tokenizer(directory, adds_bos: bool):
+    from test_llama3 import build_tokenizer_json
+
+    tokenizer = build_tokenizer_json(directory)
+    if not adds_bos:  # as SmolLM2's: a BOS token named in tokenizer_config.json that encoding never adds
+        from tokenizers import processors
+
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        tokenizer.save(str(directory / "tokenizer.json"))
+    return load_tokenizer(directory)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "json with BOS", "json without BOS"])
+def test_windows_are_fed_as_generate_feeds_a_prompt(tmp_path, tokenizer_path, kind):
+    """generate.py feeds tokenizer.encode(prompt); a window of the same text is fed as that less
+    its last token (which it predicts), whether or not the tokenizer adds a BOS."""
+    if kind == "sentencepiece":
+        shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")
+        tokenizer = load_tokenizer(tmp_path)
+    else:
+        tokenizer = json_tokenizer(tmp_path, kind == "json with BOS")
+    text = "the lord said unto moses and the light was day"
+    prompt = tokenizer.encode(text)  # as generate.py encodes it
+    assert (prompt[0] == tokenizer.bos_id) == (kind != "json without BOS")
+    ids = tokenizer.encode(text, bos=False)
+    inputs, targets = window_tokens(ids, 0, len(ids), prompt_prefix(tokenizer))
+    assert inputs == prompt[:-1] and targets == prompt[len(prompt) - len(targets):]
+
+
+def run_eval(capsys, *argv):
+    status, _, err = run_main(capsys, quant.eval, *argv)
+    return status, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tables", "main,bogus"], "argument --tables: unknown bogus"),
+    (["--seq-len", "0"], "argument --seq-len: must be positive, got 0"),
+    (["--max-tokens", "-1"], "argument --max-tokens: must be positive, got -1"),
+    (["--sinks", "-1"], "argument --sinks: must be >= 0, got -1"),
+    (["--window", "x"], "argument --window: 'x' is not an integer"),
+    (["--lengths", "2048,0"], "argument --lengths: must be positive, got 0"),
+    (["--trials", "0"], "argument --trials: must be positive, got 0"),
+])
+def test_bad_flags_exit_2_before_anything_loads(capsys, flags, message):
+    code, err = run_eval(capsys, "--model", "/nonexistent", "--text", "/nonexistent", *flags)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.fixture
+def unloadable(tmp_path, tokenizer_path):
+    """A checkpoint whose weights cannot load: an error about them means the model was loaded."""
+    make_hf_model().save_pretrained(tmp_path / "ckpt")
+    shutil.copy(tokenizer_path, tmp_path / "ckpt" / "tokenizer.model")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not safetensors")
+    return tmp_path / "ckpt"
+
+
+def test_flags_and_texts_the_model_cannot_take_are_refused_before_it_loads(capsys, unloadable, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the lord said unto moses " * 100)
+    code, err = run_eval(capsys, "--model", unloadable, "--text", text, "--tables", "retrieval", "--lengths", "1000")
+    assert code == 2 and "--lengths 1000: past the model's context of 256" in err, err
+    text.write_text("")
+    code, err = run_eval(capsys, "--model", unloadable, "--text", text)
+    assert code == 1 and err.count("\n") == 1 and "0 tokens are too few to evaluate" in err, err
+
+
+def test_retrieval_reads_back_through_the_real_cache(checkpoint):
+    """The pass-key prompt is as long as asked, the key in it; read back through the engine's fp16
+    cache it gives the full model's greedy answer, and through a quantized cache the key has left
+    the window for the history. (A random model finds no key: the table's counts are 0 of 1.)"""
+    path, _ = checkpoint(num_key_value_heads=2, max_position_embeddings=512)
+    model = Llama.from_pretrained(path, device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer(path)
+    filler = tokenizer.encode("the lord said unto moses and the light was day " * 20, bos=False)
+    n = 300
+    document, question, key = passkey_prompt(tokenizer, filler, n, trial=0)
+    assert len(document) + len(question) == n and key in tokenizer.decode(document)
+    cache = make_cache(parse("fp16"), model.config, 1, n + ANSWER_TOKENS, "cpu", torch.float32)
+    answer = read_back(model, cache, document, question)
+    greedy = document + question
+    with torch.no_grad():
+        for _ in range(ANSWER_TOKENS):
+            greedy.append(int(model(torch.tensor([greedy]))[0, -1].argmax()))
+    assert answer == greedy[n:]
+    spec = parse("skvq-k2v1.5:sinks=2:window=16")
+    cache = make_cache(spec, model.config, 1, n + ANSWER_TOKENS, "cpu", torch.float32)
+    read_back(model, cache, document, question)
+    assert int(cache.lengths[0]) == n + ANSWER_TOKENS - 1
+    assert spec.key_schedule.history_length(len(document)) > len(document) - 20
+    rows = list(retrieval_table(model, tokenizer, filler, [n], 1, None, 2, 16))
+    assert rows[0][:3] == ("fp16", 16.0, "0/1") and all(row[2] in ("0/1", "1/1") for row in rows)

@@ -14,20 +14,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, make_hf_model
+from conftest import ROOT, SMALL, make_hf_model, run_main
 from safetensors.torch import load_file, save_file
 
 import generate
-from cli import JSON_BYTES, run_cli
+from cli import JSON_BYTES
 from engine.sampling import sample
 from engine.tokenizer import load_tokenizer
-from quant.calibrate import (
-    CALIBRATION_FILE,
-    calibration_from,
-    default_group_sizes,
-    load_calibration,
-)
-from quant.calibrate import main as calibrate_main
+from quant.calibrate import CALIBRATION_FILE, calibration_from
 
 UNREADABLE = "/proc/self/mem"
 
@@ -55,14 +49,7 @@ def prompt(tmp_path):
 
 def cli(capsys, *args):
     """generate.py with these arguments: (exit status, stdout, stderr)."""
-    try:
-        args = generate.parse_args([str(a) for a in args])
-        run_cli(lambda: generate.main(args))
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    return run_main(capsys, generate, *args)
 
 
 def assert_error(result, status, message):
@@ -231,19 +218,6 @@ def test_help_shows_every_kv_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for default in ("default smooth", "default fp8", "default 5)", "default 128)", "default skvq-k2v1.5"):
         assert default in text
-
-
-def test_calibrate_adapts_its_group_sizes_to_head_dim(capsys, tmp_path, tokenizer_path):
-    assert default_group_sizes(128) == [32, 64, 128] and default_group_sizes(64) == [32, 64]
-    assert default_group_sizes(80) == [80]
-    path = tmp_path / "hd64"
-    make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                  num_hidden_layers=1, bos_token_id=None).save_pretrained(path)  # calibration needs no BOS
-    shutil.copy(tokenizer_path, path / "tokenizer.model")
-    text = tmp_path / "text.txt"
-    text.write_text("the lord said unto moses and the light was day " * 40)
-    run_cli(lambda: calibrate_main(["--model", str(path), "--text", str(text), "--tokens", "128", "--seq-len", "64"]))
-    assert load_calibration(path).settings["group_sizes"] == [32, 64]
 
 
 # -- a checkpoint is its folder --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import load_tokenizer, prompt_prefix
 from model import Llama
 from quant.eval import perplexity
 
@@ -32,8 +32,9 @@ def test_validation_perplexity_matches_readme():
     documented = re.search(r"^\| val_sample\.txt.*\|\s*([\d.]+)\s*\|$", (MODEL / "README.md").read_text(), re.M)
     assert documented, "README.md states no val_sample.txt perplexity"
     model = Llama.from_pretrained(MODEL, device="cpu", dtype=torch.float32)
-    ids = load_tokenizer(MODEL).encode((MODEL / "val_sample.txt").read_text(), bos=False)
-    ppl = perplexity(model, ids, model.config.max_position_embeddings)
+    tokenizer = load_tokenizer(MODEL)
+    ids = tokenizer.encode((MODEL / "val_sample.txt").read_text(), bos=False)
+    ppl = perplexity(model, ids, model.config.max_position_embeddings, prompt_prefix(tokenizer))
     assert ppl == pytest.approx(float(documented.group(1)), rel=0.01)
 
 
