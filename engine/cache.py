@@ -267,6 +267,9 @@ class QuantizedCache(Cache):
             write_decode_token(k, v, p, sinks, window, self.evict_row, keys, values, self.schedule.block,
                                self.first_row)
             return
+        if streaming.write_token(k, v, p, (self.sink_k[layer], self.sink_v[layer]), window, self.evict_row,
+                                 self.first_row, keys, values):
+            return
         # The block that leaves the window goes first: its first token sits in the slot p takes.
         self._write_history(layer, *window, *self.evicted)
         b = torch.arange(k.shape[0], device=k.device)

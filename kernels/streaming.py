@@ -306,13 +306,16 @@ def compiled_kernel():
         library = ctypes.CDLL(str(library))
     except OSError:  # built for another machine, or broken: torch instead
         return None
-    packed, full = library.attend_packed, library.attend_full
+    packed, full, write = library.attend_packed, library.attend_full, library.write_token
     packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
     full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
         + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    packed.restype = full.restype = None
-    return packed, full
+    write.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 \
+        + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] \
+        + [_PackedOperand] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 2
+    packed.restype = full.restype = write.restype = None
+    return packed, full, write
 
 
 def _compiles(x) -> bool:
@@ -340,7 +343,7 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
     m, l, acc = state.m, state.l, state.acc  # updated in place by the kernel
     assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous()
     count = segment.count.to(torch.int64).contiguous()
-    packed, full_rows = compiled_kernel()
+    packed, full_rows, _ = compiled_kernel()
     if full:
         assert keys.stride() == values.stride()
         first_slot = None if segment.first_slot is None else segment.first_slot.to(torch.int64).contiguous()
@@ -352,4 +355,30 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
         scaled = (queries * keys.smoothing[None, :, None]).contiguous()
         packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
                values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(), torch.get_num_threads())
+    return True
+
+
+def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, values) -> bool:
+    """A decode step's write of one layer through kernels/packed_history.c write_token (the CPU's
+    kernels/quantize.py write_decode_token, bit for bit the torch quantizer's codes and metadata):
+    k, v [B, Hkv, D] fp32, the new tokens at position [B], into sinks (sink_k, sink_v) [B, Hkv, S,
+    D] or the ring window [B, Hkv, ring, D], after the token at history row evict_row[b] >= 0
+    is quantized from its ring slot into the stores keys and values (rows from first_row). False,
+    having written nothing, where the C does not apply (no compiler, stores it does not read)."""
+    sink_k, sink_v = sinks
+    window_k, window_v = window
+    tensors = [k, v, sink_k, sink_v, window_k, window_v]
+    if not (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) and k.stride() == v.stride()
+            and sink_k.stride() == sink_v.stride() and window_k.stride() == window_v.stride()
+            and _compiles(keys) and _compiles(values)
+            and compiled_kernel() is not None):
+        return False
+    B, Hkv, D = k.shape
+    strides = torch.tensor([sink_k.stride()[:3], window_k.stride()[:3]])
+    position, evict_row = position.to(torch.int64).contiguous(), evict_row.to(torch.int64).contiguous()
+    compiled_kernel()[2](B, Hkv, D, k.data_ptr(), v.data_ptr(), *k.stride()[:2], position.data_ptr(),
+                         sink_k.data_ptr(), sink_v.data_ptr(), sink_k.shape[2], strides[0].data_ptr(),
+                         window_k.data_ptr(), window_v.data_ptr(), window_k.shape[2], strides[1].data_ptr(),
+                         evict_row.data_ptr(), first_row, _PackedOperand.of(keys), _PackedOperand.of(values),
+                         keys.smoothing.data_ptr(), values.smoothing.data_ptr(), keys.clip, values.clip)
     return True
