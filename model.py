@@ -177,15 +177,19 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """positions [B, T] int -> cos, sin [B, 1, T, head_dim / 2] fp32."""
+    """positions [B, T] int -> cos, sin [B, 1, T, head_dim] fp32, as apply_rope takes them: each
+    angle at both channels of its pair, sin negated at the first."""
     angles = positions.float()[:, None, :, None] * inv_freq.to(positions.device)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]. Channels c and c + D/2 form a rotation pair (Hugging Face's layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """x [B, H, T, D]. Channels c and c + D/2 form a rotation pair (Hugging Face's layout):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x * cos + (x2, x1) * sin in four operations
+    (the same products and sums, bit for bit)."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +201,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 as the reference does; fp16 sums of squares overflow.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32 as the reference does (fp16 sums of squares overflow), rounded to x's
+        # dtype before the weight as there; one fused operation.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
