@@ -15,6 +15,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+# OpenMP threads waiting for work sleep rather than spin. On a busy machine (2 cores, load 18)
+# spinning threads held the cores the working ones needed: SmolLM2 decode at 4K with 2 threads,
+# fp32 cache 801 -> 345 ms, skvq-k2v1.5 2,680 -> 320 ms (bench/RESULTS.md). OpenMP reads it when
+# torch loads it: the programs import this module before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 class UserError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits with `exit_status`."""
