@@ -76,11 +76,14 @@ def synthetic_state(one: bytes, n: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def time_decode(model, kv: str, context: int, threads: int, steps: int) -> float:
-    """Median seconds of a one-token decode after `context` tokens of synthetic history."""
+def time_decode(model, kv: str, context: int, threads: int, steps: int, real: bool = False) -> float:
+    """Median seconds of a one-token decode after `context` tokens of synthetic history (real:
+    of `context` tokens decoded, 512 at a time, as llama-bench -d does)."""
     ctx = new_context(model, context + steps + 2, kv, threads)
     try:
-        if context:
+        for start in range(0, context if real else 0, 512):
+            decode(ctx, min(512, context - start))
+        if context and not real:
             decode(ctx)
             history = synthetic_state(state(ctx), context)
             llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
@@ -106,6 +109,8 @@ def main():
     p.add_argument("--kv", default="f16,q8_0,q4_0", help=f"K/V cache types: {', '.join(KV_TYPES)}")
     p.add_argument("--contexts", default="0,4096")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--real-history", action="store_true",
+                   help="decode the history's tokens for real (slow past a few thousand): checks the synthetic one")
     args = p.parse_args()
     kinds = args.kv.split(",")
     if unknown := [k for k in kinds if k not in KV_TYPES]:
@@ -119,9 +124,10 @@ def main():
     llama.llama_model_desc(model, description, 256)
     for context in [int(c) for c in args.contexts.split(",")]:
         for kv in kinds:
-            seconds = time_decode(model, kv, context, args.threads, args.steps)
+            seconds = time_decode(model, kv, context, args.threads, args.steps, args.real_history)
             print(json.dumps(dict(engine="llama.cpp", model=description.value.decode(), gguf=args.gguf, kv=kv,
-                                  context=context, threads=args.threads, step_ms=seconds * 1e3)), flush=True)
+                                  context=context, threads=args.threads, step_ms=seconds * 1e3,
+                                  history="real" if args.real_history else "synthetic")), flush=True)
     llama.llama_model_free(model)
 
 

@@ -247,7 +247,7 @@ static inline __attribute__((always_inline)) void attend_head(
         int b, int h, int Hkv, const int M, int D, const float *q, const int64_t *count,
         const Operand k, const Operand v, const float *v_smoothing, float *m_out, float *l_out, float *acc_out) {
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
-    float *key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
+    float *key_table = NULL;  /* [row_bytes, 256, M] where there is no nibble table */
     lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
     float *scores = malloc(sizeof(float) * BLOCK * M);  /* [M, BLOCK]: a row's scores in a run */
     float *q_sum = calloc(M, sizeof(float)), *low_sum = calloc(M, sizeof(float));
@@ -259,7 +259,8 @@ static inline __attribute__((always_inline)) void attend_head(
     float *nibble_table = nibble_tables(qh, M, D, k);
     if (!nibble_table)
 #endif
-    for (int j = 0; j < k.row_bytes; j++)
+    key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
+    for (int j = 0; key_table && j < k.row_bytes; j++)
         for (int x = 0; x < 256; x++)
             for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++) {
                 float d = digits[k.radix][x][i];

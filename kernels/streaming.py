@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import torch
@@ -71,13 +72,13 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     # Rows of one KV head's query matrix: query head g of the group, query i -> row g * Q + i.
     queries = (q.float() * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G * Q, D)       # (B, Hkv, M, D)
     row_position = None
-    if q_position is not None:
-        row_position = (q_position[:, None] + torch.arange(Q).repeat(G)).view(B, 1, G * Q, 1)  # (B, 1, M, 1)
     state = _Softmax(B, Hkv, G * Q, D)
     n = block_tokens(B, Hkv, G * Q, D)
     for segment in segments:
         if inv_freq is None and _compiled(queries, segment, state, q_position, Q):
             continue
+        if q_position is not None and row_position is None:  # for causal masks in torch
+            row_position = (q_position[:, None] + torch.arange(Q).repeat(G)).view(B, 1, G * Q, 1)  # (B, 1, M, 1)
         counts = segment.count.tolist()
         # Per sequence, the segment's token index of the first query: causality masks only before it.
         first_query = (q_position - segment.first_position).tolist() if segment.causal else None
@@ -274,9 +275,16 @@ class _PackedOperand(ctypes.Structure):
 
     @classmethod
     def of(cls, store):
-        radix, per_byte, _ = WIDTHS[store.bits]
-        return cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(), store.low.data_ptr(),
-                   *store.scale.stride()[:3], store.codes.shape[-1], radix, per_byte, _META_KINDS[store.scale.dtype])
+        """The store's operand, made once per store: its buffers are allocated once, never moved."""
+        if store not in _OPERANDS:
+            radix, per_byte, _ = WIDTHS[store.bits]
+            _OPERANDS[store] = cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(),
+                                   store.low.data_ptr(), *store.scale.stride()[:3], store.codes.shape[-1], radix,
+                                   per_byte, _META_KINDS[store.scale.dtype])
+        return _OPERANDS[store]
+
+
+_OPERANDS = weakref.WeakKeyDictionary()  # store -> _PackedOperand (a decode step asks 2 per layer and segment)
 
 
 @functools.cache
