@@ -356,7 +356,8 @@ def cpu_table(args) -> dict:
 
 def column_name(row) -> str:
     if row["engine"] == "ours":
-        return f"ours {row['kv']}{', before' if row['path'] == 'reference' else ''}"
+        kv = "fp32 (--kv fp16)" if row["kv"] == "fp16" else row["kv"]  # the fp16 cache holds fp32 on the CPU
+        return f"ours {kv}{', before' if row['path'] == 'reference' else ''}"
     if row["engine"] == "transformers":
         return {"DynamicCache": "transformers SDPA, DynamicCache fp32",
                 "QuantizedCache": "transformers QuantizedCache (quanto int2, residual 128)"}[row["kv"]]
@@ -371,7 +372,7 @@ def cpu_markdown(result) -> str:
     cell = {(column_name(r), r["threads"], r["context"]): r for r in result["rows"]}
     same_bytes = [c for c in columns if c.startswith("llama.cpp F32 ")]
     compared = [c for c in columns if c.startswith("ours ") and not c.endswith("before")] if same_bytes else []
-    names = columns + [f"{c}: llama.cpp F32 / ours" for c in compared] + ["load average"]
+    names = columns + [f"fastest llama.cpp F32 / {c} (> 1: ours faster)" for c in compared] + ["load average"]
     lines = [f"| threads | context | {' | '.join(names)} |", "|---" * (len(names) + 2) + "|"]
     for threads, context in sorted({(r["threads"], r["context"]) for r in result["rows"]}):
         here = {c: cell[(c, threads, context)]["step_ms"] for c in columns if (c, threads, context) in cell}

@@ -37,7 +37,8 @@
 
 /* HEAD(rows) with rows a constant where M is a common count, so that the loops over rows unroll. */
 #define FOR_ROWS(M, HEAD) switch (M) { \
-    case 1: HEAD(1); break; case 2: HEAD(2); break; case 4: HEAD(4); break; case 8: HEAD(8); break; \
+    case 1: HEAD(1); break; case 2: HEAD(2); break; case 3: HEAD(3); break; case 4: HEAD(4); break; \
+    case 8: HEAD(8); break; \
     default: HEAD(M); }
 
 /* Weights far below the maximum are subnormal, and x86 adds those a hundred times slower: flush

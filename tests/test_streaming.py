@@ -40,7 +40,7 @@ DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2)
 
 
 @pytest.mark.parametrize("k_bits, v_bits, variant", DECODE_CASES)
-@pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("group, D", [(1, 64), (3, 64), (4, 128), (8, 64)])
 def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch):
     """Packed history (empty; within one block; several blocks) and a ring window; a history of
     whole-byte codes in one group through kernels/packed_history.c, or through torch alone."""
