@@ -30,6 +30,16 @@ the table into bench/RESULTS.md.
 
     python -m bench.decode --device cpu                     # 4K, 32K, 128K: about 10 minutes
     python -m bench.decode --device cpu --contexts 4096,32768
+
+`--model DIR` takes any checkpoint instead (SmolLM2: weights/smollm2-135m), `--threads 1,2` both
+thread counts, `--baselines none` leaves out the reference path and transformers, and with
+`--llama-cpp PYTHON --gguf FILE` llama.cpp decodes the same checkpoint (converted by its own
+script) in the same run, with its f16 / q8_0 / q4_0 K/V caches (bench/llama_cpp_decode.py, under
+that Python, an environment of its own: llama.cpp is never the engine's dependency):
+
+    python -m bench.decode --device cpu --model weights/smollm2-135m --kv fp16,skvq-k2v1.5,skvq-k3v1.5 \
+        --contexts 0,4096,32768,131072 --threads 1,2 --baselines none --llama-cpp LLAMA_ENV/bin/python \
+        --gguf smollm2-135m-f32.gguf
 """
 import argparse
 import json
