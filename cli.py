@@ -25,6 +25,11 @@ from pathlib import Path
 
 JSON_BYTES = 64 << 20  # the largest JSON file read: Hugging Face tokenizer.json files reach about 35 MB
 
+# OpenMP threads waiting for work sleep rather than spin. On a busy machine (2 cores, load 18)
+# spinning threads held the cores the working ones needed: SmolLM2 decode at 4K with 2 threads,
+# fp32 cache 801 -> 345 ms, skvq-k2v1.5 2,680 -> 320 ms (bench/RESULTS.md). OpenMP reads it when
+# torch loads it: the programs import this module before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 class UserError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits with `exit_status`."""
@@ -239,9 +244,28 @@ def positive_int(s: str) -> int:
     return n
 
 
-def positive_ints(s: str) -> list[int]:
-    """A comma-separated list of positive integers (the benchmarks' --contexts, --gpus)."""
-    return [positive_int(part) for part in s.split(",")]
+def comma_list(item_type, allowed=None):
+    """An argparse type: comma-separated items of item_type, each in `allowed` if given."""
+    def parse(text: str) -> list:
+        items = [item_type(x) for x in text.split(",")]
+        unknown = [x for x in items if allowed is not None and x not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(str, unknown))} (from {', '.join(allowed)})")
+        return items
+    return parse
+
+
+def non_negative_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+positive_ints = comma_list(positive_int)  # the benchmarks' --gpus, --threads
 
 
 def positive_number(s: str) -> float:

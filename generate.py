@@ -194,13 +194,17 @@ def run(args, parallel, device):
     spec = args.kv
     # Every rank loads; one rank's error stops all alike, and rank 0 reports it.
     cfg, prompt, tokenizer, end_ids, model = parallel.agree(lambda: load(args, parallel, device))
-    dtype = model.lm_head.weight.dtype
     speaks = parallel.rank == 0  # every rank computes every token; rank 0 prints
 
     def note(text):
         if speaks:
             print(f"note: {text}", file=sys.stderr)
 
+    # The cache's full-precision K/V: the model's dtype, but fp32 on the CPU, which streams fp32 in C
+    # (kernels/packed_history.c) and bf16 in plain torch, 10x slower (bench/RESULTS.md).
+    dtype = model.lm_head.weight.dtype if device.type != "cpu" else torch.float32
+    if dtype != model.lm_head.weight.dtype:
+        note(f"the cache holds fp32 K/V on the CPU (the model runs in {str(model.lm_head.weight.dtype)[6:]})")
     vocab_size = tokenizer.vocab_size if tokenizer else cfg.vocab_size
     prompt_ids = tokenizer.encode(prompt) if prompt is not None else None
     n_prompt = args.prompt_tokens or len(prompt_ids)

@@ -30,27 +30,42 @@ the table into bench/RESULTS.md.
 
     python -m bench.decode --device cpu                     # 4K, 32K, 128K: about 10 minutes
     python -m bench.decode --device cpu --contexts 4096,32768
+
+`--model DIR` takes any checkpoint instead (SmolLM2: weights/smollm2-135m), `--threads 1,2` both
+thread counts, `--baselines none` leaves out the reference path and transformers, and with
+`--llama-cpp PYTHON --gguf FILE` llama.cpp decodes the same checkpoint (converted by its own
+script) in the same run, with its f16 / q8_0 / q4_0 K/V caches (bench/llama_cpp_decode.py, under
+that Python, an environment of its own: llama.cpp is never the engine's dependency):
+
+    python -m bench.decode --device cpu --model weights/smollm2-135m --kv fp16,skvq-k2v1.5,skvq-k3v1.5 \
+        --contexts 0,4096,32768,131072 --threads 1,2 --baselines none --llama-cpp LLAMA_ENV/bin/python \
+        --gguf smollm2-135m-f32.gguf
 """
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
-from cli import (
+from cli import (  # first: it sets OpenMP's wait policy
     ArgumentParser,
     UserError,
     add_parallel_flags,
+    comma_list,
+    non_negative_int,
     positive_int,
     positive_ints,
     run_cli,
     world_mismatch,
 )
+
+import torch
+
+from bench.attention import ROOT, command_line, copy_bandwidth, device_name, git_commit
 from engine.cache import KVCache, make_cache
 from engine.parallel import Parallel, local_device, start, stop
 from engine.planner import GiB, Request, longest, usable_bytes, working_bytes
@@ -239,8 +254,15 @@ def real_prefill(model, name, spec, args, device, dtype, parallel: Parallel) -> 
 
 CPU_CACHES = ["fp16", "skvq-k2v1.5", "svdq-k1.25v1.5"]
 CPU_MODEL = ROOT / "weights" / "kjv-tiny"
-TABLE_START = "<!-- cpu decode table: written by python -m bench.decode --device cpu -->"
-TABLE_END = "<!-- end of cpu decode table -->"
+BASELINES = ("reference", "transformers")  # beside ours: the whole-sequence reference path, transformers
+LLAMA_CPP_KV = "f16,q8_0,q4_0"
+LLAMA_CPP_DRIVER = ROOT / "bench" / "llama_cpp_decode.py"
+
+
+def table_markers(model: str) -> tuple[str, str]:
+    """The markers of a model's CPU table in RESULTS.md: one table per model."""
+    return (f"<!-- cpu decode table, {model}: written by python -m bench.decode --device cpu -->",
+            f"<!-- end of cpu decode table, {model} -->")
 
 
 def cpu_name() -> str:
@@ -251,6 +273,11 @@ def cpu_name() -> str:
     memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal:")), 0) if Path("/proc/meminfo").exists() else 0
     return f"{model}, {os.cpu_count()} cores, {memory / GiB:.0f} GiB"
+
+
+def load_average() -> float | None:
+    """The machine's load over the last minute: the other work that shares the cores."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def read_bandwidth(nbytes: int = GiB) -> float:
@@ -299,61 +326,122 @@ def transformers_cache(hf, kind: str, context: int, steps: int) -> dict:
     return dict(engine="transformers", kv=kind, path="sdpa", context=context, step_ms=sorted(times[1:])[steps // 2] * 1e3)
 
 
-def cpu_table(args) -> dict:
-    """The CPU decode table: every cache at every context, in one process (see the module doc)."""
-    from transformers import LlamaForCausalLM
+def llama_cpp(python: str, gguf: Path, kv: str, context: int, threads: int, steps: int) -> list[dict]:
+    """llama.cpp's rows (bench/llama_cpp_decode.py under `python`, a separate process and
+    environment) for one GGUF, context and thread count, every K/V cache type in `kv`."""
+    command = [python, str(LLAMA_CPP_DRIVER), str(gguf), "--threads", str(threads), "--kv", kv,
+               "--contexts", str(context), "--steps", str(steps)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise UserError(f"llama.cpp's run failed ({' '.join(command)}): {done.stderr.strip()[-300:]}")
+    return [{**json.loads(line), "path": "llama.cpp"} for line in done.stdout.splitlines()]
 
-    torch.set_num_threads(args.threads)
-    model = Llama.from_pretrained(CPU_MODEL, "cpu", torch.float32)
-    hf = LlamaForCausalLM.from_pretrained(CPU_MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+def cpu_table(args) -> dict:
+    """The CPU decode table: every cache at every context and thread count, beside the baselines
+    and llama.cpp, interleaved per (threads, context) so that the machine's load meets them alike."""
+    model = Llama.from_pretrained(args.model, "cpu", torch.float32)
+    hf = None
+    if "transformers" in args.baselines:
+        from transformers import LlamaForCausalLM
+        hf = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
     bandwidth = read_bandwidth()
-    print(f"machine: {cpu_name()}; read bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    print(f"machine: {cpu_name()}; read bandwidth {bandwidth / 1e9:.1f} GB/s; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}", file=sys.stderr)
+    if not args.llama_cpp:
+        print("llama.cpp: not timed (no --llama-cpp PYTHON given, a Python that imports llama_cpp)", file=sys.stderr)
     rows = []
-    for context in args.contexts:
-        for spec in [parse(kv) for kv in CPU_CACHES]:
-            for reference in (True, False):
-                rows.append(ours(model, spec, context, reference, args.steps))
-                print(f"{context} {rows[-1]['kv']} {rows[-1]['path']}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
-        for kind in ("DynamicCache", "QuantizedCache"):
-            rows.append(transformers_cache(hf, kind, context, args.steps))
-            print(f"{context} transformers {kind}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return dict(device=cpu_name(), threads=args.threads, model="kjv-tiny", batch=1, torch=torch.__version__,
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for context in args.contexts:
+            timed = [(ours, (model, spec, context, reference, args.steps)) for spec in args.kv
+                     for reference in [True] * ("reference" in args.baselines) + [False]]
+            timed += [(transformers_cache, (hf, kind, context, args.steps)) for kind in ("DynamicCache", "QuantizedCache")
+                      if hf is not None]
+            for run_one, arguments in timed:
+                rows.append({**run_one(*arguments), "threads": threads, "load_average": load_average()})
+                print(f"{threads} threads, {context}: {rows[-1]['engine']} {rows[-1]['kv']} {rows[-1]['path']}: "
+                      f"{rows[-1]['step_ms']:.1f} ms (load {rows[-1]['load_average']:.1f})", file=sys.stderr)
+            for gguf in args.gguf if args.llama_cpp else []:
+                for row in llama_cpp(args.llama_cpp, gguf, args.llama_kv, context, threads, args.steps):
+                    rows.append({**row, "load_average": load_average()})
+                    print(f"{threads} threads, {context}: llama.cpp {row['model']} {row['kv']}: {row['step_ms']:.1f} ms "
+                          f"(load {rows[-1]['load_average']:.1f})", file=sys.stderr)
+    return dict(device=cpu_name(), model=args.model.name, batch=1, torch=torch.__version__,
                 commit=git_commit(), command=command_line(), read_bandwidth_gb_per_s=bandwidth / 1e9,
-                load_average=load, history="synthetic (random)", steps=args.steps, rows=rows)
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), history="synthetic (random)", steps=args.steps,
+                llama_cpp=args.llama_cpp or "not timed (no --llama-cpp)", rows=rows)
+
+
+def column_name(row) -> str:
+    if row["engine"] == "ours":
+        kv = "fp32 (--kv fp16)" if row["kv"] == "fp16" else row["kv"]  # the fp16 cache holds fp32 on the CPU
+        return f"ours {kv}{', before' if row['path'] == 'reference' else ''}"
+    if row["engine"] == "transformers":
+        return {"DynamicCache": "transformers SDPA, DynamicCache fp32",
+                "QuantizedCache": "transformers QuantizedCache (quanto int2, residual 128)"}[row["kv"]]
+    return f"llama.cpp {row['model'].split()[-1]} weights, {row['kv']} K/V"
 
 
 def cpu_markdown(result) -> str:
-    """The table: ms per decode token, one row per context; "before" is the reference path."""
-    columns = [("ours", kv, path) for kv in CPU_CACHES for path in ("reference", "streaming")]
-    columns += [("transformers", "DynamicCache", "sdpa"), ("transformers", "QuantizedCache", "sdpa")]
-    names = [f"ours {kv}, {'before' if path == 'reference' else 'after'}" for _, kv, path in columns[:-2]]
-    names += ["transformers SDPA, DynamicCache fp32", "transformers QuantizedCache (quanto int2, residual 128)"]
-    cell = {(r["engine"], r["kv"], r["path"], r["context"]): r for r in result["rows"]}
-    lines = [f"| context | {' | '.join(names)} | fp32 after: K/V GB/s (of {result['read_bandwidth_gb_per_s']:.1f}) |",
-             "|---" * (len(columns) + 2) + "|"]
-    for context in sorted({r["context"] for r in result["rows"]}):
-        row = [f"{cell[(*c, context)]['step_ms']:,.1f}" if (*c, context) in cell else "—" for c in columns]
-        fp32 = cell.get(("ours", "fp16", "streaming", context))
-        rate = f"{fp32['kv_bytes'] / fp32['step_ms'] / 1e6:.1f}" if fp32 else "—"
-        lines.append(f"| {f'{context // 1024}K' if context % 1024 == 0 else context} | {' | '.join(row)} | {rate} |")
-    load = result["load_average"]
+    """The table: ms per decode token, one row per (threads, context), one column per engine and
+    cache; then how many times faster than ours the fastest llama.cpp row with our weights' bytes
+    (F32) is (below 1: we are faster)."""
+    columns = list(dict.fromkeys(column_name(r) for r in result["rows"]))
+    cell = {(column_name(r), r["threads"], r["context"]): r for r in result["rows"]}
+    same_bytes = [c for c in columns if c.startswith("llama.cpp F32 ")]
+    compared = [c for c in columns if c.startswith("ours ") and not c.endswith("before")] if same_bytes else []
+    names = columns + [f"fastest llama.cpp F32 / {c} (> 1: ours faster)" for c in compared] + ["load average"]
+    lines = [f"| threads | context | {' | '.join(names)} |", "|---" * (len(names) + 2) + "|"]
+    for threads, context in sorted({(r["threads"], r["context"]) for r in result["rows"]}):
+        here = {c: cell[(c, threads, context)]["step_ms"] for c in columns if (c, threads, context) in cell}
+        values = [f"{here[c]:,.1f}" if c in here else "—" for c in columns]
+        fastest = min((here[c] for c in same_bytes if c in here), default=None)
+        values += [f"{fastest / here[c]:.2f}" if fastest and c in here else "—" for c in compared]
+        loads = [cell[(c, threads, context)]["load_average"] for c in columns if (c, threads, context) in cell]
+        values.append(f"{min(loads):.1f}-{max(loads):.1f}")
+        label = f"{context // 1024}K" if context and context % 1024 == 0 else str(context)
+        lines.append(f"| {threads} | {label} | {' | '.join(values)} |")
     lines.append(f"\n{result['device']}; {result['model']}, batch 1, synthetic history, ms per decode token "
-                 f"(median of {result['steps']}), torch.set_num_threads({result['threads']}), read bandwidth "
-                 f"{result['read_bandwidth_gb_per_s']:.1f} GB/s (a sum over 1 GiB), load average "
-                 f"{load:.1f} at the end; commit {result['commit']}: `{result['command']}`")
+                 f"(median of {result['steps']}); ours with fp32 weights (the fp16 cache holds fp32 on the CPU), "
+                 f"OMP_WAIT_POLICY={result['omp_wait_policy']}; read bandwidth {result['read_bandwidth_gb_per_s']:.1f} "
+                 f"GB/s (a sum over 1 GiB); llama.cpp: {result['llama_cpp']}; load average (1 minute) over each "
+                 f"row's runs; commit {result['commit']}: `{result['command']}`")
     return "\n".join(lines)
 
 
-def write_markdown(table: str, path: Path):
-    """Puts the table between the markers in `path` (appended with them where they are absent)."""
+def write_markdown(table: str, path: Path, model: str):
+    """Puts the table between the model's markers in `path` (appended with them where absent)."""
+    start, end = table_markers(model)
     text = path.read_text() if path.exists() else ""
-    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
-    if TABLE_START in text and TABLE_END in text:
-        text = text[:text.index(TABLE_START)] + block + text[text.index(TABLE_END) + len(TABLE_END):]
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text += f"\n{block}\n"
     path.write_text(text)
+
+
+def check_cpu_flags(p, args):
+    """The CPU table's flags, refused before any model loads (p.error: one line, exit 2)."""
+    args.baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    if unknown := [b for b in args.baselines if b not in BASELINES]:
+        p.error(f"--baselines: unknown {', '.join(unknown)} (any of {', '.join(BASELINES)}, or none)")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model: {args.model} holds no config.json (a Hugging Face-layout checkpoint)")
+    if min(args.threads) < 1 or min(args.contexts) < 0 or args.steps < 1:
+        p.error("--threads and --steps must be positive, --contexts not negative")
+    if args.gguf and not args.llama_cpp:
+        p.error("--gguf: llama.cpp is timed only with --llama-cpp PYTHON")
+    if args.llama_cpp:
+        if not args.gguf:
+            p.error("--llama-cpp: give its model files with --gguf (convert_hf_to_gguf.py --outtype f32 on --model)")
+        if missing := [str(g) for g in args.gguf if not g.is_file()]:
+            p.error(f"--gguf: no such file: {', '.join(missing)}")
+        found = subprocess.run([args.llama_cpp, "-c", "import llama_cpp"], capture_output=True, check=False) \
+            if shutil.which(args.llama_cpp) else None
+        if found is None or found.returncode:
+            p.error(f"--llama-cpp: {args.llama_cpp} is not a Python that imports llama_cpp")
 
 
 def format_row(r) -> str:
@@ -395,8 +483,9 @@ def plot(result, out: Path):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["llama2-7b", "llama3-8b"])
-    p.add_argument("--kv", type=lambda s: s.split(","), default=KV, help="caches, quant/kvspec.py syntax")
-    p.add_argument("--contexts", type=positive_ints, default=[4096, 32768, 131072, 524288, 1048576])
+    p.add_argument("--kv", type=lambda s: s.split(","), default=None,
+                   help=f"caches, quant/kvspec.py syntax (default {','.join(KV)}; CPU table: {','.join(CPU_CACHES)})")
+    p.add_argument("--contexts", type=comma_list(non_negative_int), default=[4096, 32768, 131072, 524288, 1048576])
     p.add_argument("--batches", type=lambda s: s.split(","), default=["1", "max"],
                    help="batch sizes; max: the largest that fits at each context")
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per row")
@@ -406,7 +495,17 @@ def main(argv=None):
     p.add_argument("--copy-bytes", type=positive_int, default=1 << 30)
     p.add_argument("--smoke", action="store_true", help="the tiny shape, a short context, any device")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU table: torch threads")
+    p.add_argument("--threads", type=positive_ints, default=[2], help="CPU table: torch threads, one or more (1,2)")
+    p.add_argument("--model", type=Path, default=CPU_MODEL, help="CPU table: the checkpoint (Hugging Face layout)")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="CPU table: beside ours, any of reference (the whole-sequence path) and transformers, or none")
+    p.add_argument("--llama-cpp", metavar="PYTHON",
+                   help="CPU table: a Python that imports llama_cpp (llama-cpp-python in an environment of its own), "
+                        "to time llama.cpp on --gguf; without it llama.cpp is not timed")
+    p.add_argument("--gguf", type=lambda s: [Path(x) for x in s.split(",")], default=[],
+                   help="CPU table: llama.cpp's model files, the same checkpoint converted by llama.cpp's "
+                        "convert_hf_to_gguf.py (--outtype f32: our weights' bytes; f16, q8_0: more rows)")
+    p.add_argument("--llama-kv", default=LLAMA_CPP_KV, help="CPU table: llama.cpp's K/V cache types")
     add_parallel_flags(p)
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md",
                    help="CPU table: the markdown file it writes the table into")
@@ -419,24 +518,27 @@ def main(argv=None):
         b for b in args.batches if b != "max" and not (b.isdigit() and int(b) > 0)]
     if unknown:
         p.error(f"unknown model or batch: {', '.join(unknown)} (models: {', '.join(CONFIGS)}; batches: N or max)")
+    cpu_table_run = args.device == "cpu" and not args.smoke
     try:
-        args.kv = [parse(kv) for kv in args.kv]
+        args.kv = [parse(kv) for kv in args.kv or (CPU_CACHES if cpu_table_run else KV)]
     except ValueError as e:
         p.error(f"--kv: {e}")
     if mismatch := world_mismatch(args.tp, args.cp):
         p.error(mismatch)
-    if args.device == "cpu" and not args.smoke:
+    if cpu_table_run:
         if args.tp * args.cp > 1:
             p.error("--tp/--cp: the CPU table runs in one process (the GPU sweep and --smoke take them)")
+        check_cpu_flags(p, args)
         if "--contexts" not in " ".join(argv if argv is not None else sys.argv):
             args.contexts = [4096, 32768, 131072]
         if "--steps" not in " ".join(argv if argv is not None else sys.argv):
             args.steps = 5
         result = cpu_table(args)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"decode-cpu-{platform.node() or 'cpu'}.json").write_text(json.dumps(result, indent=1) + "\n")
+        name = f"decode-cpu-{platform.node() or 'cpu'}" + (f"-{args.model.name}" if args.model != CPU_MODEL else "")
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         table = cpu_markdown(result)
-        write_markdown(table, args.results_md)
+        write_markdown(table, args.results_md, args.model.name)
         print(table)
         return
     if any(spec.method == "kivi" for spec in args.kv):

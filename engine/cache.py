@@ -118,7 +118,9 @@ class KVCache(Cache):
         return positions
 
     def attend(self, layer: int, q, k, v, positions):
-        """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T]."""
+        """q [B, H, T, D]; k, v [B, Hkv, T, D] of the new tokens at `positions` [B, T], stored in
+        the cache's dtype (which may be wider than the model's: generate.py on the CPU)."""
+        k, v = k.to(self.k.dtype), v.to(self.k.dtype)
         B, Hkv, T, D = k.shape
         slots = self.k.shape[3]
         if T == 1 and self.use_kernels and self.parallel.cp == 1:  # a ring of max_context slots, no sinks: slot = position
@@ -194,6 +196,7 @@ class QuantizedCache(Cache):
         self.first_positions = torch.tensor([0, self.schedule.sinks + self.first_row], device=device)[:, None].repeat(1, B)
 
     def attend(self, layer: int, q, k, v, positions):
+        k, v = k.to(self.window_k.dtype), v.to(self.window_k.dtype)  # as KVCache.attend
         inv_freq = self.inv_freq if self.keys_pre_rope else None
         if k.shape[2] > 1:  # a prompt, or the next chunk of one: it attends to the cache so far and to itself exactly
             old = self.lengths - self.n_new
@@ -268,6 +271,9 @@ class QuantizedCache(Cache):
             sinks = (self.sink_k[layer], self.sink_v[layer]) if S else None
             write_decode_token(k, v, p, sinks, window, self.evict_row, keys, values, self.schedule.block,
                                self.first_row)
+            return
+        if streaming.write_token(k, v, p, (self.sink_k[layer], self.sink_v[layer]), window, self.evict_row,
+                                 self.first_row, keys, values):
             return
         # The block that leaves the window goes first: its first token sits in the slot p takes.
         self._write_history(layer, *window, *self.evicted)

@@ -37,7 +37,8 @@
 
 /* HEAD(rows) with rows a constant where M is a common count, so that the loops over rows unroll. */
 #define FOR_ROWS(M, HEAD) switch (M) { \
-    case 1: HEAD(1); break; case 2: HEAD(2); break; case 4: HEAD(4); break; case 8: HEAD(8); break; \
+    case 1: HEAD(1); break; case 2: HEAD(2); break; case 3: HEAD(3); break; case 4: HEAD(4); break; \
+    case 8: HEAD(8); break; \
     default: HEAD(M); }
 
 /* Weights far below the maximum are subnormal, and x86 adds those a hundred times slower: flush
@@ -247,7 +248,7 @@ static inline __attribute__((always_inline)) void attend_head(
         int b, int h, int Hkv, const int M, int D, const float *q, const int64_t *count,
         const Operand k, const Operand v, const float *v_smoothing, float *m_out, float *l_out, float *acc_out) {
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
-    float *key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
+    float *key_table = NULL;  /* [row_bytes, 256, M] where there is no nibble table */
     lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
     float *scores = malloc(sizeof(float) * BLOCK * M);  /* [M, BLOCK]: a row's scores in a run */
     float *q_sum = calloc(M, sizeof(float)), *low_sum = calloc(M, sizeof(float));
@@ -259,7 +260,8 @@ static inline __attribute__((always_inline)) void attend_head(
     float *nibble_table = nibble_tables(qh, M, D, k);
     if (!nibble_table)
 #endif
-    for (int j = 0; j < k.row_bytes; j++)
+    key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
+    for (int j = 0; key_table && j < k.row_bytes; j++)
         for (int x = 0; x < 256; x++)
             for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++) {
                 float d = digits[k.radix][x][i];
@@ -423,4 +425,96 @@ void attend_full(int B, int Hkv, int M, int D, const float *q, const int64_t *co
             #undef HEAD
         }
     }
+}
+
+/* fp32 -> fp8 e4m3fn bits, rounded to nearest, ties to even, as torch converts (c10's
+ * fp8e4m3fn_from_fp32_value, saturating: what would round past 448, the largest finite value, is 448). */
+static uint8_t to_fp8_e4m3(float x) {
+    union { float f; uint32_t u; } bits = { .f = x };
+    uint32_t sign = bits.u & 0x80000000u, magnitude = bits.u ^ sign;
+    uint8_t out;
+    if (magnitude >= 1087u << 20) {
+        out = 0x7e;
+    } else if (magnitude < 121u << 23) {  /* subnormal: an add at 2^-9's scale rounds it */
+        union { float f; uint32_t u; } denormal = { .u = 141u << 23 }, sum = { .u = magnitude };
+        sum.f += denormal.f;
+        out = (uint8_t)(sum.u - denormal.u);
+    } else {
+        magnitude += ((uint32_t)(7 - 127) << 23) + 0x7FFFF + ((magnitude >> 20) & 1);
+        out = (uint8_t)(magnitude >> 20);
+        out = out == 0x7f ? 0x7e : out;  /* rounded up past 448 */
+    }
+    return out | (uint8_t)(sign >> 24);
+}
+
+/* A metadata value rounded as stored (kind 0: fp16, 1: fp8 e4m3fn), written at p[i]; returns it as fp32. */
+static float store_meta(void *p, int64_t i, int kind, float x) {
+    if (kind == 0) {
+        _Float16 half = (_Float16)x;
+        ((_Float16 *)p)[i] = half;
+        return (float)half;
+    }
+    uint8_t fp8 = to_fp8_e4m3(x);
+    ((uint8_t *)p)[i] = fp8;
+    return fp8_e4m3[fp8];
+}
+
+/* One token's D channels x (fp32) into row `row` of a store of one channel group per head:
+ * quant/uniform.py quantize_groups, operation for operation (x / smoothing; low = clip * min,
+ * scale = clip * (max - min) / (levels - 1), floored, both rounded to the stored dtype; codes
+ * floor((x - low) / scale + 1/2) against those, clamped), packed as quant/packing.py packs. */
+static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t h, int64_t row,
+                           const float *smoothing, float clip) {
+    float y[D], hi = -INFINITY, lo = INFINITY;
+    for (int d = 0; d < D; d++) {
+        y[d] = x[d] / smoothing[h * D + d];
+        hi = y[d] > hi ? y[d] : hi;
+        lo = y[d] < lo ? y[d] : lo;
+    }
+    float step = clip * (hi - lo) / (float)(s.radix - 1), floor_ = s.meta_kind ? 0x1p-9f : 1e-6f;
+    int64_t m = b * s.mb + h * s.mh + row * s.mt;
+    float scale = store_meta((void *)s.scale, m, s.meta_kind, step > floor_ ? step : floor_);
+    float low = store_meta((void *)s.low, m, s.meta_kind, clip * lo);
+    uint8_t *codes = (uint8_t *)s.codes + b * s.sb + h * s.sh + row * s.st;
+    for (int j = 0; j < s.row_bytes; j++) {
+        int byte = 0;
+        for (int i = s.per_byte - 1; i >= 0; i--) {
+            int d = j * s.per_byte + i, code = 0;
+            if (d < D) {
+                float c = floorf((y[d] - low) / scale + 0.5f);
+                code = c < 0.0f ? 0 : c > s.radix - 1 ? s.radix - 1 : (int)c;
+            }
+            byte = byte * s.radix + code;
+        }
+        codes[j] = (uint8_t)byte;
+    }
+}
+
+/* A decode step's write of one layer, as kernels/quantize.py write_decode_token does it on a GPU:
+ * for every (b, h), where evict_row[b] >= 0, first the token at that history row, recent until
+ * now in ring slot evict_row[b] % ring, quantized into the key and value stores (store row
+ * evict_row[b] - first_row); then the new token k, v [B, Hkv, D] (strides kb, kh) at position[b]
+ * into sink slot position[b] (< S) or ring slot (position[b] - S) % ring. Sinks [B, Hkv, S, D] at
+ * strides sink_strides, window [B, Hkv, ring, D] at window_strides (batch, head, token), fp32;
+ * smoothing [Hkv, D]. */
+void write_token(int B, int Hkv, int D, const float *k, const float *v, int64_t kb, int64_t kh,
+                 const int64_t *position, float *sink_k, float *sink_v, int S, const int64_t *sink_strides,
+                 float *window_k, float *window_v, int64_t ring, const int64_t *window_strides,
+                 const int64_t *evict_row, int64_t first_row, Operand keys, Operand values,
+                 const float *k_smoothing, const float *v_smoothing, float k_clip, float v_clip) {
+    static int ready = 0;
+    if (!ready) { init_fp8(); init_digits(); ready = 1; }
+    const int64_t *ss = sink_strides, *ws = window_strides;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < Hkv; h++) {
+            int64_t p = position[b], row = evict_row[b], ring_head = b * ws[0] + h * ws[1];
+            if (row >= 0) {
+                int64_t at = ring_head + row % ring * ws[2];
+                quantize_token(window_k + at, D, keys, b, h, row - first_row, k_smoothing, k_clip);
+                quantize_token(window_v + at, D, values, b, h, row - first_row, v_smoothing, v_clip);
+            }
+            int64_t slot = p < S ? b * ss[0] + h * ss[1] + p * ss[2] : ring_head + (p - S) % ring * ws[2];
+            memcpy((p < S ? sink_k : window_k) + slot, k + b * kb + h * kh, sizeof(float) * D);
+            memcpy((p < S ? sink_v : window_v) + slot, v + b * kb + h * kh, sizeof(float) * D);
+        }
 }

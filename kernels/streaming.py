@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -74,13 +75,13 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
     # Rows of one KV head's query matrix: query head g of the group, query i -> row g * Q + i.
     queries = (q.float() * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G * Q, D)       # (B, Hkv, M, D)
     row_position = None
-    if q_position is not None:
-        row_position = (q_position[:, None] + torch.arange(Q).repeat(G)).view(B, 1, G * Q, 1)  # (B, 1, M, 1)
     state = _Softmax(B, Hkv, G * Q, D)
     n = block_tokens(B, Hkv, G * Q, D)
     for segment in segments:
         if inv_freq is None and _compiled(queries, segment, state, q_position, Q):
             continue
+        if q_position is not None and row_position is None:  # for causal masks in torch
+            row_position = (q_position[:, None] + torch.arange(Q).repeat(G)).view(B, 1, G * Q, 1)  # (B, 1, M, 1)
         counts = segment.count.tolist()
         # Per sequence, the segment's token index of the first query: causality masks only before it.
         first_query = (q_position - segment.first_position).tolist() if segment.causal else None
@@ -300,9 +301,16 @@ class _PackedOperand(ctypes.Structure):
 
     @classmethod
     def of(cls, store):
-        radix, per_byte, _ = WIDTHS[store.bits]
-        return cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(), store.low.data_ptr(),
-                   *store.scale.stride()[:3], store.codes.shape[-1], radix, per_byte, _META_KINDS[store.scale.dtype])
+        """The store's operand, made once per store: its buffers are allocated once, never moved."""
+        if store not in _OPERANDS:
+            radix, per_byte, _ = WIDTHS[store.bits]
+            _OPERANDS[store] = cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(),
+                                   store.low.data_ptr(), *store.scale.stride()[:3], store.codes.shape[-1], radix,
+                                   per_byte, _META_KINDS[store.scale.dtype])
+        return _OPERANDS[store]
+
+
+_OPERANDS = weakref.WeakKeyDictionary()  # store -> _PackedOperand (a decode step asks 2 per layer and segment)
 
 
 @functools.cache
@@ -321,16 +329,19 @@ def compiled_kernel():
         if Path("/proc/cpuinfo").exists() else []
     key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
     library = native.load("packed_history", [compiler, *flags, str(source), "-lm", "-o"], key,
-                          ["attend_packed", "attend_full"])
+                          ["attend_packed", "attend_full", "write_token"])
     if library is None:
         return None
-    packed, full = library.attend_packed, library.attend_full
+    packed, full, write = library.attend_packed, library.attend_full, library.write_token
     packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
     full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
         + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    packed.restype = full.restype = None
-    return packed, full
+    write.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 \
+        + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] \
+        + [_PackedOperand] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 2
+    packed.restype = full.restype = write.restype = None
+    return packed, full, write
 
 
 def _compiles(x) -> bool:
@@ -358,7 +369,7 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
     m, l, acc = state.m, state.l, state.acc  # updated in place by the kernel
     assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous()
     count = segment.count.to(torch.int64).contiguous()
-    packed, full_rows = compiled_kernel()
+    packed, full_rows, _ = compiled_kernel()
     if full:
         assert keys.stride() == values.stride()
         first_slot = None if segment.first_slot is None else segment.first_slot.to(torch.int64).contiguous()
@@ -379,4 +390,31 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
                    torch.get_num_threads())
             alone.acc = from_stored(alone.acc, values)
             state.merge(alone)
+    return True
+
+
+def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, values) -> bool:
+    """A decode step's write of one layer through kernels/packed_history.c write_token (the CPU's
+    kernels/quantize.py write_decode_token, bit for bit the torch quantizer's codes and metadata):
+    k, v [B, Hkv, D] fp32, the new tokens at position [B], into sinks (sink_k, sink_v) [B, Hkv, S,
+    D] or the ring window [B, Hkv, ring, D], after the token at history row evict_row[b] >= 0
+    is quantized from its ring slot into the stores keys and values (rows from first_row). False,
+    having written nothing, where the C does not apply (no compiler, stores it does not read or
+    that are rotated)."""
+    sink_k, sink_v = sinks
+    window_k, window_v = window
+    tensors = [k, v, sink_k, sink_v, window_k, window_v]
+    if not (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) and k.stride() == v.stride()
+            and sink_k.stride() == sink_v.stride() and window_k.stride() == window_v.stride()
+            and _compiles(keys) and _compiles(values) and keys.rotation is None and values.rotation is None
+            and compiled_kernel() is not None):  # the C quantizes channels as they come: no rotation
+        return False
+    B, Hkv, D = k.shape
+    strides = torch.tensor([sink_k.stride()[:3], window_k.stride()[:3]])
+    position, evict_row = position.to(torch.int64).contiguous(), evict_row.to(torch.int64).contiguous()
+    compiled_kernel()[2](B, Hkv, D, k.data_ptr(), v.data_ptr(), *k.stride()[:2], position.data_ptr(),
+                         sink_k.data_ptr(), sink_v.data_ptr(), sink_k.shape[2], strides[0].data_ptr(),
+                         window_k.data_ptr(), window_v.data_ptr(), window_k.shape[2], strides[1].data_ptr(),
+                         evict_row.data_ptr(), first_row, _PackedOperand.of(keys), _PackedOperand.of(values),
+                         keys.smoothing.data_ptr(), values.smoothing.data_ptr(), keys.clip, values.clip)
     return True

@@ -12,7 +12,6 @@ retrieval`: a pass key planted in the text, read back greedily through the engin
 the ids the tokenizer puts before a prompt, as generate.py feeds prompts. Other tables: synthetic
 (outlier keys), svdq, chunked, groupings. Every flag is checked before the model loads.
 """
-import argparse
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser, FlagError, UserError, positive_int, read_text, run_cli
+from cli import ArgumentParser, FlagError, UserError, comma_list, non_negative_int, positive_int, read_text, run_cli
 from kernels.reference import attention
 from model import Llama, apply_rope, rope_cos_sin
 from quant import kvspec
@@ -420,27 +419,6 @@ def print_table(heading: str, columns, rows):
     for row in rows:
         print(table_row(*row), flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU thread(s))", flush=True)
-
-
-def comma_list(item_type, allowed=None):
-    """An argparse type: comma-separated items of item_type, each in `allowed` if given."""
-    def parse(text: str) -> list:
-        items = [item_type(x) for x in text.split(",")]
-        unknown = [x for x in items if allowed is not None and x not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(str, unknown))} (from {', '.join(allowed)})")
-        return items
-    return parse
-
-
-def non_negative_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
 
 
 def parse_args(argv=None):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -53,5 +54,24 @@ def test_cpu_decode_table_smoke_run(tmp_path):
     assert cells == {(kv, path) for kv in ["fp16", "skvq-k2v1.5", "svdq-k1.25v1.5"] for path in ["reference", "streaming"]} \
         | {("DynamicCache", "sdpa"), ("QuantizedCache", "sdpa")}
     assert all(row["step_ms"] > 0 and row["context"] == 300 for row in result["rows"])
+    assert all(row["threads"] == 2 and row["load_average"] >= 0 for row in result["rows"])
     text = results.read_text()
-    assert text.startswith("# before\n") and "| 300 |" in text and "<!-- end of cpu decode table -->" in text
+    assert text.startswith("# before\n") and "| 2 | 300 |" in text and "<!-- end of cpu decode table, kjv-tiny -->" in text
+    assert "llama.cpp: not timed (no --llama-cpp" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--baselines", "reference,tea"], "--baselines: unknown tea"),
+    (["--model", "no-such-dir"], "--model: no-such-dir holds no config.json"),
+    (["--threads", "0"], "--threads and --steps must be positive"),
+    (["--gguf", "x.gguf"], "--gguf: llama.cpp is timed only with --llama-cpp PYTHON"),
+    (["--llama-cpp", sys.executable], "--llama-cpp: give its model files with --gguf"),
+    (["--llama-cpp", sys.executable, "--gguf", "no-such.gguf"], "--gguf: no such file: no-such.gguf"),
+    (["--llama-cpp", sys.executable, "--gguf", __file__], "is not a Python that imports llama_cpp"),
+])
+def test_cpu_table_refuses_bad_flags(flags, message):
+    """One error line, exit status 2, before any model loads."""
+    r = subprocess.run([sys.executable, "-m", "bench.decode", "--device", "cpu", *flags],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "error:" in r.stderr.strip().splitlines()[-1]

@@ -208,8 +208,10 @@ def test_stats_line_names_the_cache_dtype_and_stdout_ends_with_a_newline(capsys,
     code, out, err = run(capsys, base, prompt, "--kv", "fp16", "--dtype", "float32")
     assert code == 0 and out.endswith("\n")
     assert "KV cache (fp16, float32): " in err and "32.000 bits/element" in err
+    # A bf16 model's cache stays fp32 on the CPU, which streams fp32 rows in C (generate.py), and says so.
     code, out, err = run(capsys, base, prompt, "--kv", "fp16", "--dtype", "bfloat16")
-    assert "KV cache (fp16, bfloat16): " in err and "16.000 bits/element" in err
+    assert "KV cache (fp16, float32): " in err and "32.000 bits/element" in err
+    assert "note: the cache holds fp32 K/V on the CPU (the model runs in bfloat16)" in err
 
 
 def test_help_shows_every_kv_default(capsys):
@@ -411,7 +413,7 @@ def test_huge_or_non_finite_flags_exit_2(capsys, base, prompt, flags, message):
 
 @pytest.mark.parametrize("module, flags, message", [
     ("decode", ["--threads", "0"], "--threads: must be positive, got 0"),
-    ("decode", ["--contexts", "4096,0"], "--contexts: must be positive, got 0"),
+    ("decode", ["--contexts", "4096,-1"], "--contexts: must be >= 0, got -1"),
     ("decode", ["--batches", "0"], "unknown model or batch: 0"),
     ("decode", ["--steps", "-1"], "--steps: must be positive, got -1"),
     ("memory", ["--plan-gib", "-1"], "--plan-gib: must be a positive finite number, got -1"),

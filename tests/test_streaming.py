@@ -41,7 +41,7 @@ DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2)
 
 
 @pytest.mark.parametrize("k_bits, v_bits, variant", DECODE_CASES)
-@pytest.mark.parametrize("group, D", [(1, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("group, D", [(1, 64), (3, 64), (4, 128), (8, 64)])
 def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch):
     """Packed history (empty; within one block; several blocks) and a ring window; a history of
     whole-byte codes in one group through kernels/packed_history.c, or through torch alone; its
@@ -171,3 +171,35 @@ def test_cache_streams_as_the_reference_attends(kv, heads, n_kv_heads, D):
             for b in range(2):  # the real queries of each sequence
                 n = int(n_new[b])
                 torch.testing.assert_close(got[b, :, :n], expected[b, :, :n], **TOLERANCE)
+
+
+@pytest.mark.parametrize("kv", ["skvq-k2v1.5", "skvq-k4v4:metadata=fp16", "skvq-k1v2:window=16:sinks=0"])
+def test_decode_write_in_c_equals_torch(kv, monkeypatch):
+    """A decode step's write through kernels/packed_history.c write_token: every buffer of the
+    cache (codes, fp8 or fp16 scales and lows, sinks, ring) bit for bit what the torch quantizer
+    writes, over smoothing and magnitudes from fp8's subnormals to past its largest value."""
+    from model import LlamaConfig
+
+    assert streaming.compiled_kernel() is not None, "no C compiler here: the compiled write is untested"
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=3, head_dim=64, max_position_embeddings=512)
+    smoothing = torch.rand(3, 64) + 0.5
+    caches = []
+    for through_c in (True, False):
+        if not through_c:
+            monkeypatch.setattr(streaming, "write_token", lambda *args: False)
+        cache = make_cache(parse(kv), cfg, 2, 300, "cpu", torch.float32)
+        for store in cache.key_stores + cache.value_stores:
+            store.quantizer.smoothing = store.smoothing = smoothing
+        cache.reserve(torch.tensor([3, 7]), 7)
+        torch.manual_seed(0)
+        for step in range(200):
+            positions = cache.reserve(torch.ones(2, dtype=torch.long), 1)
+            for layer in range(cfg.num_hidden_layers):
+                k, v = torch.randn(2, 2, 3, 64) * 10 ** (torch.rand(2, 1, 3, 1) * 7 - 4)
+                cache._append(layer, k, v, positions[:, 0])
+        caches.append(cache)
+    as_bytes = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    c, plain = ([as_bytes(t) for t in [x.sink_k, x.sink_v, x.window_k, x.window_v]
+                 + [t for store in x.key_stores + x.value_stores for t in store.buffers()]] for x in caches)
+    assert all(torch.equal(a, b) for a, b in zip(c, plain))
