@@ -429,8 +429,6 @@ def check_cpu_flags(p, args):
         p.error(f"--baselines: unknown {', '.join(unknown)} (any of {', '.join(BASELINES)}, or none)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model: {args.model} holds no config.json (a Hugging Face-layout checkpoint)")
-    if min(args.threads) < 1 or min(args.contexts) < 0 or args.steps < 1:
-        p.error("--threads and --steps must be positive, --contexts not negative")
     if args.gguf and not args.llama_cpp:
         p.error("--gguf: llama.cpp is timed only with --llama-cpp PYTHON")
     if args.llama_cpp:

@@ -63,7 +63,7 @@ def test_cpu_decode_table_smoke_run(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--baselines", "reference,tea"], "--baselines: unknown tea"),
     (["--model", "no-such-dir"], "--model: no-such-dir holds no config.json"),
-    (["--threads", "0"], "--threads and --steps must be positive"),
+    (["--threads", "0"], "--threads: must be positive, got 0"),
     (["--gguf", "x.gguf"], "--gguf: llama.cpp is timed only with --llama-cpp PYTHON"),
     (["--llama-cpp", sys.executable], "--llama-cpp: give its model files with --gguf"),
     (["--llama-cpp", sys.executable, "--gguf", "no-such.gguf"], "--gguf: no such file: no-such.gguf"),
