@@ -94,6 +94,9 @@ def parse_args(argv=None):
                     help=f"dtype of scales and zeros (default {kvspec.DEFAULT.metadata})")
     kv.add_argument("--rotation", choices=kvspec.ROTATIONS,
                     help=f"skvq: rotate each head's channels before quantizing (default {kvspec.DEFAULT.rotation})")
+    kv.add_argument("--scaling", choices=kvspec.SCALINGS,
+                    help=f"skvq: a group's (scale, low) from its min and max, or a zero-centred grid from "
+                         f"its RMS (default {kvspec.DEFAULT.scaling})")
     kv.add_argument("--pre-rope-keys", action="store_true", default=None, help="skvq: quantize keys before RoPE")
     kv.add_argument("--svdq-basis", choices=["calibration", "prompt"],
                     help="svdq: the calibration's basis (default, where there is one) or each prompt's own")

@@ -6,9 +6,9 @@ quantized from the ring into the key and value stores: token stores by `_quantiz
 latent keys a block at a time by `_quantize_latent_block`); and `quantize_tokens`, any tokens
 into one token store (a prefill's eviction, bulk quantization). The arithmetic is
 quant/uniform.py's, operation for operation (IEEE division, half-up rounding, codes against the
-metadata as stored; a rotation summed in fp64), so they write the same bytes as
-TokenQuantizer.quantize and LatentKeyQuantizer.quantize; tests/test_kernels.py checks it bit for
-bit. (SVDq's projection onto its basis is a tl.dot in fp32: on a GPU its summation order may
+metadata as stored; a rotation, and scaling=rms's sums of squares, in fp64), so they write the
+same bytes as TokenQuantizer.quantize and LatentKeyQuantizer.quantize; tests/test_kernels.py
+checks it bit for bit. (SVDq's projection onto its basis is a tl.dot in fp32: on a GPU its summation order may
 differ from torch's in the last bit, and a latent value at a rounding boundary then takes the
 neighbouring code.)
 """
@@ -18,6 +18,7 @@ import triton.language as tl
 
 from kernels.codes import as_bytes, code_layout, float_to_e4m3, store_codes, tile_codes
 from quant.packing import n_levels
+from quant.uniform import rms_steps
 
 
 @triton.jit
@@ -32,6 +33,14 @@ def _round_to_e4m3(x):
     return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
+@triton.jit
+def _as_stored(x, meta_row, META_FP8: tl.constexpr):
+    """x fp32 rounded to the metadata dtype of meta_row (fp8 e4m3 in uint8, or fp16), in fp32."""
+    if META_FP8:
+        return _round_to_e4m3(x)
+    return x.to(meta_row.dtype.element_ty).to(tl.float32)
+
+
 ROTATE_CHUNK = tl.constexpr(16)  # input channels a rotation step takes: [16, tile] fp64 products in registers
 
 
@@ -40,11 +49,12 @@ def _quantize_row(x_row, smoothing_row, rotation, group_row, codes_row, scale_ro
                   D: tl.constexpr, GROUPS: tl.constexpr, LEVELS: tl.constexpr, FLOOR: tl.constexpr,
                   META_FP8: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
                   WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-                  PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr = False):
+                  PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr = False, RMS_STEPS: tl.constexpr = ()):
     """One token of one head: the D channels at x_row, divided by the head's smoothing factors
     (smoothing_row [D]) and, where ROTATE, multiplied by the rotation [D, D]; each channel group's
-    (min, max) -> (scale, low) stored at scale_row[g], low_row[g] in the metadata dtype, codes
-    packed into codes_row; stored only where keep (a scalar)."""
+    (min, max), or with RMS_STEPS (quant/uniform.py rms_steps) its RMS, -> (scale, low) stored at
+    scale_row[g], low_row[g] in the metadata dtype, codes packed into codes_row; stored only
+    where keep (a scalar)."""
     channel, is_code = tile_codes(D, PER_WORD, WORDS_PAD, PER_WORD_PAD)                 # (WORDS_PAD, PER_WORD_PAD)
     if ROTATE:  # x @ R straight into the tile's order, in fp64 as TokenQuantizer.quantize: the same fp32 result
         rotated = tl.zeros(channel.shape, tl.float64)
@@ -62,22 +72,38 @@ def _quantize_row(x_row, smoothing_row, rotation, group_row, codes_row, scale_ro
     low_x = tl.zeros(x.shape, tl.float32)
     for g in tl.static_range(GROUPS):
         in_group = group == g
-        hi = tl.max(tl.max(tl.where(in_group, x, float("-inf")), 1), 0)
-        lo = tl.min(tl.min(tl.where(in_group, x, float("inf")), 1), 0)
-        empty = hi < lo
-        hi, lo = tl.where(empty, 0.0, hi), tl.where(empty, 0.0, lo)
-        scale = tl.maximum(tl.div_rn(clip * (hi - lo), LEVELS - 1.0), FLOOR)
-        low = clip * lo
+        if len(RMS_STEPS) > 0:  # scaling=rms: the multiplier whose stored pair reconstructs best
+            x64 = tl.where(in_group, x, 0.0).to(tl.float64)
+            count = tl.maximum(tl.sum(tl.sum(in_group.to(tl.float64), 1), 0), 1.0)
+            rms = tl.sqrt_rn((tl.sum(tl.sum(x64 * x64, 1), 0) / count).to(tl.float32))
+            best_error = float("inf")
+            for m in tl.static_range(len(RMS_STEPS)):
+                step = tl.maximum(RMS_STEPS[m] * rms, FLOOR)
+                scale_m = _as_stored(step, scale_row, META_FP8)
+                low_m = _as_stored(-(LEVELS - 1) / 2 * step, low_row, META_FP8)
+                codes = tl.floor(tl.div_rn(x - low_m, scale_m) + 0.5)
+                codes = tl.minimum(tl.maximum(codes, 0.0), LEVELS - 1.0)
+                error = codes.to(tl.float64) * scale_m.to(tl.float64) + low_m.to(tl.float64) - x64
+                error = tl.sum(tl.sum(tl.where(in_group, error * error, 0.0), 1), 0)
+                better = error < best_error  # strict: a tie keeps the earlier multiplier
+                scale = scale_m if m == 0 else tl.where(better, scale_m, scale)
+                low = low_m if m == 0 else tl.where(better, low_m, low)
+                best_error = tl.where(better, error, best_error)
+        else:
+            hi = tl.max(tl.max(tl.where(in_group, x, float("-inf")), 1), 0)
+            lo = tl.min(tl.min(tl.where(in_group, x, float("inf")), 1), 0)
+            empty = hi < lo
+            hi, lo = tl.where(empty, 0.0, hi), tl.where(empty, 0.0, lo)
+            scale = _as_stored(tl.maximum(tl.div_rn(clip * (hi - lo), LEVELS - 1.0), FLOOR), scale_row, META_FP8)
+            low = _as_stored(clip * lo, low_row, META_FP8)
         if META_FP8:  # e4m3 bits into uint8 buffers (kernels/codes.py as_bytes)
-            scale, low = _round_to_e4m3(scale), _round_to_e4m3(low)
             tl.store(scale_row + g, float_to_e4m3(scale), mask=keep)
             tl.store(low_row + g, float_to_e4m3(low), mask=keep)
         else:
-            scale, low = scale.to(scale_row.dtype.element_ty), low.to(low_row.dtype.element_ty)
-            tl.store(scale_row + g, scale, mask=keep)
-            tl.store(low_row + g, low, mask=keep)
-        scale_x = tl.where(in_group, scale.to(tl.float32), scale_x)
-        low_x = tl.where(in_group, low.to(tl.float32), low_x)
+            tl.store(scale_row + g, scale.to(scale_row.dtype.element_ty), mask=keep)
+            tl.store(low_row + g, low.to(low_row.dtype.element_ty), mask=keep)
+        scale_x = tl.where(in_group, scale, scale_x)
+        low_x = tl.where(in_group, low, low_x)
     codes = tl.floor(tl.div_rn(x - low_x, scale_x) + 0.5)
     codes = tl.minimum(tl.maximum(codes, 0.0), LEVELS - 1.0).to(tl.int32)
     store_codes(codes_row, codes, is_code, keep, RADIX, PER_WORD, WORD_BYTES, ROW_BYTES, WORDS_PAD, PER_WORD_PAD)
@@ -147,7 +173,7 @@ def _quantize_tokens(x_ptr, batch_ptr, source_ptr, row_ptr, stride_xb, stride_xh
                      D: tl.constexpr, GROUPS: tl.constexpr, LEVELS: tl.constexpr, FLOOR: tl.constexpr,
                      META_FP8: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr,
                      WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr, WORDS_PAD: tl.constexpr,
-                     PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr):
+                     PER_WORD_PAD: tl.constexpr, ROTATE: tl.constexpr, RMS_STEPS: tl.constexpr):
     """Grid (entry, KV head): token source[entry] of sequence batch[entry] into its history row
     row[entry] (none where negative)."""
     entry, head = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -160,7 +186,7 @@ def _quantize_tokens(x_ptr, batch_ptr, source_ptr, row_ptr, stride_xb, stride_xh
                   smoothing_ptr + head * D, rotation_ptr, group_ptr + head * D,
                   codes_ptr + b * stride_cb + head * stride_ch + row * stride_ct, scale_ptr + meta, low_ptr + meta,
                   keep, clip, D, GROUPS, LEVELS, FLOOR, META_FP8, RADIX, PER_WORD, WORD_BYTES, ROW_BYTES,
-                  WORDS_PAD, PER_WORD_PAD, ROTATE)
+                  WORDS_PAD, PER_WORD_PAD, ROTATE, RMS_STEPS)
 
 
 @triton.jit
@@ -182,6 +208,7 @@ def _write_decode_token(
         K_FLOOR: tl.constexpr = 1.0, K_META_FP8: tl.constexpr = False, K_RADIX: tl.constexpr = 1,
         K_PER_WORD: tl.constexpr = 1, K_WORD_BYTES: tl.constexpr = 1, K_ROW_BYTES: tl.constexpr = 1,
         K_WORDS_PAD: tl.constexpr = 1, K_PER_WORD_PAD: tl.constexpr = 1, K_ROTATE: tl.constexpr = False,
+        K_RMS_STEPS: tl.constexpr = (),
         # latent keys (K_RANK > 0: a LatentStore, BLOCK = its token_group): basis_t [1 or B, Hkv, R, D],
         # mean [1 or B, Hkv, D], bit layout [2, R]; codes as above, scale and low one row per block
         k_basis_ptr=None, stride_kbb=0, stride_kbh=0, k_mean_ptr=None, stride_kub=0, stride_kuh=0,
@@ -192,7 +219,8 @@ def _write_decode_token(
         EVICT_V: tl.constexpr = False, V_GROUPS: tl.constexpr = 1, V_LEVELS: tl.constexpr = 1,
         V_FLOOR: tl.constexpr = 1.0, V_META_FP8: tl.constexpr = False, V_RADIX: tl.constexpr = 1,
         V_PER_WORD: tl.constexpr = 1, V_WORD_BYTES: tl.constexpr = 1, V_ROW_BYTES: tl.constexpr = 1,
-        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1, V_ROTATE: tl.constexpr = False):
+        V_WORDS_PAD: tl.constexpr = 1, V_PER_WORD_PAD: tl.constexpr = 1, V_ROTATE: tl.constexpr = False,
+        V_RMS_STEPS: tl.constexpr = ()):
     """Grid (batch, KV head)."""
     b, head = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     position = tl.load(position_ptr + b)
@@ -220,7 +248,7 @@ def _write_decode_token(
                               k_codes_ptr + b * k_stride_cb + head * k_stride_ch + (stored + i) * k_stride_ct,
                               k_scale_ptr + meta, k_low_ptr + meta, keep, k_clip, D,
                               K_GROUPS, K_LEVELS, K_FLOOR, K_META_FP8, K_RADIX, K_PER_WORD, K_WORD_BYTES,
-                              K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD, K_ROTATE)
+                              K_ROW_BYTES, K_WORDS_PAD, K_PER_WORD_PAD, K_ROTATE, K_RMS_STEPS)
             if EVICT_V:
                 meta = b * v_stride_mb + head * v_stride_mh + (stored + i) * v_stride_mt
                 _quantize_row(window_v_ptr + window + slot * stride_wt, v_smoothing_ptr + head * D,
@@ -228,7 +256,7 @@ def _write_decode_token(
                               v_codes_ptr + b * v_stride_cb + head * v_stride_ch + (stored + i) * v_stride_ct,
                               v_scale_ptr + meta, v_low_ptr + meta, keep, v_clip, D,
                               V_GROUPS, V_LEVELS, V_FLOOR, V_META_FP8, V_RADIX, V_PER_WORD, V_WORD_BYTES,
-                              V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, V_ROTATE)
+                              V_ROW_BYTES, V_WORDS_PAD, V_PER_WORD_PAD, V_ROTATE, V_RMS_STEPS)
     tl.debug_barrier()  # every thread has read the evicted block before any overwrites its slot
     channel = tl.arange(0, D)
     k = tl.load(k_ptr + b * stride_kb + head * stride_kh + channel)
@@ -256,6 +284,7 @@ def _store_arguments(store, prefix: str = "", constexpr_prefix: str = "") -> dic
                     **dict(zip(["stride_mb", "stride_mh", "stride_mt"], scale.stride())), clip=store.clip)
     constants = dict(GROUPS=scale.shape[-1], LEVELS=n_levels(store.bits), FLOOR=2.0 ** -9 if fp8 else 1e-6,
                      META_FP8=fp8, ROTATE=store.rotation is not None,
+                     RMS_STEPS=rms_steps(store.bits) if store.quantizer.scaling == "rms" else (),
                      **code_layout(store.quantizer.head_dim, store.bits))
     return {**{prefix + name: x for name, x in pointers.items()},
             **{constexpr_prefix + name: x for name, x in constants.items()}}
@@ -284,8 +313,8 @@ def quantize_tokens(x: torch.Tensor, batch: torch.Tensor, source: torch.Tensor, 
     x [B, Hkv, T, D] float; batch, source, row [N] int32 or int64 on x's device. `store` is packed
     tokens (engine/stores.py TokenStore): codes [B, Hkv, T_hist, packed_size(D, bits)] uint8;
     scale, low [B, Hkv, T_hist, n_groups] in the metadata dtype; group_index [Hkv, D] int32;
-    smoothing [Hkv, D] fp32 (ones for none); rotation [D, D] fp32 or None; bits and clip, as its
-    TokenQuantizer's.
+    smoothing [Hkv, D] fp32 (ones for none); rotation [D, D] fp32 or None; bits, clip and
+    scaling, as its TokenQuantizer's.
     """
     n, (_, Hkv, _, D) = batch.shape[0], x.shape
     if n == 0:

@@ -211,8 +211,9 @@ class Calibration:
                             .format(self.name, *self.shape(), n_layers, n_heads, head_dim))
 
     def quantizers(self, grouping: str, group_size: int, kind: str, bits,
-                   meta_dtype=torch.float16) -> list[TokenQuantizer]:
-        """Per layer, the TokenQuantizer of K-pre, K-post or V (`kind`) at `bits`."""
+                   meta_dtype=torch.float16, scaling: str = "minmax") -> list[TokenQuantizer]:
+        """Per layer, the TokenQuantizer of K-pre, K-post or V (`kind`) at `bits`: the clip
+        factor is min-max's, none for rms (its multiplier search is its clipping)."""
         if grouping not in self.settings["groupings"]:
             raise UserError(f"{self.name} has groupings {', '.join(self.settings['groupings'])}, not {grouping} "
                             f"(python -m quant.calibrate --groupings {grouping} makes it)")
@@ -224,8 +225,9 @@ class Calibration:
             name = f"{grouping}.g{group_size}.{kind}.{layer}"
             group_index = self.tensors[f"{name}.group_index"]  # (Hkv, D)
             groups = ChannelGroups(group_index, group_index.shape[1] // group_size)
-            clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)])
-            out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing")))
+            clip = float(self.tensors[f"{name}.clip"][BITS.index(bits)]) if scaling == "minmax" else 1.0
+            out.append(TokenQuantizer(bits, groups, clip, meta_dtype, self.tensors.get(f"{name}.smoothing"),
+                                      scaling=scaling))
         return out
 
     def rotated_clips(self, group_size: int, kind: str, bits) -> list[float] | None:
@@ -269,14 +271,18 @@ def quantizers_for(spec, n_layers: int, n_heads: int, head_dim: int, calibration
     meta, group_size = META_DTYPES[spec.metadata], spec.channel_group(D)
 
     def skvq(kind, bits, rotated=False):
+        # The calibration's clip factors are min-max's: rms searches its own multiplier per group.
+        # 8 bits keeps min-max (quant/uniform.py GAUSSIAN_STEP has no step for 256 levels).
+        scaling = "minmax" if bits == 8 else spec.scaling
         if rotated:
             clips = calibration.rotated_clips(group_size, kind, bits) if calibration is not None else None
-            clips = clips or [1.0] * L
+            clips = clips if clips and scaling == "minmax" else [1.0] * L
             return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), clips[layer], meta,
-                                   rotation=layer_rotation(layer, D)) for layer in range(L)]
+                                   rotation=layer_rotation(layer, D), scaling=scaling) for layer in range(L)]
         if calibrated(spec, D, calibration):
-            return calibration.quantizers(spec.grouping, group_size, kind, bits, meta)
-        return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta) for _ in range(L)]
+            return calibration.quantizers(spec.grouping, group_size, kind, bits, meta, scaling)
+        return [TokenQuantizer(bits, equal_groups(Hkv, D, group_size), meta_dtype=meta, scaling=scaling)
+                for _ in range(L)]
 
     rotate_keys, rotate_values = spec.rotates
     values = skvq("v", spec.value_bits, rotate_values)

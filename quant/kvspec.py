@@ -20,6 +20,10 @@ Settings, each also a generate.py flag of the same name (`--window 64`):
     rotation=NAME          none | hadamard (keys and values) | hadamard-keys: each head's channels
                            rotated by a seeded randomised Hadamard matrix before quantizing
                            (quant/skvq.py rotation_matrix); not with pre-rope-keys    skvq
+    scaling=minmax|rms     how a token's group picks its (scale, low): its min and max, or a
+                           zero-centred grid whose step is the best of 0.8..1.2 times a Gaussian's
+                           MSE-optimal step at the group's RMS (quant/uniform.py); no clip with
+                           rms; an 8-bit side keeps min-max                     skvq
     pre-rope-keys          quantize keys before RoPE (SVDq keys always are)     skvq
     svdq-basis=NAME        calibration | prompt: the SVD basis of SVDq keys     svdq
     token-group=N          tokens per key block (SVDq: 128; KIVI: 32)           svdq, kivi
@@ -36,6 +40,7 @@ from dataclasses import dataclass, replace
 METHODS = ("fp16", "skvq", "svdq", "kivi")
 GROUPINGS = ("smooth", "kmeans", "head_pairs", "equal")
 ROTATIONS = ("none", "hadamard", "hadamard-keys")
+SCALINGS = ("minmax", "rms")      # quant/uniform.py's (not imported: it imports torch)
 CODE_BITS = (1, 2, 3, 4, 8)         # widths of per-token codes (quant/packing.py)
 VALUE_BITS = CODE_BITS + (1.5,)     # 1.5: ternary, 5 values per byte
 SVDQ_KEY_BITS = (1.25, 2)           # quant/svdq.py SCHEDULES
@@ -78,6 +83,7 @@ class KvSpec:
     grouping: str = "smooth"          # from quant/RESULTS.md: copes with outlier channels at one group per head
     metadata: str = "fp8"             # e4m3: 1.94 bits per element at K2V1.5, 1M tokens of a 7B model in 80 GB
     rotation: str = "none"            # SKVQ's; issue 21's measurements choose the default
+    scaling: str = "minmax"
     pre_rope_keys: bool = False
     svdq_basis: str = "calibration"
     token_group: int = 128            # SVDq: 0.125 bits of fp16 metadata per latent channel
@@ -160,6 +166,7 @@ class KvSpec:
         for setting, value, allowed in [("grouping", self.grouping, GROUPINGS),
                                         ("metadata", self.metadata, ("fp8", "fp16")),
                                         ("rotation", self.rotation, ROTATIONS),
+                                        ("scaling", self.scaling, SCALINGS),
                                         ("svdq-basis", self.svdq_basis, ("calibration", "prompt"))]:
             if value not in allowed:
                 raise ValueError(f"{setting} must be one of {', '.join(allowed)}, got {value!r}")
@@ -171,11 +178,11 @@ class KvSpec:
 
 
 SETTINGS = {"sinks": "sinks", "window": "window", "group_size": "group-size", "grouping": "grouping",
-            "metadata": "metadata", "rotation": "rotation", "pre_rope_keys": "pre-rope-keys",
+            "metadata": "metadata", "rotation": "rotation", "scaling": "scaling", "pre_rope_keys": "pre-rope-keys",
             "svdq_basis": "svdq-basis", "token_group": "token-group"}  # field -> its name in the string and as a flag
 INTEGER_FIELDS = {"sinks", "window", "group_size", "token_group"}
 APPLIES = {"fp16": set(),
-           "skvq": {"sinks", "window", "group-size", "grouping", "metadata", "rotation", "pre-rope-keys"},
+           "skvq": {"sinks", "window", "group-size", "grouping", "metadata", "rotation", "scaling", "pre-rope-keys"},
            "svdq": {"sinks", "window", "group-size", "grouping", "metadata", "svdq-basis", "token-group"},
            "kivi": {"window", "group-size", "token-group"}}
 
@@ -183,14 +190,14 @@ APPLIES = {"fp16": set(),
 def for_method(method: str, key_bits: float = 16, value_bits: float = 16) -> KvSpec:
     """The spec of a method at its defaults. KIVI's are its paper's: no sinks, residual 128,
     value groups of 32 channels, key groups of 32 tokens, fp16 metadata, no calibration. Only
-    SKVQ rotates (SVDq's keys are pre-RoPE), whatever KvSpec's default."""
+    SKVQ rotates (SVDq's keys are pre-RoPE) or scales by RMS, whatever KvSpec's default."""
     if method == "fp16":
-        return KvSpec("fp16", 16, 16, rotation="none")
+        return KvSpec("fp16", 16, 16, rotation="none", scaling="minmax")
     if method == "kivi":
         return KvSpec("kivi", key_bits, value_bits, sinks=0, grouping="equal", metadata="fp16", token_group=32,
-                      rotation="none")
+                      rotation="none", scaling="minmax")
     if method == "svdq":
-        return KvSpec("svdq", key_bits, value_bits, rotation="none")
+        return KvSpec("svdq", key_bits, value_bits, rotation="none", scaling="minmax")
     return KvSpec(method, key_bits, value_bits)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.packing import pack, packed_size, unpack
-from quant.uniform import dequantize_groups, quantize_groups
+from quant.uniform import dequantize_groups, quantize_groups, rms_steps
 
 
 @dataclass
@@ -116,8 +116,12 @@ class TokenQuantizer:
     """
 
     def __init__(self, bits, groups: ChannelGroups, clip: float = 1.0, meta_dtype=torch.float16,
-                 smoothing: torch.Tensor | None = None, rotation: torch.Tensor | None = None):
+                 smoothing: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                 scaling: str = "minmax"):
         self.bits, self.groups, self.clip, self.meta_dtype = bits, groups, clip, meta_dtype
+        self.scaling = scaling      # quant/kvspec.py SCALINGS: how a group's (scale, low) is chosen
+        if scaling == "rms":
+            rms_steps(bits)         # ValueError at 8 bits, before any token is written
         self.smoothing = smoothing  # [heads, D] static per-channel divisors, or None
         self.rotation = rotation    # [D, D] fp32 orthogonal, the same for every head, or None
         self.n_heads, self.head_dim = groups.group_index.shape
@@ -139,7 +143,7 @@ class TokenQuantizer:
             # whatever the order: kernels/quantize.py, summing in its own order, writes the same codes.
             x = (x.double() @ self.rotation.to(x.device, torch.float64)).float()
         codes, scale, low = quantize_groups(x, self.bits, self.groups.group_index, self.groups.n_groups,
-                                            self.clip, self.meta_dtype)
+                                            self.clip, self.meta_dtype, self.scaling)
         return pack(codes, self.bits), scale, low
 
     def dequantize(self, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:

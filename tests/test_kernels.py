@@ -134,24 +134,26 @@ def test_packed_decode_attention_matches_reference(k_bits, v_bits, group, D, var
         torch.testing.assert_close(got[b], expected[0, :, 0], **TOLERANCE[DTYPE])
 
 
-@pytest.mark.parametrize("bits", list(WIDTHS))
 @pytest.mark.parametrize("meta", [torch.float16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("rotate", [False, True])
-def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D, rotate):
+@pytest.mark.parametrize("bits, scaling, n_groups", [(bits, "minmax", 4) for bits in WIDTHS] +
+                         [(bits, "rms", n) for bits in WIDTHS if bits != 8 for n in (1, 3)])
+def test_quantize_kernel_writes_what_token_quantizer_writes(bits, meta, D, rotate, scaling, n_groups):
     """Bit for bit: codes, scales and lows of the chosen rows; every other row untouched; with
-    smoothing and, rotated, each token times a rotation after it."""
+    smoothing and, rotated, each token times a rotation after it; min-max with a clip, or rms
+    (quant/uniform.py: no clip, no 8 bits) over one group and several."""
     B, Hkv, T, rows = 3, 2, 9, 6
     x = (torch.randn(B, Hkv, T, D, device=DEVICE) * torch.rand(Hkv, 1, D, device=DEVICE) * 3).to(DTYPE)
     smoothing = torch.rand(Hkv, D, device=DEVICE) + 0.5
     rotation = rotation_matrix(D, seed=int(torch.randint(100, ()))) if rotate else None
-    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, 4), clip=0.93, meta_dtype=meta, smoothing=smoothing,
-                               rotation=rotation)
+    quantizer = TokenQuantizer(bits, random_groups(Hkv, D, n_groups), clip=0.93 if scaling == "minmax" else 1.0,
+                               meta_dtype=meta, smoothing=smoothing, rotation=rotation, scaling=scaling)
     store = TokenStore(quantizer, B, rows, DEVICE)
     codes, scale, low = store.codes, store.scale, store.low
     codes.random_(256)
-    scale.copy_(torch.randn(B, Hkv, rows, 4, device=DEVICE))
-    low.copy_(torch.randn(B, Hkv, rows, 4, device=DEVICE))
+    scale.copy_(torch.randn(B, Hkv, rows, n_groups, device=DEVICE))
+    low.copy_(torch.randn(B, Hkv, rows, n_groups, device=DEVICE))
     before = [t.clone() for t in (codes, scale, low)]
     batch, source, row = (torch.tensor(v, device=DEVICE) for v in ([0, 2, 1, 2], [3, 8, 0, 5], [4, 0, -1, 5]))
     quantize_tokens(x, batch, source, row, store)
@@ -175,7 +177,8 @@ def cache_buffers(cache):
 
 @pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v3:metadata=fp16", "skvq-k1v8:group-size=16",
                                 "skvq-k3v2:pre-rope-keys", "svdq-k1.25v1.5", "skvq-k2v1.5:rotation=hadamard",
-                                "skvq-k3v2:group-size=32:rotation=hadamard-keys"])
+                                "skvq-k3v2:group-size=32:rotation=hadamard-keys",
+                                "skvq-k2v1.5:rotation=hadamard:scaling=rms", "skvq-k1v3:group-size=32:scaling=rms"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_write_kernel_writes_what_torch_writes(kv, D):
     """A decode step's write of one layer in one launch (kernels/quantize.py write_decode_token):

@@ -10,6 +10,7 @@ from quant.kvspec import DEFAULT, KvSpec, Schedule, for_method, parse
 
 SPECS = ["fp16", "skvq-k2v1.5", "skvq-k4v4:sinks=0:window=64:group-size=32:grouping=kmeans:metadata=fp16",
          "skvq-k3v1:pre-rope-keys", "skvq-k2v1.5:rotation=hadamard", "skvq-k3v1.5:window=64:rotation=hadamard-keys",
+         "skvq-k2v1.5:window=512:rotation=hadamard:scaling=rms",
          "svdq-k1.25v1.5:svdq-basis=prompt:token-group=64", "svdq-k2v2:group-size=64",
          "kivi-k2v2", "kivi-k4v2:window=64:group-size=16:token-group=16"]
 
@@ -39,6 +40,7 @@ def test_settings_in_any_order_and_at_their_defaults_name_one_spec():
     ("skvq-k2v2:rotation=random", "rotation must be one of none, hadamard, hadamard-keys"),
     ("skvq-k2v2:pre-rope-keys:rotation=hadamard", "does not commute with RoPE"),
     ("svdq-k2v2:rotation=hadamard", "rotation does not apply to svdq"),
+    ("skvq-k2v2:scaling=mse", "scaling must be one of minmax, rms"), ("kivi-k2v2:scaling=rms", "scaling does not"),
     ("skvq-k2v2:grouping=best", "grouping must be one of"), ("skvq-k2v2:metadata=fp4", "metadata must be one of"),
     ("kivi-k2v2:window=100", "multiple of its token-group 32"), ("skvq-k2v2:size=3", "unknown setting 'size'"),
 ])
@@ -103,3 +105,14 @@ def test_dependencies_point_one_way():
 @pytest.mark.parametrize("path", ["cli.py", "quant/kvspec.py", "generate.py"])
 def test_what_parses_flags_imports_no_torch(path):
     assert not module_imports(ROOT / path) & {"torch", "triton", "numpy"}
+
+
+def test_an_8_bit_side_keeps_min_max_under_rms_scaling():
+    """rms has no Gaussian step for 256 levels (quant/uniform.py): the quantizer refuses it, and
+    the cache's 8-bit side keeps min-max while its low-bit side scales by RMS."""
+    from quant.calibrate import quantizers_for
+    from quant.skvq import TokenQuantizer, equal_groups
+    with pytest.raises(ValueError, match="8 bits keeps min-max"):
+        TokenQuantizer(8, equal_groups(2, 16, 16), scaling="rms")
+    keys, values = quantizers_for(parse("skvq-k2v8:scaling=rms"), 2, 2, 16)
+    assert [q.scaling for q in keys] == ["rms"] * 2 and [q.scaling for q in values] == ["minmax"] * 2
