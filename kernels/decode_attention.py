@@ -266,7 +266,9 @@ def _attend_split(
         q = q * tl.load(k_smoothing_ptr + kv_head * D + channel)[None, :]
         rotation = tl.load(k_rotation_ptr + channel[:, None] * D + k_channel[None, :], mask=k_real[None, :],
                            other=0.0)                                                   # (D, DX): R's columns
-        q = tl.dot(q, rotation, input_precision="ieee").to(q_ptr.dtype.element_ty)     # (M_PAD, DX)
+        # In q's dtype, on tensor cores: fp32 FMAs over [D, DX] tiles spill (measured: bench/sass.py).
+        q = tl.dot(q.to(q_ptr.dtype.element_ty), rotation.to(q_ptr.dtype.element_ty))  # (M_PAD, DX) fp32
+        q = q.to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
@@ -390,7 +392,7 @@ def _attend_split(
         out_real = out_channel < D
         rotation_t = tl.load(v_rotation_ptr + out_channel[None, :] * D + v_channel[:, None], mask=v_real[:, None],
                              other=0.0)                                                 # (DX, D): R^T's rows
-        out = tl.dot(out, rotation_t, input_precision="ieee")                          # (M_PAD, D)
+        out = tl.dot(out.to(q_ptr.dtype.element_ty), rotation_t.to(q_ptr.dtype.element_ty))  # (M_PAD, D)
     if not V_FULL:
         out = out * tl.load(v_smoothing_ptr + kv_head * D + out_channel, mask=out_real, other=0.0)[None, :]
     split_column = first_split + split
