@@ -399,15 +399,15 @@ def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, 
     k, v [B, Hkv, D] fp32, the new tokens at position [B], into sinks (sink_k, sink_v) [B, Hkv, S,
     D] or the ring window [B, Hkv, ring, D], after the token at history row evict_row[b] >= 0
     is quantized from its ring slot into the stores keys and values (rows from first_row). False,
-    having written nothing, where the C does not apply (no compiler, stores it does not read or
-    that are rotated)."""
+    having written nothing, where the C does not apply (no compiler, stores it does not read,
+    rotated stores or scaling=rms)."""
     sink_k, sink_v = sinks
     window_k, window_v = window
     tensors = [k, v, sink_k, sink_v, window_k, window_v]
     if not (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) and k.stride() == v.stride()
             and sink_k.stride() == sink_v.stride() and window_k.stride() == window_v.stride()
-            and _compiles(keys) and _compiles(values) and keys.rotation is None and values.rotation is None
-            and compiled_kernel() is not None):  # the C quantizes channels as they come: no rotation
+            and all(_compiles(s) and s.rotation is None and s.quantizer.scaling == "minmax" for s in (keys, values))
+            and compiled_kernel() is not None):  # the C quantizes channels as they come, by min-max
         return False
     B, Hkv, D = k.shape
     strides = torch.tensor([sink_k.stride()[:3], window_k.stride()[:3]])
