@@ -84,8 +84,8 @@ def test_kivi_schedule_is_its_released_code():
     exact_values = (~quantized_mask(spec.value_schedule, T)).tril().sum(1)
     assert exact_keys.tolist() == (p % 128 + 1).tolist()
     assert exact_values.tolist() == (p + 1).clamp_max(129).tolist()
-    skvq = (~quantized_mask(parse("skvq-k2v2").key_schedule, T)).tril().sum(1)  # sinks and window: 5 + 128
-    assert skvq[-1] == 5 + 128
+    skvq = (~quantized_mask(parse("skvq-k2v2").key_schedule, T)).tril().sum(1)  # sinks and window: 5 + 512
+    assert skvq[-1] == 5 + 512
 
 
 class KiviDecoding:
