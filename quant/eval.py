@@ -42,9 +42,10 @@ from quant.kivi import kivi_quantizers
 from quant.methods import SimulatedCache, per_block, simulated_cache
 
 SKVQ_BITS = [(4, 4), (2, 2), (2, 1.5)]
-# Issue 21: the default without a calibration file beside rotated caches (which use none).
-ROTATED = ["skvq-k2v1.5", "skvq-k2v1.5:rotation=hadamard-keys", "skvq-k2v1.5:rotation=hadamard",
-           "skvq-k3v1.5:rotation=hadamard"]
+# Issue 21: the old default (unrotated, min-max) without a calibration file beside rotated caches,
+# min-max and rms (the default; rms takes nothing from a calibration).
+ROTATED = ["skvq-k2v1.5:rotation=none:scaling=minmax", "skvq-k2v1.5:rotation=hadamard-keys:scaling=minmax",
+           "skvq-k2v1.5:scaling=minmax", "skvq-k2v1.5", "skvq-k3v1.5"]
 KIVI_BITS = [(4, 4), (2, 2)]
 # The caches the engine offers besides its default (quant/kvspec.py DEFAULT), in the main table.
 ENGINE_CACHES = ["skvq-k2v1.5", "svdq-k2v1.5", "skvq-k4v4", "svdq-k1.25v1.5", "skvq-k2v2"]
@@ -170,13 +171,14 @@ def grouping_settings(calibration: Calibration, shape: tuple, n_sink: int, windo
 
 def rotated_settings(calibration: Calibration | None, shape: tuple, n_sink: int, window: int, inv_freq) -> list:
     """(name, bits per element incl. metadata, cache factory or None) of issue 21's comparison: the
-    default as a new user first runs it (no calibration) beside rotated caches, uncalibrated and,
-    where there is a calibration, with its clip factors searched on rotated channels."""
+    old default as a new user first ran it (no calibration) beside rotated caches, uncalibrated
+    and, for min-max where there is a calibration, with its clip factors searched on rotated
+    channels."""
     rows = [("fp16", 16.0, None)]
     for text in ROTATED:
         spec = kvspec.parse(text).with_settings(sinks=n_sink, window=window)
         rows.append(setting_row(spec, shape, name=f"{spec}, uncalibrated", inv_freq=inv_freq))
-        if calibration is not None and spec.rotation != "none":
+        if calibration is not None and spec.rotation != "none" and spec.scaling == "minmax":
             rows.append(setting_row(spec, shape, calibration, inv_freq=inv_freq))
     return rows
 

@@ -158,7 +158,7 @@ def test_window_covering_everything_equals_fp16_cache(pre_rope):
     lengths, T = torch.tensor([9, 14]), 30
     tokens = torch.randint(0, 64, (2, 14))
     fp16 = KVCache(cfg, 2, T, "cpu", torch.float32)
-    spec = parse(f"skvq-k2v2:sinks=3:window={T - 3}:group-size=8" + (":pre-rope-keys" if pre_rope else ""))
+    spec = parse(f"skvq-k2v2:sinks=3:window={T - 3}:group-size=8" + (":rotation=none:pre-rope-keys" if pre_rope else ""))
     quantized = make_cache(spec, cfg, 2, T, "cpu", torch.float32)
     a, b = prefill(model, tokens, lengths, fp16), prefill(model, tokens, lengths, quantized)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -173,7 +173,7 @@ def test_decode_attends_to_dequantized_history(pre_rope):
     """Past the window, attention sees sinks and window exactly and history dequantized."""
     cfg = tiny_config()
     S, W, lengths, n_decode = 2, 5, [17, 9], 6
-    spec = parse(f"skvq-k3v2:sinks={S}:window={W}:group-size=8" + (":pre-rope-keys" if pre_rope else ""))
+    spec = parse(f"skvq-k3v2:sinks={S}:window={W}:group-size=8" + (":rotation=none:pre-rope-keys" if pre_rope else ""))
     cache = make_cache(spec, cfg, 2, 30, "cpu", torch.float32)
     k_all, v_all = fill(cache, cfg, lengths, n_decode)
     n = cache.lengths

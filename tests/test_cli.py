@@ -174,10 +174,11 @@ def test_kv_settings_by_flag_or_in_the_spec_are_one_cache(checkpoint, prompt):
     path, _ = checkpoint(num_key_value_heads=2)
     common = ["--model", path, "--prompt-file", prompt, "--max-new-tokens", 20, "--temperature", 0,
               "--device", "cpu", "--dtype", "float32"]
-    by_flags = run_cli(*common, "--kv", "skvq-k2v2", "--window", 4, "--sinks", 2, "--group-size", 8, "--pre-rope-keys")
-    in_spec = run_cli(*common, "--kv", "skvq-k2v2:pre-rope-keys:group-size=8:sinks=2:window=4")
+    by_flags = run_cli(*common, "--kv", "skvq-k2v2", "--window", 4, "--sinks", 2, "--group-size", 8, "--rotation", "none",
+                       "--pre-rope-keys")
+    in_spec = run_cli(*common, "--kv", "skvq-k2v2:pre-rope-keys:group-size=8:sinks=2:window=4:rotation=none")
     assert by_flags.returncode == 0 and by_flags.stdout == in_spec.stdout
-    assert "KV cache (skvq-k2v2:sinks=2:window=4:group-size=8:pre-rope-keys, float32" in by_flags.stderr
+    assert "KV cache (skvq-k2v2:sinks=2:window=4:group-size=8:rotation=none:pre-rope-keys, float32" in by_flags.stderr
 
 
 def test_kv_the_model_cannot_take_is_refused_before_its_weights_load(checkpoint, prompt):
@@ -207,7 +208,10 @@ def test_quantized_cache_through_the_cli(checkpoint, prompt):
     for kv in ("skvq-k2v1.5", "svdq-k1.25v1.5"):
         wide = run_cli(*common, "--kv", kv, "--group-size", 8)
         assert wide.returncode == 0 and wide.stdout == fp16.stdout, (kv, wide.stderr)
-    narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8)
+        # The default (rotated, rms) takes nothing from a calibration: no note that one is missing.
+        assert ("no kv_calibration.safetensors" in wide.stderr) == (kv != "skvq-k2v1.5")
+    narrow = run_cli(*common, "--kv", "skvq-k2v1.5", "--window", 4, "--sinks", 2, "--group-size", 8,
+                     "--rotation", "none", "--scaling", "minmax")
     assert narrow.returncode == 0, narrow.stderr
     assert "no kv_calibration.safetensors" in narrow.stderr and "bits/element" in narrow.stderr
     assert len(narrow.stdout) > 0

@@ -59,7 +59,7 @@ def test_simulation_equals_token_by_token_decoding(keys_as, k_bits, v_bits):
     """Rotated: keys and values, each layer's own rotation."""
     model = random_model()
     cfg, T = model.config, 40
-    setting = {"post-RoPE": "", "pre-RoPE": ":pre-rope-keys", "post-RoPE, rotated": ":rotation=hadamard"}[keys_as]
+    setting = {"post-RoPE": ":rotation=none", "pre-RoPE": ":rotation=none:pre-rope-keys", "post-RoPE, rotated": ":rotation=hadamard"}[keys_as]
     spec = parse(f"skvq-k{k_bits}v{v_bits}:sinks=3:window=6" + setting)
     x = torch.randn(500, 2, 16) * torch.rand(2, 16) * 3
     groups = kmeans_groups(x.amin(0), x.amax(0), 2)
@@ -101,8 +101,8 @@ def test_kivi_schedule_is_its_released_code():
     exact_values = (~quantized_mask(spec.value_schedule, T)).tril().sum(1)
     assert exact_keys.tolist() == (p % 128 + 1).tolist()
     assert exact_values.tolist() == (p + 1).clamp_max(129).tolist()
-    skvq = (~quantized_mask(parse("skvq-k2v2").key_schedule, T)).tril().sum(1)  # sinks and window: 5 + 128
-    assert skvq[-1] == 5 + 128
+    skvq = (~quantized_mask(parse("skvq-k2v2").key_schedule, T)).tril().sum(1)  # sinks and window: 5 + 512
+    assert skvq[-1] == 5 + 512
 
 
 class KiviDecoding:
@@ -247,11 +247,12 @@ def test_svdq_simulation_equals_token_by_token_decoding(basis, bits):
 def test_rotated_caches_take_clip_factors_searched_on_rotated_channels():
     """A calibration holds, per layer, clip factors of K-post and V searched on their rotated
     channels; a rotated cache takes them, with equal groups, no smoothing and the layer's rotation;
-    from a calibration without them (made before rotation), no clipping."""
+    from a calibration without them (made before rotation), no clipping; with rms scaling (the
+    default), none either: its multiplier search is its clipping."""
     captured = {(layer, kind): torch.randn(300, 2, 16) * torch.rand(2, 16) * 3
                 for layer in range(2) for kind in ("k_pre", "k_post", "v")}
     calibration = calibration_from(captured, 2, [16])
-    spec = parse("skvq-k2v1.5:group-size=16:rotation=hadamard")
+    spec = parse("skvq-k2v1.5:group-size=16:rotation=hadamard:scaling=minmax")
     keys, values = quantizers_for(spec, 2, 2, 16, calibration)
     for layer in range(2):
         for quantizer, kind in [(keys[layer], "k_post"), (values[layer], "v")]:
@@ -263,6 +264,8 @@ def test_rotated_caches_take_clip_factors_searched_on_rotated_channels():
     before_rotation = {name: t for name, t in calibration.tensors.items() if not name.startswith("rotated.")}
     keys, _ = quantizers_for(spec, 2, 2, 16, Calibration(before_rotation, calibration.settings))
     assert [q.clip for q in keys] == [1.0, 1.0]
+    keys, values = quantizers_for(parse("skvq-k2v1.5:group-size=16"), 2, 2, 16, calibration)
+    assert [(q.clip, q.scaling) for q in keys + values] == [(1.0, "rms")] * 4
 
 
 @pytest.mark.parametrize("kv", ["skvq-pre", "skvq-post", "svdq"])
@@ -278,7 +281,7 @@ def test_chunked_prefill_equals_its_simulation(kv):
         spec = parse("svdq-k1.25v1.5:sinks=3:window=6:token-group=4")
         keys = [svdq_keys(1.25, 2, cfg.head_dim, 4, *basis_from_keys(x[i::2])) for i in range(2)]
     else:
-        spec = parse("skvq-k2v1.5:sinks=3:window=6" + (":pre-rope-keys" if kv == "skvq-pre" else ""))
+        spec = parse("skvq-k2v1.5:sinks=3:window=6:rotation=none" + (":pre-rope-keys" if kv == "skvq-pre" else ""))
         keys = [TokenQuantizer(2, kmeans_groups(x.amin(0), x.amax(0), 2), clip=0.95) for _ in range(2)]
     simulation = simulated_cache(spec, keys, values, model.inv_freq, prefill_chunk=chunk)
     tokens = torch.randint(0, 64, (2, T))

@@ -50,8 +50,8 @@ def decode_steps(kv: str, steps: int, monkeypatch, use_kernels: bool = True) -> 
     return recorded, cache
 
 
-@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v4:pre-rope-keys:metadata=fp16", "svdq-k1.25v1.5",
-                                "skvq-k2v1.5:rotation=hadamard"])
+@pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v4:metadata=fp16:rotation=none:pre-rope-keys", "svdq-k1.25v1.5",
+                                "skvq-k2v1.5:rotation=none:scaling=minmax"])
 def test_decode_step_is_capturable(kv, monkeypatch):
     """Ten steps: the first sequence evicts a token at each (SVDq: a block of 4 at every fourth),
     the second fills its window."""

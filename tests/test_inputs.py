@@ -218,7 +218,8 @@ def test_help_shows_every_kv_default(capsys):
     with pytest.raises(SystemExit):
         generate.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("default smooth", "default fp8", "default 5)", "default 128)", "default skvq-k2v1.5"):
+    for default in ("default smooth", "default fp8", "default 5)", "default 512)", "default hadamard)", "default rms)",
+                    "default 128)", "default skvq-k2v1.5"):
         assert default in text
 
 

@@ -176,9 +176,10 @@ def cache_buffers(cache):
 
 
 @pytest.mark.parametrize("kv", ["fp16", "skvq-k2v1.5", "skvq-k4v3:metadata=fp16", "skvq-k1v8:group-size=16",
-                                "skvq-k3v2:pre-rope-keys", "svdq-k1.25v1.5", "skvq-k2v1.5:rotation=hadamard",
+                                "skvq-k3v2:rotation=none:pre-rope-keys", "svdq-k1.25v1.5",
+                                "skvq-k2v1.5:rotation=hadamard:scaling=minmax",
                                 "skvq-k3v2:group-size=32:rotation=hadamard-keys",
-                                "skvq-k2v1.5:rotation=hadamard:scaling=rms", "skvq-k1v3:group-size=32:scaling=rms"])
+                                "skvq-k2v1.5:rotation=none:scaling=minmax", "skvq-k1v3:group-size=32:rotation=none"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_write_kernel_writes_what_torch_writes(kv, D):
     """A decode step's write of one layer in one launch (kernels/quantize.py write_decode_token):
@@ -242,7 +243,7 @@ def random_model(n_kv_heads, head_dim):
 @pytest.mark.parametrize("kv, pre_rope, n_kv_heads, head_dim",
                          [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
                           ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64),
-                          ("skvq-k2v1.5:rotation=hadamard", False, 2, 128)])
+                          ("skvq-k2v1.5:rotation=none:scaling=minmax", False, 2, 128)])
 def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
     """A batch of prompts of different lengths, prefilled in chunks of 8 and decoded past the
     window: the kernel path (prefill attention over the held segments plus the causal chunk,
@@ -267,7 +268,7 @@ def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads
     calibration = Calibration(bases, dict(layers=cfg.num_hidden_layers, group_sizes=[]))
     spec = parse(f"{kv}:sinks=3:window=8:group-size=32" if kv != "fp16" else kv)
     spec = spec.with_settings(token_group=16) if spec.method == "svdq" else spec
-    spec = spec.with_settings(pre_rope_keys=True) if pre_rope and spec.method == "skvq" else spec
+    spec = spec.with_settings(pre_rope_keys=True, rotation="none") if pre_rope and spec.method == "skvq" else spec
 
     def run(use_kernels):
         cache = make_cache(spec, cfg, 2, 23 + n_decode, DEVICE, DTYPE, calibration, use_kernels)

@@ -9,8 +9,8 @@ from conftest import ROOT
 from quant.kvspec import DEFAULT, KvSpec, Schedule, for_method, parse
 
 SPECS = ["fp16", "skvq-k2v1.5", "skvq-k4v4:sinks=0:window=64:group-size=32:grouping=kmeans:metadata=fp16",
-         "skvq-k3v1:pre-rope-keys", "skvq-k2v1.5:rotation=hadamard", "skvq-k3v1.5:window=64:rotation=hadamard-keys",
-         "skvq-k2v1.5:window=512:rotation=hadamard:scaling=rms",
+         "skvq-k3v1:rotation=none:pre-rope-keys", "skvq-k2v1.5:window=128:rotation=none:scaling=minmax", "skvq-k3v1.5:window=64:rotation=hadamard-keys",
+         "skvq-k3v1.5:window=128:scaling=minmax",
          "svdq-k1.25v1.5:svdq-basis=prompt:token-group=64", "svdq-k2v2:group-size=64",
          "kivi-k2v2", "kivi-k4v2:window=64:group-size=16:token-group=16"]
 

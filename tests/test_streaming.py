@@ -134,9 +134,9 @@ def test_prefill_chunk_matches_reference(group, D, pre_rope):
 
 
 @pytest.mark.parametrize("kv, heads, n_kv_heads, D",
-                         [("fp16", 4, 4, 64), ("skvq-k2v1.5", 8, 1, 128), ("skvq-k2v1.5:pre-rope-keys", 8, 2, 64),
+                         [("fp16", 4, 4, 64), ("skvq-k2v1.5", 8, 1, 128), ("skvq-k2v1.5:rotation=none:pre-rope-keys", 8, 2, 64),
                           ("skvq-k3v2:metadata=fp16:group-size=32", 4, 4, 64), ("svdq-k1.25v1.5:token-group=16", 8, 2, 128),
-                          ("skvq-k2v1.5:rotation=hadamard", 8, 2, 64), ("skvq-k4v2:rotation=hadamard-keys", 4, 1, 128),
+                          ("skvq-k2v1.5:rotation=none:scaling=minmax", 8, 2, 64), ("skvq-k4v2:rotation=hadamard-keys", 4, 1, 128),
                           ("svdq-k2v1.5:svdq-basis=prompt:token-group=16", 4, 1, 64)])
 def test_cache_streams_as_the_reference_attends(kv, heads, n_kv_heads, D):
     """Through engine/cache.py: a batch of prompts of 290 and 75 tokens prefilled in chunks of
