@@ -100,9 +100,12 @@ def engine_launches(model: str, kv: str) -> tuple[dict[str, list[Launch]], dict]
     operations of the step's reserve (once per step, for every layer)."""
     cfg = replace(CONFIGS[model], num_hidden_layers=1)
     H, Hkv, D, chunk = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 256
-    cache = make_cache(parse(kv), cfg, 1, 2048, "cpu", torch.float16, use_kernels=True)
+    spec = parse(kv)
+    cache = make_cache(spec, cfg, 1, 2048, "cpu", torch.float16, use_kernels=True)
     phases, step = {}, {}
-    for phase, T in [("prefill chunk", chunk), ("decode", 1)]:
+    # A full window first (unrecorded), so that the recorded chunk and step evict into packed history.
+    full = spec.sinks + spec.window if spec.quantized else chunk
+    for phase, T in [("fill", full), ("prefill chunk", chunk), ("decode", 1)]:
         q = torch.randn(1, H, T, D, dtype=torch.float16)
         k, v = (torch.randn(1, Hkv, T, D, dtype=torch.float16) for _ in range(2))
         with recorded_launches() as launches:
@@ -110,7 +113,8 @@ def engine_launches(model: str, kv: str) -> tuple[dict[str, list[Launch]], dict]
                 positions = cache.reserve(torch.tensor([T]), T)
             with TorchOps() as layer_ops:
                 cache.attend(0, q, k, v, positions)
-        phases[phase] = launches
+        if phase != "fill":
+            phases[phase] = launches
     step = dict(triton_launches_per_layer=len(phases["decode"]), torch_ops_per_layer=len(layer_ops.ops),
                 torch_ops_per_step=len(reserve_ops.ops), host_syncs_per_layer=len(layer_ops.syncs))
     return phases, step

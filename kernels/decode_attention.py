@@ -50,6 +50,7 @@ from kernels.codes import (
 SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
 CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
 BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
+ROTATION_ROWS = tl.constexpr(32)  # rows of a rotation in registers at a time (q's before the loop, the output's after)
 
 
 @dataclass
@@ -261,13 +262,16 @@ def _attend_split(
         block_angle = (first_position + start).to(tl.float32) * inv_freq
         cos_block, sin_block = tl.cos(block_angle), tl.sin(block_angle)
     elif K_ROTATE:  # keys stored rotated: q . k = (q s R) . (k / s R), q s R once here, into the codes' order
-        channel = tl.arange(0, D)
-        q = tl.load(q_rows + channel[None, :], mask=real_row[:, None], other=0.0).to(tl.float32)
-        q = q * tl.load(k_smoothing_ptr + kv_head * D + channel)[None, :]
-        rotation = tl.load(k_rotation_ptr + channel[:, None] * D + k_channel[None, :], mask=k_real[None, :],
-                           other=0.0)                                                   # (D, DX): R's columns
-        # In q's dtype, on tensor cores: fp32 FMAs over [D, DX] tiles spill (measured: bench/sass.py).
-        q = tl.dot(q.to(q_ptr.dtype.element_ty), rotation.to(q_ptr.dtype.element_ty))  # (M_PAD, DX) fp32
+        # On tensor cores in q's dtype, R's rows ROTATION_ROWS at a time: fp32 FMAs over [D, DX]
+        # tiles, or R whole in registers, spill (measured: bench/sass.py).
+        q = tl.zeros([M_PAD, k_channel.shape[0]], tl.float32)
+        for first in tl.static_range(0, D, ROTATION_ROWS):
+            channel = first + tl.arange(0, ROTATION_ROWS)
+            q_part = tl.load(q_rows + channel[None, :], mask=real_row[:, None], other=0.0).to(tl.float32)
+            q_part = q_part * tl.load(k_smoothing_ptr + kv_head * D + channel)[None, :]    # (M_PAD, ROWS)
+            rotation = tl.load(k_rotation_ptr + channel[:, None] * D + k_channel[None, :], mask=k_real[None, :],
+                               other=0.0)                                               # (ROWS, DX): R's rows
+            q = tl.dot(q_part.to(q_ptr.dtype.element_ty), rotation.to(q_ptr.dtype.element_ty), q)
         q = q.to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
@@ -386,25 +390,28 @@ def _attend_split(
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
     out = (acc + v_low[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
-    out_channel, out_real = v_channel, v_real
-    if V_ROTATE:  # values stored rotated: the split's output times R^T, once, back in the model's channels
-        out_channel = tl.arange(0, D)
-        out_real = out_channel < D
-        rotation_t = tl.load(v_rotation_ptr + out_channel[None, :] * D + v_channel[:, None], mask=v_real[:, None],
-                             other=0.0)                                                 # (DX, D): R^T's rows
-        out = tl.dot(out.to(q_ptr.dtype.element_ty), rotation_t.to(q_ptr.dtype.element_ty))  # (M_PAD, D)
-    if not V_FULL:
-        out = out * tl.load(v_smoothing_ptr + kv_head * D + out_channel, mask=out_real, other=0.0)[None, :]
-    split_column = first_split + split
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
+    out_rows += (first_split + split) * stride_os
     # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0); a
     # split is empty only for a sequence shorter than the splits' blocks. (The test is the split's,
     # not each row's l > 0, which costs registers; [M_PAD] for the interpreter.)
     live = (rows * 0 + start) < end
-    tl.store(out_rows + split_column * stride_os + out_channel[None, :], out,
-             mask=(real_row & live)[:, None] & out_real[None, :])
+    if V_ROTATE:  # values stored rotated: the split's output times R^T, once, back in the model's
+        # channels, ROTATION_ROWS of them at a time (a whole [DX, D] tile spills, as for q)
+        out = out.to(q_ptr.dtype.element_ty)
+        for first in tl.static_range(0, D, ROTATION_ROWS):
+            out_channel = first + tl.arange(0, ROTATION_ROWS)
+            rotation_t = tl.load(v_rotation_ptr + out_channel[None, :] * D + v_channel[:, None],
+                                 mask=v_real[:, None], other=0.0)                      # (DX, ROWS): R^T's columns
+            out_part = tl.dot(out, rotation_t.to(q_ptr.dtype.element_ty))              # (M_PAD, ROWS)
+            out_part = out_part * tl.load(v_smoothing_ptr + kv_head * D + out_channel)[None, :]
+            tl.store(out_rows + out_channel[None, :], out_part, mask=(real_row & live)[:, None])
+    else:
+        if not V_FULL:
+            out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
+        tl.store(out_rows + v_channel[None, :], out, mask=(real_row & live)[:, None] & v_real[None, :])
     lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
-    tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + split_column, lse, mask=real_row)
+    tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + first_split + split, lse, mask=real_row)
 
 
 @triton.jit

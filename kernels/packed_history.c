@@ -246,7 +246,8 @@ static inline __attribute__((always_inline)) void sum_values(
  * so that the per-byte loops over rows unroll. */
 static inline __attribute__((always_inline)) void attend_head(
         int b, int h, int Hkv, const int M, int D, const float *q, const int64_t *count,
-        const Operand k, const Operand v, const float *v_smoothing, float *m_out, float *l_out, float *acc_out) {
+        const Operand k, const Operand v, const float *v_smoothing, const float *v_rotation,
+        float *m_out, float *l_out, float *acc_out) {
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
     float *key_table = NULL;  /* [row_bytes, 256, M] where there is no nibble table */
     lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
@@ -334,6 +335,15 @@ static inline __attribute__((always_inline)) void attend_head(
         for (int j = 0; j < v.row_bytes; j++)
             for (int i = 0; i < v.per_byte && j * v.per_byte + i < D; i++)
                 fresh[j * v.per_byte + i] += value_sum[r * v.row_bytes + j][i];
+        if (v_rotation) {  /* values stored rotated: fresh times R^T, back in the model's channels */
+            float stored[D];
+            memcpy(stored, fresh, sizeof(float) * D);
+            for (int e = 0; e < D; e++) {
+                float sum = 0.0f;
+                for (int d = 0; d < D; d++) sum += stored[d] * v_rotation[e * D + d];
+                fresh[e] = sum;
+            }
+        }
         for (int d = 0; d < D; d++) acc[d] = acc[d] * carried[r] + fresh[d] * v_smoothing[h * D + d];
         m_out[at + r] = m_run[r];
         l_out[at + r] = l_run[r];
@@ -345,18 +355,19 @@ static inline __attribute__((always_inline)) void attend_head(
 }
 
 /* For every (b, h): q [B, Hkv, M, D] fp32 contiguous, already scaled by 1/sqrt(D) and the keys'
- * smoothing; count [B] tokens; v_smoothing [Hkv, D]. m_out, l_out [B, Hkv, M] and acc_out
- * [B, Hkv, M, D] hold the softmax state of the segments before (m = -inf, l = acc = 0: none) and
- * are updated in place to include this one (acc times the values' smoothing). */
+ * smoothing and rotated as the keys are; count [B] tokens; v_smoothing [Hkv, D]; v_rotation
+ * [D, D] or NULL, the values' rotation R. m_out, l_out [B, Hkv, M] and acc_out [B, Hkv, M, D] hold
+ * the softmax state of the segments before (m = -inf, l = acc = 0: none) and are updated in place
+ * to include this one (acc in the model's channels: times R^T, then the values' smoothing). */
 void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *count,
-                   Operand k, Operand v, const float *v_smoothing,
+                   Operand k, Operand v, const float *v_smoothing, const float *v_rotation,
                    float *m_out, float *l_out, float *acc_out, int threads) {
     static int ready = 0;
     if (!ready) { init_fp8(); init_digits(); ready = 1; }
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, m_out, l_out, acc_out)
+            #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, v_rotation, m_out, l_out, acc_out)
             FLUSHING_SUBNORMALS(FOR_ROWS(M, HEAD));
             #undef HEAD
         }
@@ -459,22 +470,72 @@ static float store_meta(void *p, int64_t i, int kind, float x) {
     return fp8_e4m3[fp8];
 }
 
+/* How one side's tokens are quantized (quant/skvq.py TokenQuantizer): the static divisors
+ * smoothing [Hkv, D]; rotation [D, D] (fp32) or NULL; for scaling=minmax the clip factor, for
+ * scaling=rms (n_steps > 0) the steps, in units of the group's RMS, to try (quant/uniform.py rms_steps). */
+typedef struct {
+    const float *smoothing, *rotation, *rms_steps;
+    float clip;
+    int n_steps;
+} Quantizer;
+
 /* One token's D channels x (fp32) into row `row` of a store of one channel group per head:
- * quant/uniform.py quantize_groups, operation for operation (x / smoothing; low = clip * min,
- * scale = clip * (max - min) / (levels - 1), floored, both rounded to the stored dtype; codes
- * floor((x - low) / scale + 1/2) against those, clamped), packed as quant/packing.py packs. */
-static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t h, int64_t row,
-                           const float *smoothing, float clip) {
-    float y[D], hi = -INFINITY, lo = INFINITY;
-    for (int d = 0; d < D; d++) {
-        y[d] = x[d] / smoothing[h * D + d];
-        hi = y[d] > hi ? y[d] : hi;
-        lo = y[d] < lo ? y[d] : lo;
+ * quant/skvq.py TokenQuantizer.quantize and quant/uniform.py quantize_groups, operation for
+ * operation. y = x / smoothing, times R in fp64 (the fp32 products are exact, so the sum almost
+ * always is, whatever its order). min-max: low = clip * min, scale = clip * (max - min) / (levels - 1);
+ * rms: for each step, scale = step * RMS(y), low = -(levels - 1) / 2 * scale, kept where the fp64
+ * squared error against the stored pair is strictly the least so far. Both floored, rounded to the
+ * stored dtype; codes floor((y - low) / scale + 1/2) against those, clamped; packed as
+ * quant/packing.py packs. */
+static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t h, int64_t row, Quantizer q) {
+    float y[D], rotated[D], hi = -INFINITY, lo = INFINITY;
+    for (int d = 0; d < D; d++)
+        y[d] = x[d] / q.smoothing[h * D + d];
+    if (q.rotation) {
+        for (int j = 0; j < D; j++) {
+            double sum = 0.0;
+            for (int d = 0; d < D; d++)
+                sum += (double)y[d] * (double)q.rotation[d * D + j];
+            rotated[j] = (float)sum;
+        }
+        memcpy(y, rotated, sizeof(float) * D);
     }
-    float step = clip * (hi - lo) / (float)(s.radix - 1), floor_ = s.meta_kind ? 0x1p-9f : 1e-6f;
+    const int top = s.radix - 1;
+    const float floor_ = s.meta_kind ? 0x1p-9f : 1e-6f;
     int64_t m = b * s.mb + h * s.mh + row * s.mt;
-    float scale = store_meta((void *)s.scale, m, s.meta_kind, step > floor_ ? step : floor_);
-    float low = store_meta((void *)s.low, m, s.meta_kind, clip * lo);
+    float scale, low;
+    if (q.n_steps == 0) {
+        for (int d = 0; d < D; d++) {
+            hi = y[d] > hi ? y[d] : hi;
+            lo = y[d] < lo ? y[d] : lo;
+        }
+        float step = q.clip * (hi - lo) / (float)top;
+        scale = store_meta((void *)s.scale, m, s.meta_kind, step > floor_ ? step : floor_);
+        low = store_meta((void *)s.low, m, s.meta_kind, q.clip * lo);
+    } else {
+        double squares = 0.0, least = INFINITY;
+        for (int d = 0; d < D; d++)
+            squares += (double)y[d] * (double)y[d];
+        float rms = sqrtf((float)(squares / D)), best = 0.0f;
+        for (int i = 0; i < q.n_steps; i++) {
+            float step = q.rms_steps[i] * rms;
+            step = step > floor_ ? step : floor_;
+            uint8_t scratch[4];  /* the pair rounded as stored, to score it */
+            float scale_i = store_meta(scratch, 0, s.meta_kind, step);
+            float low_i = store_meta(scratch, 1, s.meta_kind, -0.5f * (float)top * step);
+            double error = 0.0;
+            for (int d = 0; d < D; d++) {
+                float c = floorf((y[d] - low_i) / scale_i + 0.5f);
+                c = c < 0.0f ? 0.0f : c > top ? (float)top : c;
+                double e = (double)c * scale_i + low_i - y[d];
+                error += e * e;
+            }
+            if (error < least)  /* strict: a tie keeps the earlier step */
+                least = error, best = step;
+        }
+        scale = store_meta((void *)s.scale, m, s.meta_kind, best);
+        low = store_meta((void *)s.low, m, s.meta_kind, -0.5f * (float)top * best);
+    }
     uint8_t *codes = (uint8_t *)s.codes + b * s.sb + h * s.sh + row * s.st;
     for (int j = 0; j < s.row_bytes; j++) {
         int byte = 0;
@@ -482,7 +543,7 @@ static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t 
             int d = j * s.per_byte + i, code = 0;
             if (d < D) {
                 float c = floorf((y[d] - low) / scale + 0.5f);
-                code = c < 0.0f ? 0 : c > s.radix - 1 ? s.radix - 1 : (int)c;
+                code = c < 0.0f ? 0 : c > top ? top : (int)c;
             }
             byte = byte * s.radix + code;
         }
@@ -495,13 +556,12 @@ static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t 
  * now in ring slot evict_row[b] % ring, quantized into the key and value stores (store row
  * evict_row[b] - first_row); then the new token k, v [B, Hkv, D] (strides kb, kh) at position[b]
  * into sink slot position[b] (< S) or ring slot (position[b] - S) % ring. Sinks [B, Hkv, S, D] at
- * strides sink_strides, window [B, Hkv, ring, D] at window_strides (batch, head, token), fp32;
- * smoothing [Hkv, D]. */
+ * strides sink_strides, window [B, Hkv, ring, D] at window_strides (batch, head, token), fp32. */
 void write_token(int B, int Hkv, int D, const float *k, const float *v, int64_t kb, int64_t kh,
                  const int64_t *position, float *sink_k, float *sink_v, int S, const int64_t *sink_strides,
                  float *window_k, float *window_v, int64_t ring, const int64_t *window_strides,
                  const int64_t *evict_row, int64_t first_row, Operand keys, Operand values,
-                 const float *k_smoothing, const float *v_smoothing, float k_clip, float v_clip) {
+                 Quantizer k_quantizer, Quantizer v_quantizer) {
     static int ready = 0;
     if (!ready) { init_fp8(); init_digits(); ready = 1; }
     const int64_t *ss = sink_strides, *ws = window_strides;
@@ -510,8 +570,8 @@ void write_token(int B, int Hkv, int D, const float *k, const float *v, int64_t 
             int64_t p = position[b], row = evict_row[b], ring_head = b * ws[0] + h * ws[1];
             if (row >= 0) {
                 int64_t at = ring_head + row % ring * ws[2];
-                quantize_token(window_k + at, D, keys, b, h, row - first_row, k_smoothing, k_clip);
-                quantize_token(window_v + at, D, values, b, h, row - first_row, v_smoothing, v_clip);
+                quantize_token(window_k + at, D, keys, b, h, row - first_row, k_quantizer);
+                quantize_token(window_v + at, D, values, b, h, row - first_row, v_quantizer);
             }
             int64_t slot = p < S ? b * ss[0] + h * ss[1] + p * ss[2] : ring_head + (p - S) % ring * ws[2];
             memcpy((p < S ? sink_k : window_k) + slot, k + b * kb + h * kh, sizeof(float) * D);

@@ -41,6 +41,7 @@ from kernels import native
 from kernels.decode_attention import Segment
 from model import apply_rope, rope_cos_sin
 from quant.packing import WIDTHS, unpack
+from quant.uniform import rms_steps
 
 WORK_BYTES = 16 << 20  # fp32 bytes of one block's scores and unpacked K/V: sizes the block
 
@@ -115,15 +116,6 @@ class _Softmax:
         rescale = (self.m - m).exp_()
         self.l.mul_(rescale).add_(p.sum(-1, keepdim=True))
         self.acc.mul_(rescale).add_(weighted_sum(p))
-        self.m = m
-
-    def merge(self, other: "_Softmax"):
-        """Folds in another softmax's state over other tokens (a segment summed apart)."""
-        m = torch.maximum(self.m, other.m)
-        m.masked_fill_(m == -math.inf, 0.0)
-        mine, theirs = (self.m - m).exp(), (other.m - m).exp()
-        self.l = self.l * mine + other.l * theirs
-        self.acc = self.acc * mine + other.acc * theirs
         self.m = m
 
     def output(self):
@@ -313,6 +305,25 @@ class _PackedOperand(ctypes.Structure):
 _OPERANDS = weakref.WeakKeyDictionary()  # store -> _PackedOperand (a decode step asks 2 per layer and segment)
 
 
+class _Quantizer(ctypes.Structure):
+    """kernels/packed_history.c's Quantizer: how write_token quantizes a store's tokens."""
+    _fields_ = [("smoothing", ctypes.c_void_p), ("rotation", ctypes.c_void_p), ("rms_steps", ctypes.c_void_p),
+                ("clip", ctypes.c_float), ("n_steps", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, store):
+        """The store's quantizer, made once per store (its steps kept alive beside it)."""
+        if store not in _QUANTIZERS:
+            rms = store.quantizer.scaling == "rms"
+            steps = torch.tensor(rms_steps(store.bits) if rms else [], dtype=torch.float32)
+            rotation = None if store.rotation is None else store.rotation.data_ptr()
+            _QUANTIZERS[store] = cls(store.smoothing.data_ptr(), rotation, steps.data_ptr(), store.clip, len(steps)), steps
+        return _QUANTIZERS[store][0]
+
+
+_QUANTIZERS = weakref.WeakKeyDictionary()  # store -> (_Quantizer, its steps tensor)
+
+
 @functools.cache
 def compiled_kernel():
     """kernels/packed_history.c's attend_packed and attend_full, built once per source and
@@ -333,13 +344,13 @@ def compiled_kernel():
     if library is None:
         return None
     packed, full, write = library.attend_packed, library.attend_full, library.write_token
-    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 4 \
+    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 5 \
         + [ctypes.c_int]
     full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
         + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     write.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 \
         + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] \
-        + [_PackedOperand] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 2
+        + [_PackedOperand] * 2 + [_Quantizer] * 2
     packed.restype = full.restype = write.restype = None
     return packed, full, write
 
@@ -380,16 +391,9 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
     else:
         scaled = stored_queries(queries, keys).contiguous()
         operands = B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values)
-        if values.rotation is None:  # the C kernel applies the values' smoothing
-            packed(*operands, values.smoothing.data_ptr(), m.data_ptr(), l.data_ptr(), acc.data_ptr(),
-                   torch.get_num_threads())
-        else:  # summed apart as stored, then back in the model's channels: the others' acc is not rotated
-            alone = _Softmax(B, Hkv, M, D)
-            ones = torch.ones_like(values.smoothing)
-            packed(*operands, ones.data_ptr(), alone.m.data_ptr(), alone.l.data_ptr(), alone.acc.data_ptr(),
-                   torch.get_num_threads())
-            alone.acc = from_stored(alone.acc, values)
-            state.merge(alone)
+        rotation = None if values.rotation is None else values.rotation.data_ptr()  # the C undoes it, and smoothing
+        packed(*operands, values.smoothing.data_ptr(), rotation, m.data_ptr(), l.data_ptr(), acc.data_ptr(),
+               torch.get_num_threads())
     return True
 
 
@@ -399,15 +403,13 @@ def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, 
     k, v [B, Hkv, D] fp32, the new tokens at position [B], into sinks (sink_k, sink_v) [B, Hkv, S,
     D] or the ring window [B, Hkv, ring, D], after the token at history row evict_row[b] >= 0
     is quantized from its ring slot into the stores keys and values (rows from first_row). False,
-    having written nothing, where the C does not apply (no compiler, stores it does not read,
-    rotated stores or scaling=rms)."""
+    having written nothing, where the C does not apply (no compiler, stores it does not read)."""
     sink_k, sink_v = sinks
     window_k, window_v = window
     tensors = [k, v, sink_k, sink_v, window_k, window_v]
     if not (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) and k.stride() == v.stride()
             and sink_k.stride() == sink_v.stride() and window_k.stride() == window_v.stride()
-            and all(_compiles(s) and s.rotation is None and s.quantizer.scaling == "minmax" for s in (keys, values))
-            and compiled_kernel() is not None):  # the C quantizes channels as they come, by min-max
+            and all(_compiles(s) for s in (keys, values)) and compiled_kernel() is not None):
         return False
     B, Hkv, D = k.shape
     strides = torch.tensor([sink_k.stride()[:3], window_k.stride()[:3]])
@@ -416,5 +418,5 @@ def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, 
                          sink_k.data_ptr(), sink_v.data_ptr(), sink_k.shape[2], strides[0].data_ptr(),
                          window_k.data_ptr(), window_v.data_ptr(), window_k.shape[2], strides[1].data_ptr(),
                          evict_row.data_ptr(), first_row, _PackedOperand.of(keys), _PackedOperand.of(values),
-                         keys.smoothing.data_ptr(), values.smoothing.data_ptr(), keys.clip, values.clip)
+                         _Quantizer.of(keys), _Quantizer.of(values))
     return True

@@ -173,20 +173,27 @@ def test_cache_streams_as_the_reference_attends(kv, heads, n_kv_heads, D):
                 torch.testing.assert_close(got[b, :, :n], expected[b, :, :n], **TOLERANCE)
 
 
-@pytest.mark.parametrize("kv", ["skvq-k2v1.5", "skvq-k4v4:metadata=fp16", "skvq-k1v2:window=16:sinks=0"])
+@pytest.mark.parametrize("kv", ["skvq-k2v1.5:window=16", "skvq-k4v4:metadata=fp16:window=16",
+                                "skvq-k2v1.5:window=16:scaling=minmax", "skvq-k2v1.5:window=16:rotation=none",
+                                "skvq-k4v4:metadata=fp16:window=16:rotation=none:scaling=minmax",
+                                "skvq-k1v2:window=16:sinks=0:rotation=none:scaling=minmax"])
 def test_decode_write_in_c_equals_torch(kv, monkeypatch):
     """A decode step's write through kernels/packed_history.c write_token: every buffer of the
     cache (codes, fp8 or fp16 scales and lows, sinks, ring) bit for bit what the torch quantizer
-    writes, over smoothing and magnitudes from fp8's subnormals to past its largest value."""
+    writes, rotated or not, min-max or rms, over smoothing and magnitudes from fp8's subnormals to
+    past its largest value."""
     from model import LlamaConfig
 
     assert streaming.compiled_kernel() is not None, "no C compiler here: the compiled write is untested"
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=3, head_dim=64, max_position_embeddings=512)
     smoothing = torch.rand(3, 64) + 0.5
-    caches = []
+    caches, written_in_c = [], []
+    compiled_write = streaming.write_token
+    monkeypatch.setattr(streaming, "write_token", lambda *args: written_in_c.append(compiled_write(*args)) or written_in_c[-1])
     for through_c in (True, False):
         if not through_c:
+            assert written_in_c and all(written_in_c)
             monkeypatch.setattr(streaming, "write_token", lambda *args: False)
         cache = make_cache(parse(kv), cfg, 2, 300, "cpu", torch.float32)
         for store in cache.key_stores + cache.value_stores:
