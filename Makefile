@@ -13,8 +13,9 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-test.txt
 	touch $@
 
+# One pytest worker per core, idle workers taking tests from busy ones (their durations vary 1000x).
 test: setup real-model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 demo: setup
 	$(PY) generate.py --prompt-file prompts/genesis.txt --max-new-tokens 120 --seed 0

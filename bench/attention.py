@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"llama2-7b": dict(n_heads=32, n_kv_heads=32, head_dim=128),
           "llama3-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128)}
 # sdpa-fp16: torch's SDPA over an fp16 cache; the rest are caches as quant/kvspec.py names them.
-SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5:pre-rope-keys",
-            "skvq-k2v1.5:group-size=32", "skvq-k2v1.5:rotation=hadamard", "svdq-k1.25v1.5", "svdq-k2v1.5"]
+SETTINGS = ["sdpa-fp16", "fp16", "skvq-k2v1.5", "skvq-k2v2", "skvq-k4v4", "skvq-k2v1.5:pre-rope-keys:rotation=none",
+            "skvq-k2v1.5:group-size=32", "skvq-k2v1.5:rotation=none:scaling=minmax", "svdq-k1.25v1.5", "svdq-k2v1.5"]
 REFERENCE_TOKENS = 8192  # contexts up to this are checked against the plain-torch reference
 
 

@@ -362,11 +362,16 @@ def read_back(model, cache, document: list[int], question: list[int]) -> list[in
     return answer.tolist()
 
 
-def retrieval_settings(calibration: Calibration | None, head_dim: int, n_sink: int, window: int) -> list:
+def retrieval_settings(calibration: Calibration | None, head_dim: int, n_sink: int, window: int,
+                       only=None) -> list:
     """(name, spec, calibration) of each cache the engine offers, as engine_settings names them:
     calibrated where the calibration holds its tables, and the default uncalibrated too (each
-    trial is a long prefill, so the uncalibrated variants of the others are left out)."""
+    trial is a long prefill, so the uncalibrated variants of the others are left out). `only`:
+    these specs instead, each with its own sinks and window, calibrated where it can be."""
     rows = [("fp16", kvspec.parse("fp16"), None)]
+    if only:
+        return rows + [(str(spec) if calibrated(spec, head_dim, calibration) else f"{spec}, uncalibrated", spec,
+                        calibration if calibrated(spec, head_dim, calibration) else None) for spec in only]
     specs = [kvspec.DEFAULT] + [s for s in map(kvspec.parse, ENGINE_CACHES) if s != kvspec.DEFAULT]
     for spec in specs:
         spec = spec.with_settings(sinks=n_sink, window=window)
@@ -378,13 +383,13 @@ def retrieval_settings(calibration: Calibration | None, head_dim: int, n_sink: i
 
 
 def retrieval_table(model, tokenizer, filler: list[int], lengths: list[int], trials: int, calibration,
-                    n_sink: int, window: int):
+                    n_sink: int, window: int, only=None):
     """Yields rows (name, bits per element, 'found/trials' per length) of the pass-key test through
-    each engine cache, every cache on the same prompts."""
+    each engine cache (or fp16 and `only`), every cache on the same prompts."""
     from engine.cache import make_cache
 
     cfg = model.config
-    settings = retrieval_settings(calibration, cfg.head_dim, n_sink, window)
+    settings = retrieval_settings(calibration, cfg.head_dim, n_sink, window, only)
     jobs = tqdm(total=len(settings) * len(lengths) * trials, desc="retrieval", file=sys.stderr)
     for name, spec, cal in settings:
         found, bits = [], 16.0
@@ -443,6 +448,9 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=comma_list(positive_int), default=[2048],
                    help="retrieval: prompt lengths in tokens, comma-separated (default 2048)")
     p.add_argument("--trials", type=positive_int, default=2, help="retrieval: pass keys per length (default 2)")
+    p.add_argument("--kv", type=kvspec.parse, action="append",
+                   help="retrieval: fp16 and this cache only, with its own sinks and window (repeatable; default: "
+                        "every cache the engine offers, at --sinks and --window)")
     p.add_argument("--peer", action="store_true",
                    help="add transformers' QuantizedCache (optimum-quanto) rows: slow, token by token")
     return p.parse_args(argv)
@@ -456,9 +464,12 @@ def main(args):
     lengths = args.lengths if "retrieval" in args.tables else []
     if longer := [n for n in lengths if n > context]:
         raise FlagError(f"--lengths {','.join(map(str, longer))}: past the model's context of {context}")
-    if shorter := [n for n in lengths if n <= 2 * (args.sinks + args.window)]:
+    recent = max(s.sinks + s.window for s in args.kv) if args.kv else args.sinks + args.window
+    if shorter := [n for n in lengths if n <= 2 * recent]:
         raise FlagError(f"--lengths {','.join(map(str, shorter))}: a pass key needs a history to hide in, "
-                        f"more than twice the {args.sinks} sinks and {args.window}-token window")
+                        f"more than twice the {recent} sinks and window")
+    if args.kv and "retrieval" not in args.tables:
+        raise FlagError("--kv narrows --tables retrieval only")
     calibration = load_calibration(args.model)
     if calibration is None and {"svdq", "chunked", "groupings"} & set(args.tables):
         raise UserError(f"--tables svdq, chunked and groupings need {args.model}/{CALIBRATION_FILE} "
@@ -506,7 +517,7 @@ def main(args):
         print_table(f"\nPass keys read back greedily through the engine's caches: {args.trials} per length, planted "
                     f"in {args.text.name}", [f"found in {n} tokens" for n in args.lengths],
                     retrieval_table(model, tokenizer, ids, args.lengths, args.trials, calibration, args.sinks,
-                                    args.window))
+                                    args.window, args.kv))
     if "synthetic" in args.tables:
         print_synthetic(args.sinks, args.window)
     if "svdq" in args.tables:
