@@ -1,16 +1,22 @@
 /* Decode attention over one segment of a cache (packed history, or fp32 rows), on the CPU:
  * kernels/streaming.py compiles this file with the system's C compiler (x86-64: SSE control
  * register for subnormals) and calls it through ctypes where it applies (token stores with one
- * channel group per head, codes of whole bytes: 1, 2, 4, 8 bits or ternary; post-RoPE keys; a few
- * query rows), and streams in plain torch elsewhere (or where it does not compile).
+ * channel group per head; keys of 1, 2, 3, 4 or 8 bits or ternary, values of whole bytes: 1, 2,
+ * 4, 8 bits or ternary; post-RoPE keys; a few query rows), and streams in plain torch elsewhere
+ * (or where it does not compile).
  *
- * Nothing is unpacked to memory. A row of packed codes is a run of bytes, each holding `per_byte`
- * codes (quant/packing.py), so with the head's queries q (times the keys' smoothing) a key's dot
- * product is a sum of one table entry per byte:
- *     q . codes(t) = sum_j key_table[j][byte_tj][m],  key_table[j][v][m] = sum_i q[m][j*per_byte+i] digit_i(v)
- * With AVX-512 and keys of 1, 2 or 4 bits the same sum runs per nibble, 16 tokens at a time, the
- * 16-entry tables held in vector registers (score_by_nibbles); elsewhere one scalar table read per
- * byte. The values' weighted sum is accumulated per byte as a vector of its digits (read from a
+ * Nothing is unpacked to memory. A row of packed codes is a run of bytes (quant/packing.py): for
+ * a power-of-two radix a little-endian bit stream, bit g of the row being bit g % bits of the
+ * code of channel g / bits (a 3-bit code may straddle two bytes); for ternary, 5 base-3 digits a
+ * byte. A key's dot product with the head's queries q (times the keys' smoothing) is linear in
+ * its codes, so it is a sum of one table entry per byte, be the byte's codes whole or in part:
+ *     q . codes(t) = sum_j key_table[j][byte_tj][m],
+ *     key_table[j][v][m] = sum_i bit_i(v) 2^((8j+i) % bits) q[m][(8j+i) / bits]
+ *     (ternary: key_table[j][v][m] = sum_i digit_i(v) q[m][5j+i])
+ * With AVX-512 and keys of a power-of-two radix the same sum runs per nibble, 16 tokens at a
+ * time, the 16-entry tables held in vector registers (score_by_nibbles); elsewhere one scalar
+ * table read per byte. Values are read where each byte holds `per_byte` whole codes (1, 2, 4, 8
+ * bits, ternary): their weighted sum is accumulated per byte as a vector of its digits (read from a
  * table of 8 fp32 lanes per byte value) times the token's weight, one multiply-add per value byte
  * and query row (sum_values):
  *     value_sum[m][j][i] = sum_t w_t digit_i(byte_tj) = sum_t w_t codes(t)[j*per_byte+i]
@@ -20,7 +26,9 @@
  * one (one online softmax across segments, no merge in torch). Measured on a 2-core AMD EPYC
  * (one thread, 2-bit keys, ternary values, 2 query rows): 36 ns per token and KV head with
  * scalar tables and a value histogram; 13-14 ns with the nibble tables and digit vectors (keys
- * about 4, values about 8, softmax and metadata about 2).
+ * about 4, values about 8, softmax and metadata about 2). 3-bit keys cost 1.5x the nibbles of
+ * 2-bit ones: at 32K tokens, 3 heads, 3 rows and load 3.9, 1.81 ms against 1.71 (the torch path
+ * took 57); 8-bit keys, by nibbles rather than byte tables, 2.9 ms (was 10).
  *
  * attend_full does the same over full-precision fp32 rows (the unquantized cache, the sinks and
  * the ring window): for M = G query rows, BLAS runs q @ K^T as a thin matrix product well below
@@ -129,8 +137,29 @@ typedef struct {
     int64_t sb, sh, st;
     const void *scale, *low;                 /* [B, Hkv, T, 1] at strides (mb, mh, mt) */
     int64_t mb, mh, mt;
-    int row_bytes, radix, per_byte, meta_kind;
+    int row_bytes, radix;
+    int per_byte;                            /* whole codes a byte holds; 3 bits: 0, they straddle bytes */
+    int meta_kind;
 } Operand;
+
+/* Bits a code takes in the row's bit stream for a power-of-two radix (1, 2, 3, 4, 8); 0 for
+ * ternary, whose bytes are base-3 digits. */
+static inline int code_bits(int radix) {
+    return radix & (radix - 1) ? 0 : __builtin_ctz(radix);
+}
+
+/* A row's codes of `bits` bits each, in bits first .. first + width - 1 of its bit stream, read
+ * as x: their share of the row's dot product with qr [D]. Bit g weighs 2^(g % bits) in channel
+ * g / bits, so a code split across two parts (3 bits) gets its share from each; bits past the last
+ * channel are padding. */
+static float stream_dot(const float *qr, int D, int bits, int first, int width, int x) {
+    float sum = 0.0f;
+    for (int i = 0; i < width; i++) {
+        int g = first + i;
+        if ((x >> i & 1) && g / bits < D) sum += qr[g / bits] * (float)(1 << g % bits);
+    }
+    return sum;
+}
 
 #ifdef __AVX512F__
 /* Dwords w0 .. w0 + count - 1 (count <= 8) of 16 rows at `rows` (stride st; rows from `live` on
@@ -164,13 +193,14 @@ static inline __attribute__((always_inline)) void transpose_rows(
     }
 }
 
-/* Keys of 1, 2 or 4 bits hold whole codes in each nibble (4, 2 or 1 channels): a 16-entry table
- * per nibble position p and query row r, nibble_table[p][r][v] = sum_i q[r][p*codes + i] digit_i(v),
- * fills one zmm register, and vpermps looks up 16 tokens at once (one token per lane, its nibble
- * as the lane's index: vpermps reads only an index's low 4 bits, so a shift alone selects the
- * nibble). A transpose brings dword w of 16 tokens' rows (8 nibbles each) into one register (a
- * gather did the same at twice the cost). Two sums per row (even, odd nibbles) halve the chain of
- * dependent adds. Writes scores [M, BLOCK] for tokens 0..len-1 of rows at `codes` (stride st). */
+/* Keys of a power-of-two radix score as a sum over the nibbles of their rows (stream_dot): a
+ * 16-entry table per nibble position p and query row r, nibble_table[p][r][v] = the share of the
+ * codes in bits 4p .. 4p + 3 when they read v, fills one zmm register, and vpermps looks up 16
+ * tokens at once (one token per lane, its nibble as the lane's index: vpermps reads only an
+ * index's low 4 bits, so a shift alone selects the nibble). A transpose brings dword w of 16
+ * tokens' rows (8 nibbles each) into one register (a gather did the same at twice the cost). Two
+ * sums per row (even, odd nibbles) halve the chain of dependent adds. Writes scores [M, BLOCK]
+ * for tokens 0..len-1 of rows at `codes` (stride st). */
 static inline __attribute__((always_inline)) void score_by_nibbles(
         const uint8_t *codes, int64_t st, int len, int dwords, const int M, const float *nibble_table,
         float *scores) {
@@ -201,20 +231,15 @@ static inline __attribute__((always_inline)) void score_by_nibbles(
 }
 
 /* nibble_table [2 * row_bytes, M, 16] (64-byte aligned) for the head's queries qh [M, D]; NULL
- * where the keys' nibbles do not hold whole codes or rows are not whole dwords. */
+ * for ternary keys (a nibble is no part of a base-3 byte) or rows not whole dwords. */
 static float *nibble_tables(const float *qh, const int M, int D, Operand k) {
-    int bits = k.radix == 2 ? 1 : k.radix == 4 ? 2 : k.radix == 16 ? 4 : 0;
+    int bits = code_bits(k.radix), nibbles = 2 * k.row_bytes;
     if (!bits || k.row_bytes % 4) return NULL;
-    int per_nibble = 4 / bits, nibbles = 2 * k.row_bytes;
     float *table = aligned_alloc(64, sizeof(float) * nibbles * M * 16);
     for (int p = 0; p < nibbles; p++)
         for (int r = 0; r < M; r++)
-            for (int v = 0; v < 16; v++) {
-                float sum = 0.0f;
-                for (int i = 0; i < per_nibble && p * per_nibble + i < D; i++)
-                    sum += qh[r * D + p * per_nibble + i] * ((v >> (bits * i)) & (k.radix - 1));
-                table[(p * M + r) * 16 + v] = sum;
-            }
+            for (int v = 0; v < 16; v++)
+                table[(p * M + r) * 16 + v] = stream_dot(qh + r * D, D, bits, 4 * p, 4, v);
     return table;
 }
 #endif
@@ -262,12 +287,15 @@ static inline __attribute__((always_inline)) void attend_head(
     if (!nibble_table)
 #endif
     key_table = calloc((size_t)k.row_bytes * 256 * M, sizeof(float));
-    for (int j = 0; key_table && j < k.row_bytes; j++)
+    for (int j = 0, bits = code_bits(k.radix); key_table && j < k.row_bytes; j++)
         for (int x = 0; x < 256; x++)
-            for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++) {
-                float d = digits[k.radix][x][i];
-                for (int r = 0; r < M; r++)
-                    key_table[((int64_t)j * 256 + x) * M + r] += qh[r * D + j * k.per_byte + i] * d;
+            for (int r = 0; r < M; r++) {
+                float *entry = key_table + ((int64_t)j * 256 + x) * M + r;
+                if (bits)
+                    *entry = stream_dot(qh + r * D, D, bits, 8 * j, 8, x);
+                else  /* ternary: the byte's base-3 digits */
+                    for (int i = 0; i < k.per_byte && j * k.per_byte + i < D; i++)
+                        *entry += qh[r * D + j * k.per_byte + i] * digits[k.radix][x][i];
             }
     for (int r = 0; r < M; r++)
         for (int d = 0; d < D; d++) q_sum[r] += qh[r * D + d];
@@ -536,17 +564,20 @@ static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t 
         scale = store_meta((void *)s.scale, m, s.meta_kind, best);
         low = store_meta((void *)s.low, m, s.meta_kind, -0.5f * (float)top * best);
     }
+    int code[D], bits = code_bits(s.radix);
+    for (int d = 0; d < D; d++) {
+        float c = floorf((y[d] - low) / scale + 0.5f);
+        code[d] = c < 0.0f ? 0 : c > top ? top : (int)c;
+    }
     uint8_t *codes = (uint8_t *)s.codes + b * s.sb + h * s.sh + row * s.st;
     for (int j = 0; j < s.row_bytes; j++) {
         int byte = 0;
-        for (int i = s.per_byte - 1; i >= 0; i--) {
-            int d = j * s.per_byte + i, code = 0;
-            if (d < D) {
-                float c = floorf((y[d] - low) / scale + 0.5f);
-                code = c < 0.0f ? 0 : c > top ? top : (int)c;
-            }
-            byte = byte * s.radix + code;
-        }
+        if (bits)  /* bit i of byte j: bit g % bits of channel g / bits, g = 8j + i (past D: 0) */
+            for (int i = 0, g = 8 * j; i < 8; i++, g++)
+                byte |= g / bits < D ? (code[g / bits] >> g % bits & 1) << i : 0;
+        else  /* ternary: base-3 digits, the earliest channel least significant */
+            for (int i = s.per_byte - 1; i >= 0; i--)
+                byte = byte * s.radix + (j * s.per_byte + i < D ? code[j * s.per_byte + i] : 0);
         codes[j] = (uint8_t)byte;
     }
 }

@@ -23,7 +23,7 @@ Decode (at most MAX_COMPILED_ROWS query rows per KV head) over a packed history 
 through kernels/packed_history.c instead, compiled on first use with the system's C compiler
 (`cc`, cached under ~/.cache/kvq): element-wise torch cannot unpack codes at memory speed, and
 BLAS runs the thin q @ K^T well below it. Without a compiler, or for what the C does not cover
-(several channel groups, pre-RoPE or latent keys, 3-bit codes, prefill chunks), the torch block
+(several channel groups, pre-RoPE or latent keys, 3-bit values, prefill chunks), the torch block
 step above runs.
 """
 import ctypes
@@ -295,7 +295,8 @@ class _PackedOperand(ctypes.Structure):
     def of(cls, store):
         """The store's operand, made once per store: its buffers are allocated once, never moved."""
         if store not in _OPERANDS:
-            radix, per_byte, _ = WIDTHS[store.bits]
+            radix, per_word, word_bytes = WIDTHS[store.bits]
+            per_byte = per_word if word_bytes == 1 else 0  # 3 bits: codes straddle bytes
             _OPERANDS[store] = cls(store.codes.data_ptr(), *store.codes.stride()[:3], store.scale.data_ptr(),
                                    store.low.data_ptr(), *store.scale.stride()[:3], store.codes.shape[-1], radix,
                                    per_byte, _META_KINDS[store.scale.dtype])
@@ -355,12 +356,20 @@ def compiled_kernel():
     return packed, full, write
 
 
-def _compiles(x) -> bool:
-    """Whether the C kernels read this store or tensor: a TokenStore of whole-byte codes, one
-    group per head; fp32 rows of a multiple of 8 channels."""
+# Code widths the C kernels read and write. Values: whole codes in every byte (sum_values adds a
+# byte's codes as one vector). Keys also 3 bits, whose codes straddle bytes: a score is linear in
+# the codes, so each byte's table entry is its bits' share of it.
+_C_VALUE_BITS = set(_TABLES)
+_C_KEY_BITS = _C_VALUE_BITS | {3}
+
+
+def _compiles(x, bits: set) -> bool:
+    """Whether the C kernels read this store or tensor: a TokenStore of codes of a width in
+    `bits` (_C_KEY_BITS or _C_VALUE_BITS), one group per head; fp32 rows of a multiple of 8
+    channels."""
     if isinstance(x, torch.Tensor):
         return x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[-1] % 8 == 0
-    return (not hasattr(x, "basis_t") and x.bits in _TABLES and x.scale.shape[-1] == 1
+    return (not hasattr(x, "basis_t") and x.bits in bits and x.scale.shape[-1] == 1
             and x.scale.dtype in _META_KINDS)
 
 
@@ -371,7 +380,9 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
     B, Hkv, M, D = queries.shape
     keys, values = segment.keys, segment.values
     full = isinstance(keys, torch.Tensor)
-    if M > MAX_COMPILED_ROWS or full != isinstance(values, torch.Tensor) or not (_compiles(keys) and _compiles(values)):
+    if M > MAX_COMPILED_ROWS or full != isinstance(values, torch.Tensor):
+        return False
+    if not (_compiles(keys, _C_KEY_BITS) and _compiles(values, _C_VALUE_BITS)):
         return False
     if segment.causal and not (Q == 1 and bool((q_position - segment.first_position >= segment.count - 1).all())):
         return False
@@ -409,7 +420,8 @@ def write_token(k, v, position, sinks, window, evict_row, first_row: int, keys, 
     tensors = [k, v, sink_k, sink_v, window_k, window_v]
     if not (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors) and k.stride() == v.stride()
             and sink_k.stride() == sink_v.stride() and window_k.stride() == window_v.stride()
-            and all(_compiles(s) for s in (keys, values)) and compiled_kernel() is not None):
+            and _compiles(keys, _C_KEY_BITS) and _compiles(values, _C_VALUE_BITS)
+            and compiled_kernel() is not None):
         return False
     B, Hkv, D = k.shape
     strides = torch.tensor([sink_k.stride()[:3], window_k.stride()[:3]])

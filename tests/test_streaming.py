@@ -35,22 +35,25 @@ VARIANTS = ["post-RoPE, one group, fp16 metadata, compiled", "post-RoPE, one gro
             "pre-RoPE, four groups, smoothing, fp8 metadata", "post-RoPE, rotated, smoothing, fp8 metadata, compiled",
             "post-RoPE, rotated, smoothing, fp16 metadata, torch"]
 # Ternary keys only post-RoPE: the Triton kernel refuses pre-RoPE ternary keys (attend asserts it),
-# and no --kv spec makes ternary keys at all.
-DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2)] for variant in VARIANTS
+# and no --kv spec makes ternary keys at all. 3-bit keys with ternary values: skvq-k3v1.5.
+DECODE_CASES = [(k_bits, v_bits, variant) for k_bits, v_bits in BITS + [(1.5, 2), (3, 1.5)] for variant in VARIANTS
                 if not (variant.startswith("pre") and k_bits == 1.5)]
 
 
 @pytest.mark.parametrize("k_bits, v_bits, variant", DECODE_CASES)
 @pytest.mark.parametrize("group, D", [(1, 64), (3, 64), (4, 128), (8, 64)])
 def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch):
-    """Packed history (empty; within one block; several blocks) and a ring window; a history of
-    whole-byte codes in one group through kernels/packed_history.c, or through torch alone; its
-    channels stored rotated or not."""
+    """Packed history (empty; within one block; several blocks) and a ring window; a history in
+    one group through kernels/packed_history.c (but for 3-bit values: torch), or through torch
+    alone; its channels stored rotated or not."""
     pre_rope, rotate, smooth = variant.startswith("pre"), "rotated" in variant, "smoothing" in variant
+    taken = []  # per segment, whether a C kernel read it
     if variant.endswith("torch"):
         monkeypatch.setattr(streaming, "compiled_kernel", lambda: None)
-    elif variant.endswith("compiled") and k_bits != 3 and v_bits != 3:
+    elif variant.endswith("compiled"):
         assert streaming.compiled_kernel() is not None, "no C compiler here: the compiled path is untested"
+        compiled = streaming._compiled
+        monkeypatch.setattr(streaming, "_compiled", lambda *args: taken.append(compiled(*args)) or taken[-1])
     n_groups = 4 if pre_rope else 1
     meta = torch.float16 if "fp16" in variant else torch.float8_e4m3fn
     B, Hkv, capacity, W = 3, 2, 300, 16
@@ -66,6 +69,8 @@ def test_decode_matches_reference(k_bits, v_bits, group, D, variant, monkeypatch
     segments = [Segment(window_k, window_v, window_count, first_slot, history_start + history_count),
                 Segment(stored_k, stored_v, history_count, None, history_start)]
     got = streaming.attend(q[:, None], segments, None, inv_freq)[:, 0]
+    if variant.endswith("compiled"):  # the window always; the history unless its values are 3-bit
+        assert taken == [True, v_bits != 3]
     for b in range(B):
         h, w = int(history_count[b]), int(window_count[b])
         slots = (first_slot[b] + torch.arange(w)) % W
@@ -176,7 +181,8 @@ def test_cache_streams_as_the_reference_attends(kv, heads, n_kv_heads, D):
 @pytest.mark.parametrize("kv", ["skvq-k2v1.5:window=16", "skvq-k4v4:metadata=fp16:window=16",
                                 "skvq-k2v1.5:window=16:scaling=minmax", "skvq-k2v1.5:window=16:rotation=none",
                                 "skvq-k4v4:metadata=fp16:window=16:rotation=none:scaling=minmax",
-                                "skvq-k1v2:window=16:sinks=0:rotation=none:scaling=minmax"])
+                                "skvq-k1v2:window=16:sinks=0:rotation=none:scaling=minmax",
+                                "skvq-k3v1.5:window=16", "skvq-k3v1.5:window=16:rotation=none:scaling=minmax"])
 def test_decode_write_in_c_equals_torch(kv, monkeypatch):
     """A decode step's write through kernels/packed_history.c write_token: every buffer of the
     cache (codes, fp8 or fp16 scales and lows, sinks, ring) bit for bit what the torch quantizer
