@@ -245,9 +245,9 @@ def run(args, parallel, device):
     needs_calibration = spec.quantized and not (all(spec.rotates) and spec.scaling == "rms")
     if needs_calibration and not calibrated(spec, cfg.head_dim, calibration):
         lost = "rotated channels run without clipping" if all(spec.rotates) else \
-            "SKVQ runs with equal channel groups, no smoothing or clipping (SmolLM2-135M, 2,048 tokens: " \
-            "so skvq-k2v1.5:window=128:rotation=none:scaling=minmax loses +612-1102% perplexity, the default, " \
-            "which needs none, 1.4-2.9%)"
+            "SKVQ runs with equal channel groups, no smoothing or clipping (on SmolLM2-135M, 2,048 tokens, " \
+            "unrotated min-max 2-bit keys lost over +100% perplexity even calibrated; the default, which " \
+            "needs no calibration, +2-4%)"
         note(f"no {CALIBRATION_FILE} for group size {spec.channel_group(cfg.head_dim)}, grouping {spec.grouping} "
              f"in {args.model}: {lost} (make one with python -m quant.calibrate)")
     if spec.method == "svdq" and spec.svdq_basis == "calibration" and calibration is None:

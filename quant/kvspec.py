@@ -79,11 +79,11 @@ class KvSpec:
     key_bits: float = 2
     value_bits: float = 1.5
     sinks: int = 5
-    window: int = 512                 # issue 21, SmolLM2, 2,048 tokens: +1.4/+2.9% perplexity, +5.2/+12.3% at 128
+    window: int = 512                 # issue 21, SmolLM2, 2,048 tokens: +1.9-4.2% perplexity, +5-12% at 128
     group_size: int | None = None     # None: DEFAULT_GROUP_SIZE, or head_dim if that does not divide it
     grouping: str = "smooth"          # from quant/RESULTS.md: copes with outlier channels at one group per head
     metadata: str = "fp8"             # e4m3: 1.94 bits per element at K2V1.5, 1M tokens of a 7B model in 80 GB
-    rotation: str = "hadamard"        # issue 21: with rms, no calibration; unrotated min-max: +612/+1102%
+    rotation: str = "hadamard"        # issue 21: with rms, no calibration; unrotated min-max: over +100%
     scaling: str = "rms"              # rotated channels are near-Gaussian: min-max spends levels on extremes
     pre_rope_keys: bool = False
     svdq_basis: str = "calibration"

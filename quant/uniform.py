@@ -25,7 +25,7 @@ META_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 # levels -> the uniform step, in standard deviations, of least squared error on a Gaussian (Max
 # 1960); 256 levels (8 bits) has none here: min-max is already near-lossless there.
 GAUSSIAN_STEP = {2: 1.5958, 3: 1.2240, 4: 0.9957, 8: 0.5860, 16: 0.3352}
-RMS_MULTIPLIERS = (0.8, 0.9, 1.0, 1.1, 1.2)  # research/REPORT_FINAL.md: the best of these per group
+RMS_MULTIPLIERS = (0.8, 0.9, 1.0, 1.1, 1.2)  # the best of these per group (quant/RESULTS.md, issue 21)
 
 
 def rms_steps(bits) -> tuple:
