@@ -240,10 +240,13 @@ def random_model(n_kv_heads, head_dim):
     return model.to(DEVICE, DTYPE)
 
 
+# The default, SVDq and fp16 by default; head_dim 128 and pre-RoPE SKVQ keys (minutes each under
+# the interpreter) with --slow: the kernels' own tests above cover them on smaller shapes.
 @pytest.mark.parametrize("kv, pre_rope, n_kv_heads, head_dim",
-                         [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("skvq-k2v1.5", True, 2, 128),
-                          ("skvq-k3v2", True, 1, 128), ("svdq-k1.25v1.5", True, 2, 64),
-                          ("skvq-k2v1.5:rotation=none:scaling=minmax", False, 2, 128)])
+                         [("fp16", False, 4, 64), ("skvq-k2v1.5", False, 1, 64), ("svdq-k1.25v1.5", True, 2, 64)]
+                         + [pytest.param(*case, marks=pytest.mark.slow) for case in
+                            [("skvq-k2v1.5", True, 2, 128), ("skvq-k3v2", True, 1, 128),
+                             ("skvq-k2v1.5:rotation=none:scaling=minmax", False, 2, 128)]])
 def test_cache_decodes_through_kernels_as_through_torch(kv, pre_rope, n_kv_heads, head_dim):
     """A batch of prompts of different lengths, prefilled in chunks of 8 and decoded past the
     window: the kernel path (prefill attention over the held segments plus the causal chunk,
