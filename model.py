@@ -2,8 +2,8 @@
 
 Module and parameter names equal Hugging Face's LlamaForCausalLM, so a checkpoint's tensors load
 by name. Attention over past tokens is delegated to a cache object (engine/cache.py): this file
-knows nothing of bits or kernels, but that its products of a few rows on the CPU go through
-kernels/linear.py (`linear`).
+knows nothing of bits or kernels, but that on the CPU its products and norms of a few rows go
+through kernels/rows.py (`linear`, RMSNorm).
 """
 import json
 import math
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, read_json, readable
-from kernels.linear import linear_rows
+from kernels.rows import linear_rows, rms_norm_rows
 
 
 @dataclass
@@ -188,8 +188,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def linear(x, weight_t):
     """x @ weight_t, weight_t [in, out]: a decode step's few fp32 rows on the CPU through
-    kernels/linear.py, which reads the weights at the memory's speed, a third faster than MKL's
-    one-row product (kernels/linear.c); torch elsewhere."""
+    kernels/rows.py, which reads the weights at the memory's speed, a third faster than MKL's
+    one-row product (kernels/rows.c); torch elsewhere."""
     out = linear_rows(x, weight_t)
     return x @ weight_t if out is None else out
 
@@ -208,6 +208,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        out = rms_norm_rows(x, self.weight, self.eps)  # a decode step's few fp32 rows on the CPU: one C call
+        if out is not None:
+            return out
         # Normalise in fp32 as the reference does (fp16 sums of squares overflow), rounded to x's
         # dtype before the weight as there; one fused operation.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)

@@ -1,5 +1,5 @@
 """Building and loading the C kernels of the CPU path (`kernels`: kernels/streaming.py's
-packed_history.c and kernels/linear.py's linear.c, one library), so that no file but the one built
+packed_history.c and kernels/rows.py's rows.c, one library), so that no file but the one built
 from our sources is ever loaded.
 
 The shared object is cached, one per source, compiler, flags and CPU, in $XDG_CACHE_HOME/kvq
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from cli import speaks
 
-SOURCES = ["packed_history.c", "linear.c"]
-SYMBOLS = ["attend_packed", "attend_full", "write_token", "linear_rows"]
+SOURCES = ["packed_history.c", "rows.c"]
+SYMBOLS = ["attend_packed", "attend_full", "write_token", "linear_rows", "rms_norm_rows"]
 # Sums reassociated (fp32 either way; the tests' tolerance): a running sum or maximum over a block vectorizes.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
