@@ -131,10 +131,10 @@ class KVCache(Cache):
             for start in range(0, T, slots):
                 p = positions[:, start:start + slots]                                      # (B, n)
                 index = ((p - self.first) % slots)[:, None, :, None].expand(B, Hkv, -1, D)
-                mine = ((p >= self.first) & (p < self.first + slots))[:, None, :, None]
+                mine = ((p >= self.first) & (p < self.first + slots))[:, None, :, None] if self.parallel.cp > 1 else None
                 for held, new in [(self.k[layer], k), (self.v[layer], v)]:
                     new = new[:, :, start:start + slots]
-                    held.scatter_(2, index, new if self.parallel.cp == 1 else torch.where(mine, new, held.gather(2, index)))
+                    held.scatter_(2, index, new if mine is None else torch.where(mine, new, held.gather(2, index)))
         if not self.reference:  # causal over the held tokens; the queries are at positions[:, 0] on
             segment = Segment(self.k[layer], self.v[layer], self.count, None, self.first_position, causal=True)
             return self._attend(q, [segment], positions[:, 0])

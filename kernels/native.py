@@ -1,5 +1,6 @@
-"""Building and loading a C kernel of the CPU path (kernels/streaming.py's packed_history.c), so
-that no file but the one built from our source is ever loaded.
+"""Building and loading the C kernels of the CPU path (`kernels`: kernels/streaming.py's
+packed_history.c and kernels/rows.py's rows.c, one library), so that no file but the one built
+from our sources is ever loaded.
 
 The shared object is cached, one per source, compiler, flags and CPU, in $XDG_CACHE_HOME/kvq
 (~/.cache/kvq). Loading a shared object runs its code, so a file there is loaded only
@@ -13,14 +14,37 @@ same time never sees half a file. Whatever fails (no usable folder, a compiler e
 without the symbols), `load` returns None after a one-line note on stderr, and the torch path runs.
 """
 import ctypes
+import functools
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from cli import speaks
+
+SOURCES = ["packed_history.c", "rows.c"]
+SYMBOLS = ["attend_packed", "attend_full", "write_token", "linear_rows", "rms_norm_rows"]
+# Sums reassociated (fp32 either way; the tests' tolerance): a running sum or maximum over a block vectorizes.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def kernels():
+    """SOURCES built into one library, once per source, compiler, flags and CPU (`load`: where,
+    and what is checked before it is loaded); None where there is no C compiler, or the build or
+    the load fails: the torch path then runs."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    sources = [Path(__file__).with_name(name) for name in SOURCES]
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
+        if Path("/proc/cpuinfo").exists() else []
+    key = hashlib.sha256("\n".join([*(source.read_text() for source in sources), compiler, *FLAGS, *cpu]).encode())
+    return load("cpu-kernels", [compiler, *FLAGS, *map(str, sources), "-lm", "-o"], key.hexdigest()[:16], SYMBOLS)
 
 
 def load(name: str, command: list[str], key: str, symbols: list[str]):
@@ -42,7 +66,7 @@ def load(name: str, command: list[str], key: str, symbols: list[str]):
         return loaded
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home folder
         if speaks():
-            print(f"note: the C kernel {name} is not used, attention runs in torch ({e})", file=sys.stderr)
+            print(f"note: the C kernels ({name}) are not used, torch runs in their place ({e})", file=sys.stderr)
         return None
 
 

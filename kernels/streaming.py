@@ -28,12 +28,8 @@ step above runs.
 """
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import shutil
 import weakref
-from pathlib import Path
 
 import torch
 
@@ -327,21 +323,10 @@ _QUANTIZERS = weakref.WeakKeyDictionary()  # store -> (_Quantizer, its steps ten
 
 @functools.cache
 def compiled_kernel():
-    """kernels/packed_history.c's attend_packed and attend_full, built once per source and
-    machine (kernels/native.py: where, and what is checked before it is loaded); None where there
-    is no C compiler, or the build or the load fails: the torch path then runs."""
-    source = Path(__file__).with_name("packed_history.c")
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    # Sums reassociated (fp32 either way; the tests' tolerance): a running sum or maximum over a block vectorizes.
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-             "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
-    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1] \
-        if Path("/proc/cpuinfo").exists() else []
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, *cpu]).encode()).hexdigest()[:16]
-    library = native.load("packed_history", [compiler, *flags, str(source), "-lm", "-o"], key,
-                          ["attend_packed", "attend_full", "write_token"])
+    """kernels/packed_history.c's attend_packed, attend_full and write_token (kernels/native.py:
+    built once per source and machine, and checked before it is loaded); None where there is no C
+    compiler, or the build or the load fails: the torch path then runs."""
+    library = native.kernels()
     if library is None:
         return None
     packed, full, write = library.attend_packed, library.attend_full, library.write_token

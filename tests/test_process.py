@@ -209,7 +209,7 @@ def test_an_unusable_cache_falls_back_to_torch_with_a_note(cache, monkeypatch, c
         command = ["cc", "-shared", "-fPIC", str(tmp_path / "missing.c"), "-o"]
     assert native.load("answer", command, "k3", symbols) is None
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("note: the C kernel answer is not used, attention runs in torch")
+    assert err.count("\n") == 1 and err.startswith("note: the C kernels (answer) are not used, torch runs in their place")
 
 
 def test_generate_runs_in_torch_when_the_cache_folder_is_a_file(model, tmp_path):
@@ -223,7 +223,7 @@ def test_generate_runs_in_torch_when_the_cache_folder_is_a_file(model, tmp_path)
 
 @pytest.fixture(scope="module")
 def built_kernel(tmp_path_factory):
-    """An XDG_CACHE_HOME in which the real kernel (kernels/packed_history.c) has been built."""
+    """An XDG_CACHE_HOME in which the real kernels (kernels/native.py SOURCES) have been built."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     folder = tmp_path_factory.mktemp("kernel")
@@ -245,7 +245,7 @@ def test_a_planted_or_truncated_kernel_is_never_loaded(built_kernel, tmp_path, d
     SIGBUS), is rebuilt, and the process gets a working kernel."""
     xdg = tmp_path / "xdg"
     shutil.copytree(built_kernel, xdg)
-    (library,) = (xdg / "kvq").glob("packed_history-*.so")
+    (library,) = (xdg / "kvq").glob("cpu-kernels-*.so")
     marker = tmp_path / "planted-ran"
     if damage == "planted":
         compile_to(library, (PLANTED % marker) + "void attend_packed(void) {}\nvoid attend_full(void) {}\n", tmp_path)
