@@ -271,9 +271,17 @@ static inline __attribute__((always_inline)) void sum_values(
  * so that the per-byte loops over rows unroll. */
 static inline __attribute__((always_inline)) void attend_head(
         int b, int h, int Hkv, const int M, int D, const float *q, const int64_t *count,
-        const Operand k, const Operand v, const float *v_smoothing, const float *v_rotation,
-        float *m_out, float *l_out, float *acc_out) {
+        const Operand k, const Operand v, const float *k_rotation, const float *v_smoothing,
+        const float *v_rotation, float *m_out, float *l_out, float *acc_out) {
     const float *qh = q + ((int64_t)b * Hkv + h) * M * D;
+    float rotated_q[k_rotation ? M * D : 1];
+    if (k_rotation) {  /* keys stored rotated: q . k = (q R) . (k R), q R once per head here, along R's rows */
+        memset(rotated_q, 0, sizeof(float) * M * D);
+        for (int r = 0; r < M; r++)
+            for (int d = 0; d < D; d++)
+                for (int j = 0; j < D; j++) rotated_q[r * D + j] += qh[r * D + d] * k_rotation[d * D + j];
+        qh = rotated_q;
+    }
     float *key_table = NULL;  /* [row_bytes, 256, M] where there is no nibble table */
     lanes8 *value_sum = calloc((size_t)M * v.row_bytes, sizeof(lanes8));  /* [M, row_bytes]: lane i, digit i */
     float *scores = malloc(sizeof(float) * BLOCK * M);  /* [M, BLOCK]: a row's scores in a run */
@@ -366,7 +374,7 @@ static inline __attribute__((always_inline)) void attend_head(
         if (v_rotation) {  /* values stored rotated: fresh times R^T, back in the model's channels */
             float stored[D];
             memcpy(stored, fresh, sizeof(float) * D);
-            for (int e = 0; e < D; e++) {
+            for (int e = 0; e < D; e++) {  /* a dot product along R's row e */
                 float sum = 0.0f;
                 for (int d = 0; d < D; d++) sum += stored[d] * v_rotation[e * D + d];
                 fresh[e] = sum;
@@ -383,19 +391,20 @@ static inline __attribute__((always_inline)) void attend_head(
 }
 
 /* For every (b, h): q [B, Hkv, M, D] fp32 contiguous, already scaled by 1/sqrt(D) and the keys'
- * smoothing and rotated as the keys are; count [B] tokens; v_smoothing [Hkv, D]; v_rotation
- * [D, D] or NULL, the values' rotation R. m_out, l_out [B, Hkv, M] and acc_out [B, Hkv, M, D] hold
+ * smoothing; k_rotation [D, D] or NULL, the keys' rotation R (q is rotated here); count [B]
+ * tokens; v_smoothing [Hkv, D]; v_rotation [D, D] or NULL, the values' rotation. m_out, l_out [B, Hkv, M] and acc_out [B, Hkv, M, D] hold
  * the softmax state of the segments before (m = -inf, l = acc = 0: none) and are updated in place
  * to include this one (acc in the model's channels: times R^T, then the values' smoothing). */
 void attend_packed(int B, int Hkv, int M, int D, const float *q, const int64_t *count,
-                   Operand k, Operand v, const float *v_smoothing, const float *v_rotation,
+                   Operand k, Operand v, const float *k_rotation, const float *v_smoothing, const float *v_rotation,
                    float *m_out, float *l_out, float *acc_out, int threads) {
     static int ready = 0;
     if (!ready) { init_fp8(); init_digits(); ready = 1; }
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < Hkv; h++) {
-            #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, v_smoothing, v_rotation, m_out, l_out, acc_out)
+            #define HEAD(rows) attend_head(b, h, Hkv, rows, D, q, count, k, v, k_rotation, v_smoothing, v_rotation, \
+                                           m_out, l_out, acc_out)
             FLUSHING_SUBNORMALS(FOR_ROWS(M, HEAD));
             #undef HEAD
         }
@@ -516,17 +525,16 @@ typedef struct {
  * stored dtype; codes floor((y - low) / scale + 1/2) against those, clamped; packed as
  * quant/packing.py packs. */
 static void quantize_token(const float *x, int D, Operand s, int64_t b, int64_t h, int64_t row, Quantizer q) {
-    float y[D], rotated[D], hi = -INFINITY, lo = INFINITY;
+    float y[D], hi = -INFINITY, lo = INFINITY;
     for (int d = 0; d < D; d++)
         y[d] = x[d] / q.smoothing[h * D + d];
-    if (q.rotation) {
-        for (int j = 0; j < D; j++) {
-            double sum = 0.0;
-            for (int d = 0; d < D; d++)
-                sum += (double)y[d] * (double)q.rotation[d * D + j];
-            rotated[j] = (float)sum;
-        }
-        memcpy(y, rotated, sizeof(float) * D);
+    if (q.rotation) {  /* row by row of R, so that the sums over d run along R's rows in vectors */
+        double sum[D];
+        for (int j = 0; j < D; j++) sum[j] = 0.0;
+        for (int d = 0; d < D; d++)
+            for (int j = 0; j < D; j++)
+                sum[j] += (double)y[d] * (double)q.rotation[d * D + j];
+        for (int j = 0; j < D; j++) y[j] = (float)sum[j];
     }
     const int top = s.radix - 1;
     const float floor_ = s.meta_kind ? 0x1p-9f : 1e-6f;

@@ -330,7 +330,7 @@ def compiled_kernel():
     if library is None:
         return None
     packed, full, write = library.attend_packed, library.attend_full, library.write_token
-    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 5 \
+    packed.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2 + [_PackedOperand] * 2 + [ctypes.c_void_p] * 6 \
         + [ctypes.c_int]
     full.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 \
         + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -385,11 +385,11 @@ def _compiled(queries, segment, state, q_position, Q) -> bool:
                   values.data_ptr(), *keys.stride()[:3], m.data_ptr(), l.data_ptr(), acc.data_ptr(),
                   torch.get_num_threads())
     else:
-        scaled = stored_queries(queries, keys).contiguous()
-        operands = B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values)
-        rotation = None if values.rotation is None else values.rotation.data_ptr()  # the C undoes it, and smoothing
-        packed(*operands, values.smoothing.data_ptr(), rotation, m.data_ptr(), l.data_ptr(), acc.data_ptr(),
-               torch.get_num_threads())
+        scaled = (queries * keys.smoothing[None, :, None]).contiguous()  # the C rotates q, and undoes V's R
+        rotation = lambda store: None if store.rotation is None else store.rotation.data_ptr()
+        packed(B, Hkv, M, D, scaled.data_ptr(), count.data_ptr(), _PackedOperand.of(keys), _PackedOperand.of(values),
+               rotation(keys), values.smoothing.data_ptr(), rotation(values), m.data_ptr(), l.data_ptr(),
+               acc.data_ptr(), torch.get_num_threads())
     return True
 
 
