@@ -50,6 +50,7 @@ from kernels.codes import (
 SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
 CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
 BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
+LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # stage 1 scores in base 2
 ROTATION_ROWS = tl.constexpr(32)  # rows of a rotation in registers at a time (q's before the loop, the output's after)
 
 
@@ -144,9 +145,9 @@ def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, W
 
 
 @triton.jit
-def _metadata(ptr, meta_rows, valid, g):
-    """Scale or low of channel group g of BLOCK_N tokens, fp32 [BLOCK_N]."""
-    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0))
+def _metadata(ptr, meta_rows, valid, g, factor=1.0):
+    """Scale or low of channel group g of BLOCK_N tokens times factor, fp32 [BLOCK_N]."""
+    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0), factor)
 
 
 @triton.jit
@@ -292,6 +293,9 @@ def _attend_split(
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     k_meta = b * stride_kmb + kv_head * stride_kmh
     v_meta = b * stride_vmb + kv_head * stride_vmh
+    # Scores in base 2 (times log2(e)): exp2 is one MUFU.EX2, where exp adds a multiply and a
+    # range check around it; packed keys take the factor with their scale and low.
+    qk_scale = sm_scale * LOG2E
     m = tl.full([M_PAD], float("-inf"), tl.float32)
     l = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
@@ -329,29 +333,33 @@ def _attend_split(
                                     sin_block * cos_step + cos_block * sin_step)
             k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
             s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
-            s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
+            s = (s + tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))) * qk_scale
         elif K_FULL or K_SVD:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale                          # (M_PAD, BLOCK_N) fp32
         else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
             # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
             if K_DIGIT_MAJOR:
                 k = _digit_major(k, K_WORDS_PAD, K_PER_WORD_PAD)
             k = k.to(q.dtype)  # small integers: exact
-            s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
             for g in tl.static_range(K_GROUPS):
                 q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
-                scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
-                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g) - code_bias(K_RADIX, BIASED) * scale
-                s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
-                      + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
+                scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
+                low = (_metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
+                       - code_bias(K_RADIX, BIASED) * scale)
+                s_g = (tl.dot(q_g, tl.trans(k)) * scale[None, :]
+                       + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
+                if g == 0:  # not zeros plus the first group: x + 0 is an instruction (x may be -0)
+                    s = s_g
+                else:
+                    s += s_g
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
-        s = tl.where(visible, s * sm_scale, float("-inf"))
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
         if V_SPLIT:
@@ -410,7 +418,7 @@ def _attend_split(
         if not V_FULL:
             out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
         tl.store(out_rows + v_channel[None, :], out, mask=(real_row & live)[:, None] & v_real[None, :])
-    lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
+    lse = tl.where(has_tokens, (m + tl.log2(tl.where(has_tokens, l, 1.0))) * LN2, float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + first_split + split, lse, mask=real_row)
 
 
