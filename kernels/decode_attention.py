@@ -3,17 +3,18 @@
 A cache is read as segments (`Segment`): the fp16 cache is one; the quantized cache is three (sinks
 and ring window in full precision, the packed history), and a prefill chunk adds itself as a causal
 fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of queries times
-the G query heads that share a KV head form one tile (at least 16 rows), so the score and output
-products run on tensor cores (tl.dot); the split's tokens stream through in BLOCK_N blocks (whole
-blocks without masks, then the last, partial one with them): packed codes are loaded and unpacked
-with shifts and masks, two bytes a uint32 (base 3 by integer multiply-and-shift), each thread its
-own bytes, into fp16 through the mantissa (kernels/codes.py), and enter the products as small
-integers, each token's group scale and low folded in around them (q . (c s + l) = s (q . c) + l
-sum(q), and p @ (c s + l) = (p s) @ c + p @ l), so nothing is dequantized per element; pre-RoPE
-keys are dequantized and rotated at their positions (angles built from rotations made before the
-loop); SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an fp32 online
-softmax; each split writes its partial output and log-sum-exp. The instructions this costs per byte
-read, per GPU target, are measured without a GPU by bench/sass.py.
+the G query heads that share a KV head form one tile of as many rows (a power of two), and the
+score and output products run on tensor cores (tl.dot, which pads the tile to the instruction's 16
+rows itself, while the softmax works on the tile's own rows only); the split's tokens stream
+through in BLOCK_N blocks (whole blocks without masks, then the last, partial one with them):
+packed codes are loaded and unpacked with shifts and masks, two bytes a uint32 (base 3 by integer
+multiply-and-shift), each thread its own bytes, into fp16 through the mantissa (kernels/codes.py),
+and enter the products as small integers, each token's group scale and low folded in around them
+(q . (c s + l) = s (q . c) + l sum(q), and p @ (c s + l) = (p s) @ c + p @ l), so nothing is
+dequantized per element; pre-RoPE keys are dequantized and rotated at their positions (angles built
+from rotations made before the loop); SVDq keys are rebuilt from latent codes with a tl.dot against
+the basis; then an fp32 online softmax; each split writes its partial output and log-sum-exp. The
+instructions this costs per byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
 by its share of the softmax mass. Decode (one query per sequence) gives each segment a fixed
 number of splits, about two waves of the SMs (`decode_splits`), and each split an equal share
@@ -639,7 +640,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
             count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
-            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
+            G=G, Q_BLOCK=q_block, M_PAD=triton.next_power_of_2(q_block * G), D=D,
             BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **code_path(), **where)
         first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
