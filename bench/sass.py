@@ -179,19 +179,21 @@ def spill_stores(ptx: str, capability: int) -> int:
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def main_loop(sass: str) -> list[tuple[str, str]] | None:
+def main_loop(sass: str, packed: bool = False) -> list[tuple[str, str]] | None:
     """(opcode, operands) of the main loop: the instructions between the target and the address of
-    the backward branch that spans the most (inner loops, such as a slow sin/cos path, sit inside it)."""
+    the backward branch that spans the most (inner loops, such as a slow sin/cos path, sit inside it);
+    for a kernel that reads packed codes, of the loops that convert them (the full-precision
+    segments riding along have loops of their own, which can be the wider)."""
     instructions = [(int(a, 16), op, operands) for a, _, op, operands in SASS_LINE.findall(sass)]
     loops = []
     for address, op, operands in instructions:
         target = re.match(r"\s*(0x[0-9a-f]+)", operands)
         if op.startswith("BRA") and target and int(target.group(1), 16) < address:  # not the final self-branch
-            loops.append((int(target.group(1), 16), address))
-    if not loops:
-        return None
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return [(op, operands) for address, op, operands in instructions if start <= address <= end and op != "NOP"]
+            start = int(target.group(1), 16)
+            loops.append([(op, operands) for a, op, operands in instructions if start <= a <= address and op != "NOP"])
+    if packed:
+        loops = [loop for loop in loops if ptx_conversion(loop)["prmt_0x64"] or ptx_conversion(loop)["lop3_and_or"]]
+    return max(loops, key=len, default=None)
 
 
 # Opcode families, by their base mnemonic.
@@ -260,7 +262,7 @@ def analyse(launch: Launch, kernel, target: str) -> dict:
                stages=kernel.metadata.num_stages)
     if row["stack_bytes"]:  # a stack frame: spilled registers, or a local array (sin/cos of large angles)
         row["spill_bytes"] = spill_stores(kernel.asm["ptx"], GPUS[target].capability)
-    loop = main_loop(cuobjdump(kernel.asm["cubin"], "-sass"))
+    loop = main_loop(cuobjdump(kernel.asm["cubin"], "-sass"), packed(launch))
     if loop is None:
         return row
     row.update(loop_instructions=len(loop), loop_mix=instruction_mix([op for op, _ in loop]))

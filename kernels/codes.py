@@ -32,22 +32,24 @@ def as_bytes(meta: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def metadata_to_float(x):
-    """Loaded metadata -> fp32: uint8 holds e4m3 bits (see as_bytes), anything else is a float."""
+def metadata_to_float(x, factor=1.0):
+    """Loaded metadata times factor -> fp32: uint8 holds e4m3 bits (see as_bytes), anything else is
+    a float."""
     if x.dtype == tl.uint8:
-        return e4m3_to_float(x)
+        return e4m3_to_float(x, factor)
     else:
-        return x.to(tl.float32)
+        return x.to(tl.float32) * factor
 
 
 @triton.jit
-def e4m3_to_float(byte):
-    """e4m3 bits (uint8) -> fp32, exactly. e4m3's 7 magnitude bits shifted into fp16's exponent and
-    mantissa are the value times 2^-8 (bias 7 against 15), subnormals included, which fp16, unlike
-    fp32 on a GPU, never flushes."""
+def e4m3_to_float(byte, factor=1.0):
+    """e4m3 bits (uint8) -> fp32 times factor, exactly for factor 1. e4m3's 7 magnitude bits
+    shifted into fp16's exponent and mantissa are the value times 2^-8 (bias 7 against 15),
+    subnormals included, which fp16, unlike fp32 on a GPU, never flushes; the 2^8 joins the factor
+    in one multiply."""
     b = byte.to(tl.int32)
     half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-    return half.to(tl.float32) * 256.0
+    return half.to(tl.float32) * (256.0 * factor)
 
 
 @triton.jit

@@ -1,19 +1,20 @@
 """Split-K attention straight over packed history and fp16 K/V, in Triton: decode and prefill.
 
-A cache is read as segments (`Segment`): the fp16 cache is one; the quantized cache is three
-(sinks and ring window in full precision, the packed history), and a prefill chunk adds itself as
-a causal fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of
-queries times the G query heads that share a KV head form one tile (at least 16 rows), so the
-score and output products run on tensor cores (tl.dot); the split's tokens stream through in
-BLOCK_N blocks: packed codes are loaded and unpacked with shifts and masks, two bytes a uint32
-(base 3 by integer multiply-and-shift), each thread its own bytes, into fp16 through the mantissa
-(kernels/codes.py), and enter the products as small integers, each
-token's group scale and low folded in around them (q . (c s + l) = s (q . c) + l sum(q), and
-p @ (c s + l) = (p s) @ c + p @ l), so nothing is dequantized per element; pre-RoPE keys are
-dequantized and rotated at their positions (angles built from rotations made before the loop);
-SVDq keys are rebuilt from latent codes with a tl.dot against the basis; then an fp32 online
-softmax; each split writes its partial output and log-sum-exp. The instructions this costs per
-byte read, per GPU target, are measured without a GPU by bench/sass.py.
+A cache is read as segments (`Segment`): the fp16 cache is one; the quantized cache is three (sinks
+and ring window in full precision, the packed history), and a prefill chunk adds itself as a causal
+fourth. Stage 1, grid (batch x query blocks, KV head, split) per segment: a block of queries times
+the G query heads that share a KV head form one tile of as many rows (a power of two), and the
+score and output products run on tensor cores (tl.dot, which pads the tile to the instruction's 16
+rows itself, while the softmax works on the tile's own rows only); the split's tokens stream
+through in BLOCK_N blocks (whole blocks without masks, then the last, partial one with them):
+packed codes are loaded and unpacked with shifts and masks, two bytes a uint32 (base 3 by integer
+multiply-and-shift), each thread its own bytes, into fp16 through the mantissa (kernels/codes.py),
+and enter the products as small integers, each token's group scale and low folded in around them
+(q . (c s + l) = s (q . c) + l sum(q), and p @ (c s + l) = (p s) @ c + p @ l), so nothing is
+dequantized per element; pre-RoPE keys are dequantized and rotated at their positions (angles built
+from rotations made before the loop); SVDq keys are rebuilt from latent codes with a tl.dot against
+the basis; then an fp32 online softmax; each split writes its partial output and log-sum-exp. The
+instructions this costs per byte read, per GPU target, are measured without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
 by its share of the softmax mass. Decode (one query per sequence) gives each segment a fixed
 number of splits, about two waves of the SMs (`decode_splits`), and each split an equal share
@@ -50,6 +51,7 @@ from kernels.codes import (
 SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
 CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
 BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
+LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # stage 1 scores in base 2
 ROTATION_ROWS = tl.constexpr(32)  # rows of a rotation in registers at a time (q's before the loop, the output's after)
 
 
@@ -144,9 +146,9 @@ def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, W
 
 
 @triton.jit
-def _metadata(ptr, meta_rows, valid, g):
-    """Scale or low of channel group g of BLOCK_N tokens, fp32 [BLOCK_N]."""
-    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0))
+def _metadata(ptr, meta_rows, valid, g, factor=1.0):
+    """Scale or low of channel group g of BLOCK_N tokens times factor, fp32 [BLOCK_N]."""
+    return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0), factor)
 
 
 @triton.jit
@@ -292,96 +294,116 @@ def _attend_split(
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     k_meta = b * stride_kmb + kv_head * stride_kmh
     v_meta = b * stride_vmb + kv_head * stride_vmh
+    # Scores in base 2 (times log2(e)): exp2 is one MUFU.EX2, where exp adds a multiply and a
+    # range check around it; packed keys take the factor with their scale and low.
+    qk_scale = sm_scale * LOG2E
     m = tl.full([M_PAD], float("-inf"), tl.float32)
     l = tl.zeros([M_PAD], tl.float32)
     acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
     acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit 4's product
     v_low = tl.zeros([M_PAD], tl.float32)  # packed values, one group: p @ low, added to acc after the loop
-    for block_start in range(start, end, BLOCK_N):
-        tokens = block_start + tl.arange(0, BLOCK_N)
-        valid = tokens < end
-        slots = tokens
-        if RING:
-            slots = (first_slot + tokens) % ring
-        if K_SVD:  # latent codes -> latent channels -> keys, by tl.dot with the basis
-            byte = tl.load(k_base + slots[:, None] * stride_kt + (bit_offset // 8)[None, :], mask=valid[:, None], other=0)
-            codes = ((byte.to(tl.int32) >> (bit_offset % 8)[None, :]) & bit_mask[None, :]).to(tl.float32)
-            meta = k_meta + (slots // K_TOKEN_GROUP)[:, None] * stride_kmt + latent[None, :]   # (BLOCK_N, R)
-            z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
-                 + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
-            k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
-        elif K_FULL:
-            k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None], other=0.0)
-        else:
-            k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
-                            K_WORDS_PAD, K_PER_WORD_PAD, BIASED, PTX)                 # (BLOCK_N, DX) fp16
-            if ROPE:
-                k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group, K_GROUPS,
-                                code_bias(K_RADIX, BIASED))
-        if ROPE:
-            cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a                      # (BLOCK_N / 8, D/2)
-            sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
-            cos = tl.reshape(cos_a8[:, None, :] * cos_b[None, :, :] - sin_a8[:, None, :] * sin_b[None, :, :],
-                             [BLOCK_N, D // 2])
-            sin = tl.reshape(sin_a8[:, None, :] * cos_b[None, :, :] + cos_a8[:, None, :] * sin_b[None, :, :],
-                             [BLOCK_N, D // 2])
-            cos_block, sin_block = (cos_block * cos_step - sin_block * sin_step,
-                                    sin_block * cos_step + cos_block * sin_step)
-            k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
-            s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
-            s += tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))
-        elif K_FULL or K_SVD:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # (M_PAD, BLOCK_N) fp32
-        else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
-            # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
-            if K_DIGIT_MAJOR:
-                k = _digit_major(k, K_WORDS_PAD, K_PER_WORD_PAD)
-            k = k.to(q.dtype)  # small integers: exact
-            s = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-            for g in tl.static_range(K_GROUPS):
-                q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
-                scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g)
-                low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g) - code_bias(K_RADIX, BIASED) * scale
-                s += (tl.dot(q_g, tl.trans(k)) * scale[None, :]
-                      + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
-        visible = valid[None, :]
-        if CAUSAL:
-            visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
-        s = tl.where(visible, s * sm_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
-        if V_SPLIT:
-            acc_last = acc_last * alpha[:, None]
-        if V_FULL:
-            v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None], other=0.0)
-            acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
-        else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group; codes
-            # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
-            v_words = load_words(v_base + slots * stride_vt, valid, V_RADIX, V_WORD_BYTES, V_ROW_BYTES, V_WORDS_PAD)
-            v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS, code_bias(V_RADIX, BIASED),
-                             PTX).to(q_ptr.dtype.element_ty)                          # (BLOCK_N, DX)
-            v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, code_bias(V_RADIX, BIASED),
-                                  PTX).to(q_ptr.dtype.element_ty)                     # (BLOCK_N, V_WORDS_PAD)
-            for g in tl.static_range(V_GROUPS):
-                scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
-                low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
-                p_scale = (p * scale[None, :]).to(v.dtype)
-                p_low = tl.sum(p * low[None, :] - code_bias(V_RADIX, BIASED) * p_scale.to(tl.float32), 1)
-                if V_GROUPS == 1:
-                    acc = tl.dot(p_scale, v, acc)
-                    if V_SPLIT:
-                        acc_last = tl.dot(p_scale, v_last, acc_last)
-                    v_low = v_low * alpha + p_low
+    # Whole blocks without masks, then the last, partial block, if any, with them: the body is
+    # written once, and the second phase's loop of one iteration is no loop once compiled.
+    whole = tl.maximum(end - start, 0) // BLOCK_N  # a split past the sequence's end ends before it starts
+    for MASKED in tl.static_range(2):
+        first = start + whole * BLOCK_N if MASKED else start
+        if first < end:
+            for i in range(0, 1 if MASKED else whole):
+                block_start = first + i * BLOCK_N
+                tokens = block_start + tl.arange(0, BLOCK_N)
+                valid = (tokens < end) if MASKED else tl.full([BLOCK_N], True, tl.int1)  # constant: no masks
+                slots = tokens
+                if RING:
+                    slots = (first_slot + tokens) % ring
+                if K_SVD:  # latent codes -> latent channels -> keys, by tl.dot with the basis
+                    byte = tl.load(k_base + slots[:, None] * stride_kt + (bit_offset // 8)[None, :],
+                                   mask=valid[:, None], other=0)
+                    codes = ((byte.to(tl.int32) >> (bit_offset % 8)[None, :]) & bit_mask[None, :]).to(tl.float32)
+                    meta = k_meta + (slots // K_TOKEN_GROUP)[:, None] * stride_kmt + latent[None, :]   # (BLOCK_N, R)
+                    z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
+                         + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
+                    k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
+                elif K_FULL:
+                    k = tl.load(k_base + slots[:, None] * stride_kt + k_channel[None, :], mask=valid[:, None],
+                                other=0.0)
                 else:
-                    acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low[:, None], 0.0)
-                    if V_SPLIT:
-                        acc_last += tl.where((v_last_group == g)[None, :], tl.dot(p_scale, v_last) + p_low[:, None],
-                                             0.0)
-        m = m_new
+                    k = _load_codes(k_base, slots * stride_kt, valid, K_RADIX, K_PER_WORD, K_WORD_BYTES, K_ROW_BYTES,
+                                    K_WORDS_PAD, K_PER_WORD_PAD, BIASED, PTX)                 # (BLOCK_N, DX) fp16
+                    if ROPE:
+                        k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group,
+                                        K_GROUPS, code_bias(K_RADIX, BIASED))
+                if ROPE:
+                    cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a              # (BLOCK_N / 8, D/2)
+                    sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
+                    cos = tl.reshape(cos_a8[:, None, :] * cos_b[None, :, :] - sin_a8[:, None, :] * sin_b[None, :, :],
+                                     [BLOCK_N, D // 2])
+                    sin = tl.reshape(sin_a8[:, None, :] * cos_b[None, :, :] + cos_a8[:, None, :] * sin_b[None, :, :],
+                                     [BLOCK_N, D // 2])
+                    cos_block, sin_block = (cos_block * cos_step - sin_block * sin_step,
+                                            sin_block * cos_step + cos_block * sin_step)
+                    k_lo, k_hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK_N, 2, D // 2]), (0, 2, 1)))
+                    s = tl.dot(q_lo, tl.trans((k_lo * cos - k_hi * sin).to(q_lo.dtype)))
+                    s = (s + tl.dot(q_hi, tl.trans((k_hi * cos + k_lo * sin).to(q_hi.dtype)))) * qk_scale
+                elif K_FULL or K_SVD:
+                    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale                          # (M_PAD, BLOCK_N) fp32
+                else:  # q . (code * scale + low) = scale * (q . code) + low * sum(q), per channel group; codes
+                    # carrying a bias b: scale * (q . (code + b)) + (low - b * scale) * sum(q)
+                    if K_DIGIT_MAJOR:
+                        k = _digit_major(k, K_WORDS_PAD, K_PER_WORD_PAD)
+                    k = k.to(q.dtype)  # small integers: exact
+                    for g in tl.static_range(K_GROUPS):
+                        q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
+                        scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
+                        low = (_metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
+                               - code_bias(K_RADIX, BIASED) * scale)
+                        s_g = (tl.dot(q_g, tl.trans(k)) * scale[None, :]
+                               + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
+                        if g == 0:  # not zeros plus the first group: x + 0 is an instruction (x may be -0)
+                            s = s_g
+                        else:
+                            s += s_g
+                visible = valid[None, :]
+                if CAUSAL:
+                    visible = visible & ((first_position + tokens)[None, :] <= q_position[:, None])
+                s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_safe = m_new  # finite: every block holds a token for every row, unless a causal mask hides it
+                if CAUSAL:
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+                p = tl.exp2(s - m_safe[:, None])
+                alpha = tl.exp2(m - m_safe)
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
+                if V_SPLIT:
+                    acc_last = acc_last * alpha[:, None]
+                if V_FULL:
+                    v = tl.load(v_base + slots[:, None] * stride_vt + v_channel[None, :], mask=valid[:, None],
+                                other=0.0)
+                    acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
+                else:  # p @ (code * scale + low) = (p * scale) @ code + p @ low, per channel group; codes
+                    # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
+                    v_words = load_words(v_base + slots * stride_vt, valid, V_RADIX, V_WORD_BYTES, V_ROW_BYTES,
+                                         V_WORDS_PAD)
+                    v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS,
+                                     code_bias(V_RADIX, BIASED), PTX).to(q_ptr.dtype.element_ty)  # (BLOCK_N, DX)
+                    v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, code_bias(V_RADIX, BIASED),
+                                          PTX).to(q_ptr.dtype.element_ty)                     # (BLOCK_N, V_WORDS_PAD)
+                    for g in tl.static_range(V_GROUPS):
+                        scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
+                        low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
+                        p_scale = (p * scale[None, :]).to(v.dtype)
+                        p_low = tl.sum(p * low[None, :] - code_bias(V_RADIX, BIASED) * p_scale.to(tl.float32), 1)
+                        if V_GROUPS == 1:
+                            acc = tl.dot(p_scale, v, acc)
+                            if V_SPLIT:
+                                acc_last = tl.dot(p_scale, v_last, acc_last)
+                            v_low = v_low * alpha + p_low
+                        else:
+                            acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low[:, None], 0.0)
+                            if V_SPLIT:
+                                acc_last += tl.where((v_last_group == g)[None, :],
+                                                     tl.dot(p_scale, v_last) + p_low[:, None], 0.0)
+                m = m_new
     if V_SPLIT:  # back to the tile of 8 digits a byte: (word, digit 4 b2 + 2 b1 + b0)
         zero = tl.zeros_like(acc_last)
         rest = tl.reshape(tl.join(tl.join(acc_last, zero), tl.join(zero, zero)), [M_PAD, V_WORDS_PAD, 4])
@@ -410,7 +432,7 @@ def _attend_split(
         if not V_FULL:
             out = out * tl.load(v_smoothing_ptr + kv_head * D + v_channel, mask=v_real, other=0.0)[None, :]
         tl.store(out_rows + v_channel[None, :], out, mask=(real_row & live)[:, None] & v_real[None, :])
-    lse = tl.where(has_tokens, m + tl.log(tl.where(has_tokens, l, 1.0)), float("-inf"))
+    lse = tl.where(has_tokens, (m + tl.log2(tl.where(has_tokens, l, 1.0))) * LN2, float("-inf"))
     tl.store(lse_ptr + b * stride_lb + query * stride_lq + heads * stride_lh + first_split + split, lse, mask=real_row)
 
 
@@ -618,7 +640,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             n_queries=Q, q_blocks=triton.cdiv(Q, q_block), first_split=first_split, sm_scale=D ** -0.5,
             count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
-            G=G, Q_BLOCK=q_block, M_PAD=max(16, triton.next_power_of_2(q_block * G)), D=D,
+            G=G, Q_BLOCK=q_block, M_PAD=triton.next_power_of_2(q_block * G), D=D,
             BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **code_path(), **where)
         first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
