@@ -2,8 +2,8 @@
 
 Module and parameter names equal Hugging Face's LlamaForCausalLM, so a checkpoint's tensors load
 by name. Attention over past tokens is delegated to a cache object (engine/cache.py): this file
-knows nothing of bits or kernels, but that on the CPU its products and norms of a few rows go
-through kernels/rows.py (`linear`, RMSNorm).
+knows nothing of bits or kernels: the engine may hand it faster products and norms of a few
+rows (`few_rows` below), and without them it is plain torch.
 """
 import json
 import math
@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, read_json, readable
-from kernels.rows import linear_rows, rms_norm_rows
 
 
 @dataclass
@@ -186,11 +185,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------------------------------
 
+# The products and RMS norms of a decode step's few fp32 rows on the CPU, where the engine sets it
+# (engine/cache.py: kernels/rows.py, which reads the weights at the memory's speed, a third faster
+# than MKL's one-row products): a module with linear_rows(x, weight_t) and rms_norm_rows(x, weight,
+# eps), each returning None where it does not apply. None: torch everywhere.
+few_rows = None
+
+
 def linear(x, weight_t):
-    """x @ weight_t, weight_t [in, out]: a decode step's few fp32 rows on the CPU through
-    kernels/rows.py, which reads the weights at the memory's speed, a third faster than MKL's
-    one-row product (kernels/rows.c); torch elsewhere."""
-    out = linear_rows(x, weight_t)
+    """x @ weight_t, weight_t [in, out]: through few_rows where it applies, torch elsewhere."""
+    out = few_rows.linear_rows(x, weight_t) if few_rows else None
     return x @ weight_t if out is None else out
 
 
@@ -208,7 +212,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        out = rms_norm_rows(x, self.weight, self.eps)  # a decode step's few fp32 rows on the CPU: one C call
+        out = few_rows.rms_norm_rows(x, self.weight, self.eps) if few_rows else None  # one C call
         if out is not None:
             return out
         # Normalise in fp32 as the reference does (fp16 sums of squares overflow), rounded to x's

@@ -22,12 +22,16 @@ import torch
 from cli import UserError
 from engine.parallel import Parallel
 from engine.stores import make_store
-from kernels import decode_attention, streaming
+import model
+from kernels import decode_attention, rows, streaming
 from kernels.decode_attention import Segment
 from kernels.quantize import write_decode_token
 from kernels.reference import attention
 from model import LlamaConfig, apply_rope, rope_cos_sin, rope_inv_freq
 from quant.calibrate import quantizers_for
+
+# The model's decode-step products and norms of a few rows through kernels/rows.py's C on the CPU.
+model.few_rows = rows
 
 
 class Cache:
