@@ -97,10 +97,11 @@ def load_words(row_ptrs, valid, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, R
 
 
 @triton.constexpr_function
-def code_bias(RADIX, BIASED=True):
-    """What the PTX conversion adds to every code of a radix (see PTX_DIGITS, PTX_TRIT), 0 for
-    unbiased codes: the kernels fold it into each token's `low`, never subtract it per element."""
-    return 0 if not BIASED else -2048 if RADIX == 3 else 1024
+def code_bias(RADIX, BIASED=True, FLOORS=False):
+    """What the PTX conversion adds to every code of a radix (see PTX_DIGITS, PTX_TRIT), or to
+    every floor of base-3 words (FLOORS, see unpack_words), 0 for unbiased codes: the kernels fold
+    it into each token's `low`, never subtract it per element."""
+    return 0 if not BIASED else -2048 if RADIX == 3 and not FLOORS else 1024
 
 
 # The GPU path's conversions, in PTX (tl.inline_asm_elementwise): Triton cannot reinterpret a
@@ -116,14 +117,24 @@ and.b32 t, t, $7;
 prmt.b32 $0, t, 0x64646464, 0x5140;
 prmt.b32 $1, t, 0x64646464, 0x7362;
 }""")
-# Digit (w >> $3) & 7 of two 3-byte words (pack=2: $1, $2; shift $3, $4) -> one fp16x2, 1024 +
-# digit: the low halves paired by PRMT, then one LOP3 for (x & 0x00070007) | 0x64006400.
+# All 8 digits of two 3-byte words (pack=2: $8, $9; byte 3 zero) -> 8 fp16x2, 1024 + digit j
+# times 2^s_j (code_weight): three PRMTs pair the words' bytes 0-1, 1-2 and 2 in the 16-bit
+# lanes, where each digit lies whole within the 10 mantissa bits, then one LOP3 a digit, (x &
+# mask) | 0x64006400, no shift: 11 instructions for 16 digits, where a shift, a PRMT and a LOP3
+# for each pair of digits take 24.
 PTX_DIGITS3 = tl.constexpr("""{
-.reg .b32 ta, tb, tp;
-shr.b32 ta, $1, $3;
-shr.b32 tb, $2, $4;
-prmt.b32 tp, ta, tb, 0x5410;
-lop3.b32 $0, tp, 0x00070007, 0x64006400, 0xEA;
+.reg .b32 lo, mid, hi;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 mid, $8, $9, 0x6521;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x00070007, 0x64006400, 0xEA;
+lop3.b32 $1, lo, 0x00380038, 0x64006400, 0xEA;
+lop3.b32 $2, lo, 0x01C001C0, 0x64006400, 0xEA;
+lop3.b32 $3, mid, 0x000E000E, 0x64006400, 0xEA;
+lop3.b32 $4, mid, 0x00700070, 0x64006400, 0xEA;
+lop3.b32 $5, mid, 0x03800380, 0x64006400, 0xEA;
+lop3.b32 $6, hi, 0x001C001C, 0x64006400, 0xEA;
+lop3.b32 $7, hi, 0x00E000E0, 0x64006400, 0xEA;
 }""")
 # Base 3 in fp16 pairs, from T = 1024 + t (t < 243): 1024 + t // 3 = rn(T / 3 + 682.5 - 1024 / 3),
 # one FMA: T * fp16(1/3) + 682.5 = 1024 + t / 3 - 1/4 - t 8e-5, within 0.42 of the integer.
@@ -169,10 +180,10 @@ def _third(t, PTX: tl.constexpr):
 
 @triton.jit
 def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGIT_BITS: tl.constexpr,
-           WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
-    """Digit j + BIAS of every word, fp16 [R, W] in word order. x: on the PTX path the words
-    (ternary: as fp16 1024 + byte), else the pure path's lanes (pairs of one-byte words in the
-    16-bit lanes of a uint32 [R, W / 2], or 3-byte words)."""
+           WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr, FLOORS: tl.constexpr = False):
+    """Digit j + BIAS of every word (FLOORS, base 3: the floor x // 3^j + BIAS), fp16 [R, W] in
+    word order. x: on the PTX path the words (ternary: as fp16 1024 + byte), else the pure path's
+    lanes (pairs of one-byte words in the 16-bit lanes of a uint32 [R, W / 2], or 3-byte words)."""
     pairs: tl.constexpr = 2 if WORD_BYTES == 1 and not PTX else 1
     if j >= PER_WORD:
         return tl.zeros([x.shape[0], x.shape[1] * pairs], tl.float16) + BIAS
@@ -180,7 +191,9 @@ def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGI
         t = x
         for _ in tl.static_range(j):
             t = _third(t, PTX)
-        if PTX:
+        if FLOORS:
+            return t if PTX else _to_half(t, 1, BIAS)
+        elif PTX:
             return tl.inline_asm_elementwise(PTX_TRIT, "=r,r,r", [t, _third(t, PTX)], dtype=tl.float16,
                                              is_pure=True, pack=2)
         else:
@@ -190,20 +203,33 @@ def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGI
         mask = tl.full(x.shape, (RADIX - 1) * 0x01010101, tl.uint32)
         return tl.inline_asm_elementwise(PTX_DIGITS, "=r,=r,r,r,r,r,r,r,r,r,r", [x, shift, mask],
                                          dtype=tl.float16, is_pure=True, pack=4)
-    elif PTX:
-        shift = tl.full(x.shape, j * DIGIT_BITS, tl.int32)
-        return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,r,r,r,r", [x, shift], dtype=tl.float16,
-                                         is_pure=True, pack=2)
+    elif PTX:  # 3-byte words: one asm gives every digit (the 8 calls are one once compiled)
+        return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [x], is_pure=True, pack=2,
+                                         dtype=(tl.float16,) * 8)[j]
+    elif WORD_BYTES == 3:  # digit j times 2^s_j: the byte pair holding it, masked in place (see PTX_DIGITS3)
+        return _to_half((x >> (8 * (j // 3))) & (7 << (3 * j - 8 * (j // 3))), 3, BIAS)
     else:
-        lane_mask: tl.constexpr = (RADIX - 1) * (0x00010001 if WORD_BYTES == 1 else 1)
-        return _to_half((x >> (j * DIGIT_BITS)) & lane_mask, WORD_BYTES, BIAS)
+        return _to_half((x >> (j * DIGIT_BITS)) & ((RADIX - 1) * 0x00010001), 1, BIAS)
 
 
 @triton.jit
-def _digit_source(words, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
+def code_weight(position, WORD_BYTES: tl.constexpr):
+    """What unpack_words's values at digit positions `position` (an int tensor) are to be weighed
+    by, fp32: 3-byte words' digit j comes as digit * 2^s_j (s_j = 3 j - 8 floor(j / 3): where
+    it lies in the bytes PTX_DIGITS3 pairs), so weight 2^-s_j; every other width 1. A kernel
+    folds it into the other operand of its product (q), or into the sums after it."""
+    if WORD_BYTES == 3:
+        return 1.0 / (1 << (3 * position - 8 * (position // 3))).to(tl.float32)
+    else:
+        return tl.full(position.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _digit_source(words, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr,
+                  FLOORS: tl.constexpr):
     """words [R, WORDS_PAD] as _digit takes them (see there)."""
     if PTX:
-        tl.static_assert(BIAS == code_bias(RADIX))
+        tl.static_assert(BIAS == code_bias(RADIX, True, FLOORS))
         if RADIX == 3:  # the bytes as fp16 1024 + byte: PTX_DIGITS of all 8 bits
             return _digit(words, 0, 256, 1, 8, 1, 1024, PTX)
         else:
@@ -217,46 +243,51 @@ def _digit_source(words, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, BIAS: tl
 
 @triton.jit
 def unpack_digit(words, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
-                 BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
-    """words [R, WORDS_PAD] (load_words) -> digit j + BIAS of each, fp16 [R, WORDS_PAD] (as
-    unpack_words)."""
-    return _digit(_digit_source(words, RADIX, WORD_BYTES, BIAS, PTX), j, RADIX, PER_WORD,
-                  8 * WORD_BYTES // PER_WORD, WORD_BYTES, BIAS, PTX)
+                 BIAS: tl.constexpr = 0, PTX: tl.constexpr = False, FLOORS: tl.constexpr = False):
+    """words [R, WORDS_PAD] (load_words) -> digit (or floor) j + BIAS of each, fp16 [R, WORDS_PAD]
+    (as unpack_words)."""
+    return _digit(_digit_source(words, RADIX, WORD_BYTES, BIAS, PTX, FLOORS), j, RADIX, PER_WORD,
+                  8 * WORD_BYTES // PER_WORD, WORD_BYTES, BIAS, PTX, FLOORS)
 
 
 @triton.jit
 def unpack_words(words, RADIX: tl.constexpr, PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr,
-                 PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr = 0, PTX: tl.constexpr = False):
+                 PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr = 0, PTX: tl.constexpr = False,
+                 FLOORS: tl.constexpr = False):
     """words [R, WORDS_PAD] (load_words) -> codes + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16 (exact
-    small integers) in tile order; padded digit positions hold BIAS (PER_WORD_PAD < PER_WORD: the
-    first PER_WORD_PAD digits of each word). PTX: the conversions in
+    small integers) in tile order, 3-byte words' digits weighted (times 1 / code_weight); padded
+    digit positions hold BIAS (PER_WORD_PAD < PER_WORD: the first PER_WORD_PAD digits of each
+    word). PTX: the conversions in
     inline PTX (a GPU; BIAS must then be code_bias), else pure Triton (the interpreter; any BIAS).
+    FLOORS (base 3): position j holds the floor t_j = word // 3^j + BIAS, not the digit t_j - 3
+    t_(j+1): one fp16 FMA a pair of words from the last (PTX_THIRD), where a digit takes two, and
+    products are linear, so a kernel takes the differences of its sums instead (decode values).
     Pure path: one-byte words are paired into the 16-bit lanes of a uint32, so each integer op
     works on two words. Each digit position is unpacked in the words' own layout and the
     positions joined along new minor axes, which stay within each thread: no word is fetched
     again per digit. tl.join appends the most minor axis, so the last join picks digit bit 0:
     join(join(d0, d2), join(d1, d3))."""
     B: tl.constexpr = 8 * WORD_BYTES // PER_WORD
-    x = _digit_source(words, RADIX, WORD_BYTES, BIAS, PTX)
+    x = _digit_source(words, RADIX, WORD_BYTES, BIAS, PTX, FLOORS)
     if PER_WORD_PAD == 1:
-        digits = _digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)
+        digits = _digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS)
     elif PER_WORD_PAD == 2:
-        digits = tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                         _digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))
+        digits = tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                         _digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS))
     elif PER_WORD_PAD == 4:
-        digits = tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                 _digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
-                         tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                 _digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)))
+        digits = tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                 _digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS)),
+                         tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                 _digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS)))
     else:
-        digits = tl.join(tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                         _digit(x, 4, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
-                                 tl.join(_digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                         _digit(x, 6, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))),
-                         tl.join(tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                         _digit(x, 5, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX)),
-                                 tl.join(_digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX),
-                                         _digit(x, 7, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX))))
+        digits = tl.join(tl.join(tl.join(_digit(x, 0, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                         _digit(x, 4, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS)),
+                                 tl.join(_digit(x, 2, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                         _digit(x, 6, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS))),
+                         tl.join(tl.join(_digit(x, 1, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                         _digit(x, 5, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS)),
+                                 tl.join(_digit(x, 3, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS),
+                                         _digit(x, 7, RADIX, PER_WORD, B, WORD_BYTES, BIAS, PTX, FLOORS))))
     return tl.reshape(digits, [words.shape[0], words.shape[1] * PER_WORD_PAD])
 
 

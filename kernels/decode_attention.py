@@ -11,10 +11,13 @@ packed codes are loaded and unpacked with shifts and masks, two bytes a uint32 (
 multiply-and-shift), each thread its own bytes, into fp16 through the mantissa (kernels/codes.py),
 and enter the products as small integers, each token's group scale and low folded in around them
 (q . (c s + l) = s (q . c) + l sum(q), and p @ (c s + l) = (p s) @ c + p @ l), so nothing is
-dequantized per element; pre-RoPE keys are dequantized and rotated at their positions (angles built
-from rotations made before the loop); SVDq keys are rebuilt from latent codes with a tl.dot against
-the basis; then an fp32 online softmax; each split writes its partial output and log-sum-exp. The
-instructions this costs per byte read, per GPU target, are measured without a GPU by bench/sass.py.
+dequantized per element (on a GPU ternary values enter as floors byte // 3^j, their digits the
+differences of the sums after the loop; sums over tokens, as the softmax mass, are kept per token
+and reduced after it: see _attend_split); pre-RoPE keys are dequantized and rotated at their
+positions (angles built from rotations made before the loop); SVDq keys are rebuilt from latent
+codes with a tl.dot against the basis; then an fp32 online softmax; each split writes its partial
+output and log-sum-exp. The instructions this costs per byte read, per GPU target, are measured
+without a GPU by bench/sass.py.
 Stage 2, grid (batch x queries, query head), merges every split of every segment, weighting each
 by its share of the softmax mass. Decode (one query per sequence) gives each segment a fixed
 number of splits, about two waves of the SMs (`decode_splits`), and each split an equal share
@@ -41,6 +44,7 @@ from kernels.codes import (
     as_bytes,
     code_bias,
     code_layout,
+    code_weight,
     load_words,
     metadata_to_float,
     tile_codes,
@@ -50,7 +54,7 @@ from kernels.codes import (
 
 SPLIT_WAVES = 2  # decode programs: about two waves of the GPU's SMs, so that no SM idles for long
 CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): still several splits
-BLOCK_N = 64     # tokens per inner step: K and V tiles of [64, D] stay in registers
+BLOCK_N = 64     # tokens per inner step (_tile halves or doubles it): K and V tiles of [64, D] stay in registers
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # stage 1 scores in base 2
 ROTATION_ROWS = tl.constexpr(32)  # rows of a rotation in registers at a time (q's before the loop, the output's after)
 
@@ -146,22 +150,30 @@ def _load_codes(ptr, rows, valid, RADIX: tl.constexpr, PER_WORD: tl.constexpr, W
 
 
 @triton.jit
+def _floor(words, j: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr, dtype: tl.constexpr):
+    """Floor j of one-byte base-3 words [BLOCK_N, WORDS_PAD]: byte // 3^j + BIAS in dtype."""
+    return unpack_digit(words, j, 3, 5, 1, BIAS, PTX, True).to(dtype)
+
+
+@triton.jit
 def _metadata(ptr, meta_rows, valid, g, factor=1.0):
     """Scale or low of channel group g of BLOCK_N tokens times factor, fp32 [BLOCK_N]."""
     return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0), factor)
 
 
 @triton.jit
-def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, GROUPS: tl.constexpr, BIAS: tl.constexpr):
-    """codes + BIAS [BLOCK_N, DX] -> code * scale + low of each channel's group, fp32. Only
-    pre-RoPE keys need this: elsewhere scale and low fold into the products (see stage 1)."""
+def _dequantize(codes, scale_ptr, low_ptr, meta_rows, valid, group, weight, GROUPS: tl.constexpr,
+                BIAS: tl.constexpr):
+    """codes / weight + BIAS [BLOCK_N, DX] (weight [DX]: code_weight) -> code * scale + low of each
+    channel's group, fp32. Only pre-RoPE keys need this: elsewhere scale and low fold into the
+    products (see stage 1)."""
     scale = tl.zeros(codes.shape, tl.float32)
     low = tl.zeros(codes.shape, tl.float32)
     for g in tl.static_range(GROUPS):
         in_group = (group == g)[None, :]
         scale = tl.where(in_group, _metadata(scale_ptr, meta_rows, valid, g)[:, None], scale)
         low = tl.where(in_group, _metadata(low_ptr, meta_rows, valid, g)[:, None], low)
-    return codes.to(tl.float32) * scale + (low - BIAS * scale)
+    return (codes.to(tl.float32) - BIAS) * (weight[None, :] * scale) + low
 
 
 @triton.jit
@@ -227,16 +239,27 @@ def _attend_split(
         k_real = tl.reshape(_digit_major(k_real[None, :], K_WORDS_PAD, K_PER_WORD_PAD), [k_real.shape[0]])
     v_channel, v_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_PER_WORD_PAD)
     k_group = k_channel  # each channel's group: only packed rows with several groups use it
+    k_weight = code_weight(k_channel % K_PER_WORD, K_WORD_BYTES)  # packed keys: what their digits are weighed by
     if not K_FULL:
         k_group = tl.load(k_group_ptr + kv_head * D + k_channel, mask=k_real, other=-1)
     # Ternary values: digits 0-3 of each byte in one product, digit 4 in another, so no column
-    # pads 5 digits to 8 (V_TILE_DIGITS: the first product's digits a word).
+    # pads 5 digits to 8 (V_TILE_DIGITS: the first product's digits a word). With one channel
+    # group and biased codes (V_FLOORS), five products [BLOCK_N, WORDS_PAD] take the floors t_j =
+    # byte // 3^j instead, each unpacked in the operand's own layout (a tile joined from them
+    # would cross shared memory), one fp16 FMA a pair of bytes from the last, where a digit costs
+    # two; the digits t_j - 3 t_(j+1) are the sums' differences, taken once after the loop. Their
+    # rounding is that of sums of 1024 + t_j, as biased digits' is of sums of digit - 2048;
+    # unbiased codes (the interpreter) keep the digits, whose fp32 sums floors up to 242 would
+    # make a hundred times less exact.
     V_SPLIT: tl.constexpr = not V_FULL and V_PER_WORD == 5
+    V_FLOORS: tl.constexpr = V_SPLIT and V_GROUPS == 1 and BIASED
+    V_BIAS: tl.constexpr = code_bias(V_RADIX, BIASED and not V_FULL, V_FLOORS)
     V_TILE_DIGITS: tl.constexpr = 4 if V_SPLIT else V_PER_WORD_PAD
     v_tile_channel, v_tile_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_TILE_DIGITS)
     v_last_channel = tl.arange(0, V_WORDS_PAD) * V_PER_WORD + 4                 # digit 4 of each byte
     v_group = v_tile_channel
     v_last_group = v_last_channel
+    v_weight = code_weight(v_tile_channel % V_PER_WORD, V_WORD_BYTES)  # packed values: their digits' weight
     if not V_FULL:
         v_group = tl.load(v_group_ptr + kv_head * D + v_tile_channel, mask=v_tile_real, other=-1)
     if V_SPLIT and V_GROUPS > 1:
@@ -274,12 +297,12 @@ def _attend_split(
             rotation = tl.load(k_rotation_ptr + channel[:, None] * D + k_channel[None, :], mask=k_real[None, :],
                                other=0.0)                                               # (ROWS, DX): R's rows
             q = tl.dot(q_part.to(q_ptr.dtype.element_ty), rotation.to(q_ptr.dtype.element_ty), q)
-        q = q.to(q_ptr.dtype.element_ty)
+        q = (q * k_weight[None, :]).to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_rows + k_channel[None, :], mask=real_row[:, None] & k_real[None, :], other=0.0)
         if not K_FULL:
             k_smoothing = tl.load(k_smoothing_ptr + kv_head * D + k_channel, mask=k_real, other=0.0)
-            q = (q * k_smoothing[None, :]).to(q_ptr.dtype.element_ty)
+            q = (q * (k_smoothing * k_weight)[None, :]).to(q_ptr.dtype.element_ty)
     first_slot = 0
     if RING:
         first_slot = tl.load(first_slot_ptr + b)
@@ -298,10 +321,18 @@ def _attend_split(
     # range check around it; packed keys take the factor with their scale and low.
     qk_scale = sm_scale * LOG2E
     m = tl.full([M_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([M_PAD], tl.float32)
+    # Sums over tokens kept per token and reduced after the loop (a sum in the loop crosses the
+    # warps through shared memory): the softmax mass; packed values, one group: p @ low, and the
+    # p @ bias that the codes' bias added to the products.
+    l_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    low_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    bias_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
-    acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit 4's product
-    v_low = tl.zeros([M_PAD], tl.float32)  # packed values, one group: p @ low, added to acc after the loop
+    acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit (or floor) 4's product
+    acc_floor0 = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # V_FLOORS: floors 0-3's products
+    acc_floor1 = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)
+    acc_floor2 = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)
+    acc_floor3 = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)
     # Whole blocks without masks, then the last, partial block, if any, with them: the body is
     # written once, and the second phase's loop of one iteration is no loop once compiled.
     whole = tl.maximum(end - start, 0) // BLOCK_N  # a split past the sequence's end ends before it starts
@@ -331,7 +362,7 @@ def _attend_split(
                                     K_WORDS_PAD, K_PER_WORD_PAD, BIASED, PTX)                 # (BLOCK_N, DX) fp16
                     if ROPE:
                         k = _dequantize(k, k_scale_ptr, k_low_ptr, k_meta + slots * stride_kmt, valid, k_group,
-                                        K_GROUPS, code_bias(K_RADIX, BIASED))
+                                        k_weight, K_GROUPS, code_bias(K_RADIX, BIASED))
                 if ROPE:
                     cos_a8 = cos_block[None, :] * cos_a - sin_block[None, :] * sin_a              # (BLOCK_N / 8, D/2)
                     sin_a8 = sin_block[None, :] * cos_a + cos_block[None, :] * sin_a
@@ -354,10 +385,15 @@ def _attend_split(
                     for g in tl.static_range(K_GROUPS):
                         q_g = q if K_GROUPS == 1 else tl.where((k_group == g)[None, :], q, 0.0)
                         scale = _metadata(k_scale_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
-                        low = (_metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
-                               - code_bias(K_RADIX, BIASED) * scale)
-                        s_g = (tl.dot(q_g, tl.trans(k)) * scale[None, :]
-                               + tl.sum(q_g.to(tl.float32), 1)[:, None] * low[None, :])
+                        low = _metadata(k_low_ptr, k_meta + slots * stride_kmt, valid, g, qk_scale)
+                        if K_WORD_BYTES == 3:  # q carries the digits' weight: the bias takes q as it is, low
+                            # q unweighted: scale * (q . (code / w + b) - b sum(q)) + low * sum(q / w)
+                            s_g = ((tl.dot(q_g, tl.trans(k)) - code_bias(K_RADIX, BIASED)
+                                    * tl.sum(q_g.to(tl.float32), 1)[:, None]) * scale[None, :]
+                                   + tl.sum(q_g.to(tl.float32) / k_weight[None, :], 1)[:, None] * low[None, :])
+                        else:
+                            s_g = (tl.dot(q_g, tl.trans(k)) * scale[None, :] + tl.sum(q_g.to(tl.float32), 1)[:, None]
+                                   * (low - code_bias(K_RADIX, BIASED) * scale)[None, :])
                         if g == 0:  # not zeros plus the first group: x + 0 is an instruction (x may be -0)
                             s = s_g
                         else:
@@ -372,8 +408,13 @@ def _attend_split(
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m - m_safe)
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]  # the products below accumulate into it in place: no zeroed tile
+                l_tokens = l_tokens * alpha[:, None] + p
+                # the products below accumulate into the tiles in place: no zeroed tile
+                if V_FLOORS:
+                    acc_floor0, acc_floor1 = acc_floor0 * alpha[:, None], acc_floor1 * alpha[:, None]
+                    acc_floor2, acc_floor3 = acc_floor2 * alpha[:, None], acc_floor3 * alpha[:, None]
+                else:
+                    acc = acc * alpha[:, None]
                 if V_SPLIT:
                     acc_last = acc_last * alpha[:, None]
                 if V_FULL:
@@ -384,26 +425,55 @@ def _attend_split(
                     # carrying a bias b: less b * sum(p * scale), summed as the product rounded it
                     v_words = load_words(v_base + slots * stride_vt, valid, V_RADIX, V_WORD_BYTES, V_ROW_BYTES,
                                          V_WORDS_PAD)
-                    v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS,
-                                     code_bias(V_RADIX, BIASED), PTX).to(q_ptr.dtype.element_ty)  # (BLOCK_N, DX)
-                    v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, code_bias(V_RADIX, BIASED),
-                                          PTX).to(q_ptr.dtype.element_ty)                     # (BLOCK_N, V_WORDS_PAD)
+                    v_last = unpack_digit(v_words, 4, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_BIAS, PTX,
+                                          V_FLOORS).to(q_ptr.dtype.element_ty)                # (BLOCK_N, V_WORDS_PAD)
+                    if not V_FLOORS:
+                        v = unpack_words(v_words, V_RADIX, V_PER_WORD, V_WORD_BYTES, V_TILE_DIGITS, V_BIAS,
+                                         PTX).to(q_ptr.dtype.element_ty)                      # (BLOCK_N, DX)
                     for g in tl.static_range(V_GROUPS):
                         scale = _metadata(v_scale_ptr, v_meta + slots * stride_vmt, valid, g)
                         low = _metadata(v_low_ptr, v_meta + slots * stride_vmt, valid, g)
-                        p_scale = (p * scale[None, :]).to(v.dtype)
-                        p_low = tl.sum(p * low[None, :] - code_bias(V_RADIX, BIASED) * p_scale.to(tl.float32), 1)
-                        if V_GROUPS == 1:
+                        p_scale = (p * scale[None, :]).to(q_ptr.dtype.element_ty)
+                        if V_FLOORS:
+                            acc_floor0 = tl.dot(p_scale, _floor(v_words, 0, V_BIAS, PTX, p_scale.dtype), acc_floor0)
+                            acc_floor1 = tl.dot(p_scale, _floor(v_words, 1, V_BIAS, PTX, p_scale.dtype), acc_floor1)
+                            acc_floor2 = tl.dot(p_scale, _floor(v_words, 2, V_BIAS, PTX, p_scale.dtype), acc_floor2)
+                            acc_floor3 = tl.dot(p_scale, _floor(v_words, 3, V_BIAS, PTX, p_scale.dtype), acc_floor3)
+                            acc_last = tl.dot(p_scale, v_last, acc_last)
+                        elif V_GROUPS == 1:
                             acc = tl.dot(p_scale, v, acc)
                             if V_SPLIT:
                                 acc_last = tl.dot(p_scale, v_last, acc_last)
-                            v_low = v_low * alpha + p_low
+                        if V_GROUPS == 1:
+                            low_tokens = low_tokens * alpha[:, None] + p * low[None, :]
+                            if V_BIAS != 0:  # the bias times p_scale as the product rounded it
+                                bias_tokens = bias_tokens * alpha[:, None] + p_scale.to(tl.float32)
+                        elif V_WORD_BYTES == 3:  # weighted digits: the bias leaves the sum before the weight
+                            p_bias = V_BIAS * tl.sum(p_scale.to(tl.float32), 1)
+                            acc += tl.where((v_group == g)[None, :], (tl.dot(p_scale, v) - p_bias[:, None])
+                                            * v_weight[None, :] + tl.sum(p * low[None, :], 1)[:, None], 0.0)
                         else:
+                            p_low = tl.sum(p * low[None, :] - V_BIAS * p_scale.to(tl.float32), 1)
                             acc += tl.where((v_group == g)[None, :], tl.dot(p_scale, v) + p_low[:, None], 0.0)
                             if V_SPLIT:
                                 acc_last += tl.where((v_last_group == g)[None, :],
                                                      tl.dot(p_scale, v_last) + p_low[:, None], 0.0)
                 m = m_new
+    l = tl.sum(l_tokens, 1)
+    if V_BIAS != 0:  # what the codes' bias added to the products
+        bias = V_BIAS * tl.sum(bias_tokens, 1)[:, None]
+        if V_FLOORS:
+            acc_floor0, acc_floor1, acc_floor2, acc_floor3 = (acc_floor0 - bias, acc_floor1 - bias,
+                                                              acc_floor2 - bias, acc_floor3 - bias)
+        else:
+            acc -= bias
+        acc_last -= bias
+    if V_GROUPS == 1 and V_WORD_BYTES == 3:  # the digits' weight, once (several groups: in the loop)
+        acc = acc * v_weight[None, :]
+    if V_FLOORS:  # p @ digit j = p @ t_j - 3 p @ t_(j+1) (t_5 = 0), in tile order (word, j = 2 b1 + b0)
+        acc = tl.reshape(tl.join(tl.join(acc_floor0 - 3 * acc_floor1, acc_floor2 - 3 * acc_floor3),
+                                 tl.join(acc_floor1 - 3 * acc_floor2, acc_floor3 - 3 * acc_last)),
+                         [M_PAD, v_tile_channel.shape[0]])
     if V_SPLIT:  # back to the tile of 8 digits a byte: (word, digit 4 b2 + 2 b1 + b0)
         zero = tl.zeros_like(acc_last)
         rest = tl.reshape(tl.join(tl.join(acc_last, zero), tl.join(zero, zero)), [M_PAD, V_WORDS_PAD, 4])
@@ -411,7 +481,7 @@ def _attend_split(
                          [M_PAD, v_channel.shape[0]])
     # An empty split (past this sequence's end) leaves l = 0: its lse is -inf and stage 2 drops it.
     has_tokens = l > 0
-    out = (acc + v_low[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
+    out = (acc + tl.sum(low_tokens, 1)[:, None]) / tl.where(has_tokens, l, 1.0)[:, None]
     out_rows = out_ptr + b * stride_ob + query[:, None] * stride_oq + heads[:, None] * stride_oh
     out_rows += (first_split + split) * stride_os
     # Only a split that saw tokens writes its output: stage 2 never reads the others' (weight 0); a
@@ -540,15 +610,23 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, merged_lse_ptr, n_splits,
     tl.store(merged_lse_ptr + b * tl.num_programs(1) + head, merged_lse)  # [batch, heads], contiguous
 
 
-def _tile(segment: Segment, Q: int) -> tuple[int, int]:
+def _tile(segment: Segment, Q: int, rope: bool) -> tuple[int, int]:
     """(tokens per step, warps) of a segment's stage 1: BLOCK_N and 4 warps, but where that spills
     registers (measured: python -m bench.sass) 8 warps, for prefill's 64-row query tiles, SVDq
-    keys rebuilt in-kernel and several channel groups per head, and half blocks for SVDq keys
-    and for packed history under prefill's tiles."""
+    keys rebuilt in-kernel and several channel groups per head, and half blocks for SVDq keys,
+    for packed history under prefill's tiles and for pre-RoPE keys (rotated per token). Decode
+    over post-RoPE packed history takes double blocks: the loop's fixed cost (the running max
+    across warps, the loop itself) over twice the bytes (measured: 0.60 -> 0.47 warp-instructions
+    a byte, the default cache on sm_90)."""
     packed = [x for x in (segment.keys, segment.values) if not isinstance(x, torch.Tensor)]
     latent = hasattr(segment.keys, "basis_t")
     several_groups = any(x.scale.shape[-1] > 1 for x in packed if hasattr(x, "bits"))
-    block = BLOCK_N // 2 if latent or (Q > 1 and packed) else BLOCK_N
+    if latent or (packed and (Q > 1 or rope)):
+        block = BLOCK_N // 2
+    elif packed and not several_groups:
+        block = 2 * BLOCK_N
+    else:
+        block = BLOCK_N
     return block, 8 if Q > 1 or latent or several_groups else 4
 
 
@@ -620,7 +698,7 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
         assert inv_freq is None or getattr(segment.keys, "rotation", None) is None, "RoPE does not commute with R"
         assert q_position is not None or not segment.causal, "a causal segment needs the queries' positions"
         G = H // Hkv
-        block_n, num_warps = _tile(segment, Q)
+        block_n, num_warps = _tile(segment, Q, inv_freq is not None)
         q_block = 1 if Q == 1 else max(1, 64 // G)  # queries per program: 64 tile rows (of G heads each)
         where = {}
         if segment.first_slot is not None:

@@ -107,20 +107,22 @@ def emulated_ptx(monkeypatch):
 @triton.jit
 def _unpack_rows(packed_ptr, out_ptr, R: tl.constexpr, RADIX: tl.constexpr,
                  PER_WORD: tl.constexpr, WORD_BYTES: tl.constexpr, ROW_BYTES: tl.constexpr,
-                 WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr):
-    """Rows [R, ROW_BYTES] of packed codes -> their tiles + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16."""
+                 WORDS_PAD: tl.constexpr, PER_WORD_PAD: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr,
+                 FLOORS: tl.constexpr):
+    """Rows [R, ROW_BYTES] of packed codes -> their tiles + BIAS [R, WORDS_PAD * PER_WORD_PAD] fp16
+    (FLOORS: base-3 words' floors)."""
     rows = tl.arange(0, R)
     words = load_words(packed_ptr + rows * ROW_BYTES, rows < R, RADIX, WORD_BYTES, ROW_BYTES, WORDS_PAD)
-    tile = unpack_words(words, RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD, BIAS, PTX)
+    tile = unpack_words(words, RADIX, PER_WORD, WORD_BYTES, PER_WORD_PAD, BIAS, PTX, FLOORS)
     columns = tl.arange(0, WORDS_PAD * PER_WORD_PAD)
     tl.store(out_ptr + rows[:, None] * (WORDS_PAD * PER_WORD_PAD) + columns[None, :], tile)
 
 
-def unpacked(packed_rows, n, bits, ptx):
+def unpacked(packed_rows, n, bits, ptx, floors=False):
     layout = code_layout(n, bits)
     out = torch.empty(packed_rows.shape[0], layout["WORDS_PAD"] * layout["PER_WORD_PAD"], dtype=torch.float16)
-    _unpack_rows[(1,)](packed_rows, out, R=packed_rows.shape[0], BIAS=code_bias(layout["RADIX"]),
-                       PTX=ptx, **layout)
+    _unpack_rows[(1,)](packed_rows, out, R=packed_rows.shape[0], BIAS=code_bias(layout["RADIX"], True, floors),
+                       PTX=ptx, FLOORS=floors, **layout)
     return out
 
 
@@ -142,12 +144,29 @@ def test_ptx_path_equals_the_pure_path_bit_for_bit(emulated_ptx, bits, n):
     rows = rows_of_every_byte(n, bits)
     ptx, pure = unpacked(rows, n, bits, True), unpacked(rows, n, bits, False)
     assert torch.equal(ptx.view(torch.int16), pure.view(torch.int16))
-    # both are quant/packing.py's codes plus the bias
-    radix, per_word, _ = WIDTHS[bits]
+    # both are quant/packing.py's codes plus the bias, 3-byte words' digit j times 2^(3 j - 8 floor(j / 3))
+    radix, per_word, word_bytes = WIDTHS[bits]
     layout = code_layout(n, bits)
     real = torch.tensor([w * per_word + j < n and j < per_word for w in range(layout["WORDS_PAD"])
                          for j in range(layout["PER_WORD_PAD"])])
-    assert torch.equal((pure[:, real].float() - code_bias(radix)).to(torch.uint8), unpack(rows, bits, n))
+    j = torch.arange(layout["WORDS_PAD"] * layout["PER_WORD_PAD"]) % layout["PER_WORD_PAD"]
+    weight = 2.0 ** -(3 * j - 8 * (j // 3)) if word_bytes == 3 else torch.ones(j.shape)
+    codes = (pure.float() - code_bias(radix)) * weight
+    assert torch.equal(codes[:, real].to(torch.uint8), unpack(rows, bits, n))
+
+
+@pytest.mark.parametrize("n", [64, 128])
+def test_ptx_floors_equal_the_pure_floors_bit_for_bit(emulated_ptx, n):
+    """Base-3 words as floors (the decode kernel's values): position j of word w holds
+    byte // 3^j + 1024, on both paths, for every byte value."""
+    rows = rows_of_every_byte(n, 1.5)
+    ptx, pure = unpacked(rows, n, 1.5, True, True), unpacked(rows, n, 1.5, False, True)
+    assert torch.equal(ptx.view(torch.int16), pure.view(torch.int16))
+    layout = code_layout(n, 1.5)
+    words = torch.nn.functional.pad(rows.long(), (0, layout["WORDS_PAD"] - rows.shape[1]))     # (R, WORDS_PAD)
+    powers = 3 ** torch.arange(layout["PER_WORD_PAD"]).clamp(max=layout["PER_WORD"])  # padded positions: 3^5 > byte
+    expected = (words[:, :, None] // powers + 1024).flatten(1)
+    assert torch.equal(pure.long(), expected)
 
 
 def test_a_changed_asm_string_fails(emulated_ptx, monkeypatch):
