@@ -88,10 +88,9 @@ def load_words(row_ptrs, valid, RADIX: tl.constexpr, WORD_BYTES: tl.constexpr, R
         return tl.load(row_ptrs[:, None] + w[None, :], mask=valid[:, None] & (w < ROW_BYTES)[None, :], other=0)
     else:
         words = tl.zeros([row_ptrs.shape[0], WORDS_PAD], tl.int32)
+        word_ptrs = row_ptrs[:, None] + (w * WORD_BYTES)[None, :]  # the word's bytes at constant offsets from it
         for i in tl.static_range(WORD_BYTES):
-            byte_index = w * WORD_BYTES + i
-            byte = tl.load(row_ptrs[:, None] + byte_index[None, :],
-                           mask=valid[:, None] & (byte_index < ROW_BYTES)[None, :], other=0)
+            byte = tl.load(word_ptrs + i, mask=valid[:, None] & (w * WORD_BYTES + i < ROW_BYTES)[None, :], other=0)
             words = words | (byte.to(tl.int32) << (8 * i))
         return words
 
@@ -117,24 +116,14 @@ and.b32 t, t, $7;
 prmt.b32 $0, t, 0x64646464, 0x5140;
 prmt.b32 $1, t, 0x64646464, 0x7362;
 }""")
-# All 8 digits of two 3-byte words (pack=2: $8, $9; byte 3 zero) -> 8 fp16x2, 1024 + digit j
-# times 2^s_j (code_weight): three PRMTs pair the words' bytes 0-1, 1-2 and 2 in the 16-bit
-# lanes, where each digit lies whole within the 10 mantissa bits, then one LOP3 a digit, (x &
-# mask) | 0x64006400, no shift: 11 instructions for 16 digits, where a shift, a PRMT and a LOP3
-# for each pair of digits take 24.
+# Digit j of two 3-byte words (pack=2: $1, $2; PRMT selector $3, mask $5) -> one fp16x2, 1024 +
+# digit times 2^s_j (code_weight): PRMT pairs the words' bytes 0-1, 1-2 or 2-3 in the 16-bit
+# lanes, where digit j lies whole within the 10 mantissa bits, then one LOP3, (x & mask) |
+# 0x64006400, no shift: 2 instructions for 2 digits, where a shift each, a PRMT and a LOP3 take 4.
 PTX_DIGITS3 = tl.constexpr("""{
-.reg .b32 lo, mid, hi;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 mid, $8, $9, 0x6521;
-prmt.b32 hi, $8, $9, 0x7632;
-lop3.b32 $0, lo, 0x00070007, 0x64006400, 0xEA;
-lop3.b32 $1, lo, 0x00380038, 0x64006400, 0xEA;
-lop3.b32 $2, lo, 0x01C001C0, 0x64006400, 0xEA;
-lop3.b32 $3, mid, 0x000E000E, 0x64006400, 0xEA;
-lop3.b32 $4, mid, 0x00700070, 0x64006400, 0xEA;
-lop3.b32 $5, mid, 0x03800380, 0x64006400, 0xEA;
-lop3.b32 $6, hi, 0x001C001C, 0x64006400, 0xEA;
-lop3.b32 $7, hi, 0x00E000E0, 0x64006400, 0xEA;
+.reg .b32 t;
+prmt.b32 t, $1, $2, $3;
+lop3.b32 $0, t, $5, 0x64006400, 0xEA;
 }""")
 # Base 3 in fp16 pairs, from T = 1024 + t (t < 243): 1024 + t // 3 = rn(T / 3 + 682.5 - 1024 / 3),
 # one FMA: T * fp16(1/3) + 682.5 = 1024 + t / 3 - 1/4 - t 8e-5, within 0.42 of the integer.
@@ -203,10 +192,12 @@ def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGI
         mask = tl.full(x.shape, (RADIX - 1) * 0x01010101, tl.uint32)
         return tl.inline_asm_elementwise(PTX_DIGITS, "=r,=r,r,r,r,r,r,r,r,r,r", [x, shift, mask],
                                          dtype=tl.float16, is_pure=True, pack=4)
-    elif PTX:  # 3-byte words: one asm gives every digit (the 8 calls are one once compiled)
-        return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [x], is_pure=True, pack=2,
-                                         dtype=(tl.float16,) * 8)[j]
-    elif WORD_BYTES == 3:  # digit j times 2^s_j: the byte pair holding it, masked in place (see PTX_DIGITS3)
+    elif PTX:  # 3-byte words: the byte pair holding digit j (bytes 0-1, 1-2, 2-3), masked in place
+        pair = tl.full(x.shape, 0x5410 if j < 3 else 0x6521 if j < 6 else 0x7632, tl.int32)
+        mask = tl.full(x.shape, (7 << (3 * j - 8 * (j // 3))) * 0x00010001, tl.int32)
+        return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,r,r,r,r,r,r", [x, pair, mask], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif WORD_BYTES == 3:  # digit j times 2^s_j, as PTX_DIGITS3 makes it
         return _to_half((x >> (8 * (j // 3))) & (7 << (3 * j - 8 * (j // 3))), 3, BIAS)
     else:
         return _to_half((x >> (j * DIGIT_BITS)) & ((RADIX - 1) * 0x00010001), 1, BIAS)

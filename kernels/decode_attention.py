@@ -156,6 +156,17 @@ def _floor(words, j: tl.constexpr, BIAS: tl.constexpr, PTX: tl.constexpr, dtype:
 
 
 @triton.jit
+def _token_sums(x, SUM_N: tl.constexpr):
+    """x [M_PAD, BLOCK_N] as a running sum over tokens keeps it: decode (SUM_N = BLOCK_N) as it
+    is, reduced once after the loop (a sum in the loop crosses the warps through shared memory);
+    prefill (SUM_N = 1) summed now, [M_PAD, 1] (a [64, BLOCK_N] tile kept per sum spills)."""
+    if SUM_N == 1:
+        return tl.sum(x, 1, keep_dims=True)
+    else:
+        return x
+
+
+@triton.jit
 def _metadata(ptr, meta_rows, valid, g, factor=1.0):
     """Scale or low of channel group g of BLOCK_N tokens times factor, fp32 [BLOCK_N]."""
     return metadata_to_float(tl.load(ptr + meta_rows + g, mask=valid, other=0), factor)
@@ -244,16 +255,20 @@ def _attend_split(
         k_group = tl.load(k_group_ptr + kv_head * D + k_channel, mask=k_real, other=-1)
     # Ternary values: digits 0-3 of each byte in one product, digit 4 in another, so no column
     # pads 5 digits to 8 (V_TILE_DIGITS: the first product's digits a word). With one channel
-    # group and biased codes (V_FLOORS), five products [BLOCK_N, WORDS_PAD] take the floors t_j =
-    # byte // 3^j instead, each unpacked in the operand's own layout (a tile joined from them
-    # would cross shared memory), one fp16 FMA a pair of bytes from the last, where a digit costs
-    # two; the digits t_j - 3 t_(j+1) are the sums' differences, taken once after the loop. Their
-    # rounding is that of sums of 1024 + t_j, as biased digits' is of sums of digit - 2048;
-    # unbiased codes (the interpreter) keep the digits, whose fp32 sums floors up to 242 would
-    # make a hundred times less exact.
+    # group and biased codes, in decode (V_FLOORS), five products [BLOCK_N, WORDS_PAD] take the
+    # floors t_j = byte // 3^j instead, each unpacked in the operand's own layout (a tile joined
+    # from them would cross shared memory), one fp16 FMA a pair of bytes from the last, where a
+    # digit costs two; the digits t_j - 3 t_(j+1) are the sums' differences, taken once after the
+    # loop. Their rounding is that of sums of 1024 + t_j, as biased digits' is of sums of digit -
+    # 2048; unbiased codes (the interpreter) keep the digits, whose fp32 sums floors up to 242
+    # would make a hundred times less exact, and prefill's 64-row tiles too (five [64, WORDS_PAD]
+    # sums spill there).
     V_SPLIT: tl.constexpr = not V_FULL and V_PER_WORD == 5
-    V_FLOORS: tl.constexpr = V_SPLIT and V_GROUPS == 1 and BIASED
+    V_FLOORS: tl.constexpr = V_SPLIT and V_GROUPS == 1 and BIASED and Q_BLOCK == 1
     V_BIAS: tl.constexpr = code_bias(V_RADIX, BIASED and not V_FULL, V_FLOORS)
+    # a bias summed apart, subtracted before the floors' differences or the digits' weight; else
+    # with p @ low
+    V_BIAS_APART: tl.constexpr = V_BIAS != 0 and (V_FLOORS or V_WORD_BYTES == 3)
     V_TILE_DIGITS: tl.constexpr = 4 if V_SPLIT else V_PER_WORD_PAD
     v_tile_channel, v_tile_real = _channels(D, V_FULL, V_PER_WORD, V_WORDS_PAD, V_TILE_DIGITS)
     v_last_channel = tl.arange(0, V_WORDS_PAD) * V_PER_WORD + 4                 # digit 4 of each byte
@@ -321,12 +336,12 @@ def _attend_split(
     # range check around it; packed keys take the factor with their scale and low.
     qk_scale = sm_scale * LOG2E
     m = tl.full([M_PAD], float("-inf"), tl.float32)
-    # Sums over tokens kept per token and reduced after the loop (a sum in the loop crosses the
-    # warps through shared memory): the softmax mass; packed values, one group: p @ low, and the
-    # p @ bias that the codes' bias added to the products.
-    l_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    low_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    bias_tokens = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    # Sums over tokens: the softmax mass; packed values, one group: p @ low, less the p @ bias
+    # that the codes' bias added to the products, or that apart (see _token_sums).
+    SUM_N: tl.constexpr = BLOCK_N if Q_BLOCK == 1 else 1
+    l_tokens = tl.zeros([M_PAD, SUM_N], tl.float32)
+    low_tokens = tl.zeros([M_PAD, SUM_N], tl.float32)
+    bias_tokens = tl.zeros([M_PAD, SUM_N], tl.float32)
     acc = tl.zeros([M_PAD, v_tile_channel.shape[0]], tl.float32)
     acc_last = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # ternary values: digit (or floor) 4's product
     acc_floor0 = tl.zeros([M_PAD, V_WORDS_PAD], tl.float32)  # V_FLOORS: floors 0-3's products
@@ -408,7 +423,7 @@ def _attend_split(
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m - m_safe)
-                l_tokens = l_tokens * alpha[:, None] + p
+                l_tokens = l_tokens * alpha[:, None] + _token_sums(p, SUM_N)
                 # the products below accumulate into the tiles in place: no zeroed tile
                 if V_FLOORS:
                     acc_floor0, acc_floor1 = acc_floor0 * alpha[:, None], acc_floor1 * alpha[:, None]
@@ -445,9 +460,13 @@ def _attend_split(
                             if V_SPLIT:
                                 acc_last = tl.dot(p_scale, v_last, acc_last)
                         if V_GROUPS == 1:
-                            low_tokens = low_tokens * alpha[:, None] + p * low[None, :]
-                            if V_BIAS != 0:  # the bias times p_scale as the product rounded it
-                                bias_tokens = bias_tokens * alpha[:, None] + p_scale.to(tl.float32)
+                            if V_BIAS_APART:  # the bias times p_scale as the product rounded it
+                                low_tokens = low_tokens * alpha[:, None] + _token_sums(p * low[None, :], SUM_N)
+                                bias_tokens = (bias_tokens * alpha[:, None]
+                                               + _token_sums(p_scale.to(tl.float32), SUM_N))
+                            else:
+                                low_tokens = low_tokens * alpha[:, None] + _token_sums(
+                                    p * low[None, :] - V_BIAS * p_scale.to(tl.float32), SUM_N)
                         elif V_WORD_BYTES == 3:  # weighted digits: the bias leaves the sum before the weight
                             p_bias = V_BIAS * tl.sum(p_scale.to(tl.float32), 1)
                             acc += tl.where((v_group == g)[None, :], (tl.dot(p_scale, v) - p_bias[:, None])
@@ -460,7 +479,7 @@ def _attend_split(
                                                      tl.dot(p_scale, v_last) + p_low[:, None], 0.0)
                 m = m_new
     l = tl.sum(l_tokens, 1)
-    if V_BIAS != 0:  # what the codes' bias added to the products
+    if V_BIAS_APART:  # what the codes' bias added to the products
         bias = V_BIAS * tl.sum(bias_tokens, 1)[:, None]
         if V_FLOORS:
             acc_floor0, acc_floor1, acc_floor2, acc_floor3 = (acc_floor0 - bias, acc_floor1 - bias,
@@ -613,21 +632,21 @@ def _merge_splits(partial_ptr, lse_ptr, out_ptr, merged_lse_ptr, n_splits,
 def _tile(segment: Segment, Q: int, rope: bool) -> tuple[int, int]:
     """(tokens per step, warps) of a segment's stage 1: BLOCK_N and 4 warps, but where that spills
     registers (measured: python -m bench.sass) 8 warps, for prefill's 64-row query tiles, SVDq
-    keys rebuilt in-kernel and several channel groups per head, and half blocks for SVDq keys,
-    for packed history under prefill's tiles and for pre-RoPE keys (rotated per token). Decode
-    over post-RoPE packed history takes double blocks: the loop's fixed cost (the running max
-    across warps, the loop itself) over twice the bytes (measured: 0.60 -> 0.47 warp-instructions
-    a byte, the default cache on sm_90)."""
+    keys rebuilt in-kernel, several channel groups per head and pre-RoPE packed keys (rotated
+    per token), and half blocks for SVDq keys and for packed history under prefill's tiles.
+    Decode over post-RoPE packed history with one group takes double blocks: the loop's fixed
+    cost (the running max across warps, the loop itself) over twice the bytes (measured: 0.60
+    -> 0.47 warp-instructions a byte, the default cache on sm_90)."""
     packed = [x for x in (segment.keys, segment.values) if not isinstance(x, torch.Tensor)]
     latent = hasattr(segment.keys, "basis_t")
     several_groups = any(x.scale.shape[-1] > 1 for x in packed if hasattr(x, "bits"))
-    if latent or (packed and (Q > 1 or rope)):
+    if latent or (packed and Q > 1):
         block = BLOCK_N // 2
-    elif packed and not several_groups:
+    elif packed and not several_groups and not rope:
         block = 2 * BLOCK_N
     else:
         block = BLOCK_N
-    return block, 8 if Q > 1 or latent or several_groups else 4
+    return block, 8 if Q > 1 or latent or several_groups or (packed and rope) else 4
 
 
 def _launches(segments: list[Segment], Q: int) -> list[tuple[Segment, list[Segment]]]:
