@@ -57,6 +57,7 @@ CPU_SMS = 4      # SMs reckoned without a GPU (the interpreter, bench/sass.py): 
 BLOCK_N = 64     # tokens per inner step (_tile halves or doubles it): K and V tiles of [64, D] stay in registers
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # stage 1 scores in base 2
 ROTATION_ROWS = tl.constexpr(32)  # rows of a rotation in registers at a time (q's before the loop, the output's after)
+DECODE_REGISTERS = 255  # decode's cap: left to itself ptxas caps at 168 for a third program per SM, and spills
 
 
 @dataclass
@@ -738,7 +739,8 @@ def attend(q: torch.Tensor, segments: list[Segment], q_position: torch.Tensor | 
             count_ptr=segment.count.contiguous(), ring=segment.rows.shape[2],
             **_operand(segment.keys, "k", D), **_operand(segment.values, "v", D),
             G=G, Q_BLOCK=q_block, M_PAD=triton.next_power_of_2(q_block * G), D=D,
-            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), **code_path(), **where)
+            BLOCK_N=block_n, num_warps=num_warps, EXTRA=len(riders), maxnreg=DECODE_REGISTERS if Q == 1 else None,
+            **code_path(), **where)
         first_split += splits + len(riders)
     out = torch.empty(B, Q, H, D, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(B, Q, H, device=q.device, dtype=torch.float32)
