@@ -158,6 +158,13 @@ def _to_half(lanes, WORD_BYTES: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
+def small_to_half(x):
+    """Integers 0 <= x < 1024 (int32) -> fp16 x exactly, through the mantissa (_to_half): no
+    integer-to-float conversion (SVDq's latent codes)."""
+    return _to_half(x.to(tl.uint32), 3, 0)
+
+
+@triton.jit
 def _third(t, PTX: tl.constexpr):
     """t // 3 of each value: fp16 1024 + t (PTX), or each 16-bit lane of uint32 pairs ((x * 171)
     >> 9 is x // 3 for x < 243, under 2^16, so both lanes divide at once)."""

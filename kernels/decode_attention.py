@@ -47,6 +47,7 @@ from kernels.codes import (
     code_weight,
     load_words,
     metadata_to_float,
+    small_to_half,
     tile_codes,
     unpack_digit,
     unpack_words,
@@ -365,9 +366,10 @@ def _attend_split(
                 if K_SVD:  # latent codes -> latent channels -> keys, by tl.dot with the basis
                     byte = tl.load(k_base + slots[:, None] * stride_kt + (bit_offset // 8)[None, :],
                                    mask=valid[:, None], other=0)
-                    codes = ((byte.to(tl.int32) >> (bit_offset % 8)[None, :]) & bit_mask[None, :]).to(tl.float32)
+                    codes = small_to_half((byte.to(tl.int32) >> (bit_offset % 8)[None, :]) & bit_mask[None, :])
                     meta = k_meta + (slots // K_TOKEN_GROUP)[:, None] * stride_kmt + latent[None, :]   # (BLOCK_N, R)
-                    z = (codes * tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
+                    scale = tl.load(k_scale_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32)
+                    z = (codes.to(tl.float32) * scale
                          + tl.load(k_low_ptr + meta, mask=valid[:, None], other=0.0).to(tl.float32))
                     k = tl.dot(z.to(basis_t.dtype), basis_t) + k_mean[None, :]                # (BLOCK_N, D) fp32
                 elif K_FULL:
