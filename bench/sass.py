@@ -192,7 +192,8 @@ def main_loop(sass: str, packed: bool = False) -> list[tuple[str, str]] | None:
             start = int(target.group(1), 16)
             loops.append([(op, operands) for a, op, operands in instructions if start <= a <= address and op != "NOP"])
     if packed:
-        loops = [loop for loop in loops if ptx_conversion(loop)["prmt_0x64"] or ptx_conversion(loop)["lop3_and_or"]]
+        loops = [loop for loop, signs in ((loop, ptx_conversion(loop)) for loop in loops)
+                 if signs["prmt_0x64"] or signs["lop3_and_or"]]
     return max(loops, key=len, default=None)
 
 

@@ -201,13 +201,20 @@ def _digit(x, j: tl.constexpr, RADIX: tl.constexpr, PER_WORD: tl.constexpr, DIGI
                                          dtype=tl.float16, is_pure=True, pack=4)
     elif PTX:  # 3-byte words: the byte pair holding digit j (bytes 0-1, 1-2, 2-3), masked in place
         pair = tl.full(x.shape, 0x5410 if j < 3 else 0x6521 if j < 6 else 0x7632, tl.int32)
-        mask = tl.full(x.shape, (7 << (3 * j - 8 * (j // 3))) * 0x00010001, tl.int32)
+        mask = tl.full(x.shape, (7 << _place3(j)) * 0x00010001, tl.int32)
         return tl.inline_asm_elementwise(PTX_DIGITS3, "=r,r,r,r,r,r,r", [x, pair, mask], dtype=tl.float16,
                                          is_pure=True, pack=2)
     elif WORD_BYTES == 3:  # digit j times 2^s_j, as PTX_DIGITS3 makes it
-        return _to_half((x >> (8 * (j // 3))) & (7 << (3 * j - 8 * (j // 3))), 3, BIAS)
+        return _to_half((x >> (8 * (j // 3))) & (7 << _place3(j)), 3, BIAS)
     else:
         return _to_half((x >> (j * DIGIT_BITS)) & ((RADIX - 1) * 0x00010001), 1, BIAS)
+
+
+@triton.constexpr_function
+def _place3(j):
+    """Where digit j of a 3-byte word lies in the byte pair PTX_DIGITS3 takes it from (bytes j // 3
+    and the next): bit 3 j - 8 floor(j / 3), so it comes times 2^that (code_weight)."""
+    return 3 * j - 8 * (j // 3)
 
 
 @triton.jit
